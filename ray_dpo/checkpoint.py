@@ -1,0 +1,49 @@
+"""Model weights as safetensors + `model_config.json` (+ `tokenizer.json`). Loading never unpickles."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model as _load_weights
+from safetensors.torch import save_model as _save_weights
+
+from ray_dpo.model import ModelConfig, TransformerLM
+from ray_dpo.tokenizer import ByteTokenizer, HFTokenizer
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "model_config.json"
+
+
+def save_model(
+    directory: str | Path, model: TransformerLM, tokenizer: ByteTokenizer | HFTokenizer | None = None
+) -> Path:
+    """Write `model.safetensors` and `model_config.json` (and `tokenizer.json` when given) into `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model = getattr(model, "module", model)  # unwrap DDP
+    _save_weights(model, str(directory / WEIGHTS_FILE))  # handles tied embeddings
+    (directory / CONFIG_FILE).write_text(json.dumps(asdict(model.config), indent=2))
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    return directory
+
+
+def load_model_config(directory: str | Path) -> ModelConfig:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint: {path} not found")
+    return ModelConfig(**json.loads(path.read_text()))
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu") -> TransformerLM:
+    """Rebuild the model from `model_config.json` and load `model.safetensors` (strict)."""
+    directory = Path(directory)
+    model = TransformerLM(load_model_config(directory))
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"checkpoint: {weights} not found")
+    _load_weights(model, str(weights), strict=True, device=str(device))
+    return model.to(device)

@@ -1,0 +1,249 @@
+"""Per-token log-probs, the DPO loss family, and `DPO`, the x-transformers seed contract.
+
+Token alignment: logits at position t-1 score token t, and target t is scored iff it is a response token
+(not prompt, not padding). Works with any module mapping (B, N) tokens to (B, N, V) logits, or to an
+object with `.logits` (Hugging Face causal LMs).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "sppo_hard", "nca_pair")
+
+
+def model_logits(model: nn.Module, tokens: Tensor) -> Tensor:
+    output = model(tokens)
+    return getattr(output, "logits", output)
+
+
+def token_logps(logits: Tensor, targets: Tensor) -> Tensor:
+    """log p(target) for each position: `(..., V), (...) -> (...)`, computed in at least fp32.
+
+    Gathers the target logit and subtracts logsumexp, so no second (..., V) log-softmax tensor is kept.
+    """
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return target_logits - logits.logsumexp(dim=-1)
+
+
+def response_mask(
+    seq: Tensor, prompt_mask: Tensor, seq_mask: Tensor | None = None, pad_id: int | None = None
+) -> Tensor:
+    """True on tokens that are scored: not prompt, and not padding (from `seq_mask`, else `pad_id`)."""
+    mask = ~prompt_mask.bool()
+    if seq_mask is not None:
+        mask = mask & seq_mask.bool()
+    elif pad_id is not None:
+        mask = mask & (seq != pad_id)
+    return mask
+
+
+def response_mask_from_lengths(seq_len: int, prompt_len: Tensor, response_len: Tensor) -> Tensor:
+    """Response mask for right-padded `[prompt, response, pad...]` rows (the training batch contract)."""
+    positions = torch.arange(seq_len, device=prompt_len.device)
+    start = prompt_len.unsqueeze(-1)
+    return (positions >= start) & (positions < start + response_len.unsqueeze(-1))
+
+
+def reduce_logps(logps: Tensor, mask: Tensor, reduction: str = "sum") -> Tensor:
+    """Sum (the DPO paper) or mean of masked per-token log-probs over the last dim."""
+    total = logps.masked_fill(~mask, 0.0).sum(-1)
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        return total / mask.sum(-1).clamp(min=1)
+    raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+
+
+def sequence_logps(model: nn.Module, seq: Tensor, response_mask: Tensor, reduction: str = "sum") -> Tensor:
+    """Log-prob of the masked tokens of each row of `seq` (B, N) under `model`: (B,)."""
+    logps = token_logps(model_logits(model, seq[:, :-1]), seq[:, 1:])
+    return reduce_logps(logps, response_mask[:, 1:].bool(), reduction)
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor | None,
+    ref_rejected_logps: Tensor | None,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    reference_free: bool = False,
+    rpo_alpha: float | None = None,
+    policy_chosen_nll: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Mean loss over the batch and detached metrics with TRL's names.
+
+    sigmoid  DPO (Rafailov et al. 2023); label_smoothing > 0 is cDPO (Mitchell 2023)
+    robust   rDPO (Chowdhury et al. 2024), unbiased under label noise rate `label_smoothing`
+    ipo      IPO (Azar et al. 2023): (h - 1/(2 beta))^2
+    hinge    SLiC (Zhao et al. 2023): relu(1 - beta h)
+    sppo_hard  SPPO (Wu et al. 2024), hard-label form
+    nca_pair NCA (Chen et al. 2024), pairwise form
+    h = (log pi(c) - log ref(c)) - (log pi(r) - log ref(r)); `reference_free` sets the ref terms to 0.
+    rpo_alpha adds rpo_alpha * NLL of the chosen response (RPO, Pang et al. 2024).
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"dpo.loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if label_smoothing and loss_type not in ("sigmoid", "robust"):
+        raise ValueError(f"dpo.label_smoothing applies to 'sigmoid' and 'robust' only, not {loss_type!r}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if reference_free:
+        ref_chosen_logps = ref_rejected_logps = torch.zeros_like(policy_chosen_logps)
+    elif ref_chosen_logps is None or ref_rejected_logps is None:
+        raise ValueError("dpo_loss needs reference log-probs unless reference_free=True")
+
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    h = chosen_logratios - rejected_logratios
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * h) * (1 - eps) - F.logsigmoid(-beta * h) * eps
+    elif loss_type == "robust":
+        losses = (-F.logsigmoid(beta * h) * (1 - eps) + F.logsigmoid(-beta * h) * eps) / (1 - 2 * eps)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    elif loss_type == "sppo_hard":
+        losses = (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
+    else:  # nca_pair
+        chosen_rewards, rejected_rewards = beta * chosen_logratios, beta * rejected_logratios
+        losses = (
+            -F.logsigmoid(chosen_rewards) - 0.5 * F.logsigmoid(-chosen_rewards) - 0.5 * F.logsigmoid(-rejected_rewards)
+        )
+    loss = losses.mean()
+    if rpo_alpha:
+        if policy_chosen_nll is None:
+            raise ValueError("dpo.rpo_alpha needs policy_chosen_nll")
+        loss = loss + rpo_alpha * policy_chosen_nll
+
+    chosen_rewards = (beta * chosen_logratios).detach()
+    rejected_rewards = (beta * rejected_logratios).detach()
+    metrics = {
+        "loss": loss.detach(),
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "logps/chosen": policy_chosen_logps.detach().mean(),
+        "logps/rejected": policy_rejected_logps.detach().mean(),
+    }
+    return loss, metrics
+
+
+class DPO(nn.Module):
+    """`DPO(model, beta=0.1, pad_id=None)`: policy = `model`, reference = a frozen deep copy.
+
+    `dpo(preferred_seq, unpreferred_seq, prompt_mask=...)` returns the scalar loss; metrics are in
+    `.last_metrics` (or returned with `return_metrics=True`). Chosen and rejected share ONE forward pass.
+    With `precomputed_reference=True` (or `reference_free=True`) no reference model is held and the
+    reference log-probs are passed to `forward` instead.
+    `reduction`: sequence log-prob as "sum" (the DPO paper) or "mean"; default "mean" for IPO (as TRL), else "sum".
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        beta: float = 0.1,
+        pad_id: int | None = None,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        rpo_alpha: float | None = None,
+        reference_free: bool = False,
+        precomputed_reference: bool = False,
+        reduction: str | None = None,
+    ):
+        super().__init__()
+        self.policy_model = model
+        self.ref_model = None
+        if not (reference_free or precomputed_reference):
+            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.beta, self.pad_id = beta, pad_id
+        self.loss_kwargs = dict(
+            beta=beta,
+            loss_type=loss_type,
+            label_smoothing=label_smoothing,
+            reference_free=reference_free,
+            rpo_alpha=rpo_alpha,
+        )
+        self.reduction = reduction or ("mean" if loss_type == "ipo" else "sum")
+        self.last_metrics: dict[str, Tensor] = {}
+
+    def parameters(self, recurse: bool = True):
+        return self.policy_model.parameters(recurse)
+
+    def train(self, mode: bool = True) -> DPO:
+        super().train(mode)
+        if self.ref_model is not None:
+            self.ref_model.eval()
+        return self
+
+    def forward(
+        self,
+        preferred_seq: Tensor,
+        unpreferred_seq: Tensor,
+        *,
+        prompt_mask: Tensor,
+        preferred_seq_mask: Tensor | None = None,
+        unpreferred_seq_mask: Tensor | None = None,
+        ref_chosen_logps: Tensor | None = None,
+        ref_rejected_logps: Tensor | None = None,
+        return_metrics: bool = False,
+    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        if preferred_seq.dim() != 2 or preferred_seq.shape != unpreferred_seq.shape:
+            raise ValueError(
+                "DPO expects preferred_seq and unpreferred_seq of the same (batch, seq_len) shape, got "
+                f"{tuple(preferred_seq.shape)} and {tuple(unpreferred_seq.shape)}"
+            )
+        if prompt_mask.shape != preferred_seq.shape:
+            raise ValueError(f"prompt_mask shape {tuple(prompt_mask.shape)} != sequence shape {tuple(preferred_seq.shape)}")
+        chosen_mask = response_mask(preferred_seq, prompt_mask, preferred_seq_mask, self.pad_id)
+        rejected_mask = response_mask(unpreferred_seq, prompt_mask, unpreferred_seq_mask, self.pad_id)
+        loss, metrics = self.loss_and_metrics(
+            preferred_seq, unpreferred_seq, chosen_mask, rejected_mask, ref_chosen_logps, ref_rejected_logps
+        )
+        return (loss, metrics) if return_metrics else loss
+
+    def loss_and_metrics(
+        self,
+        chosen: Tensor,
+        rejected: Tensor,
+        chosen_mask: Tensor,
+        rejected_mask: Tensor,
+        ref_chosen_logps: Tensor | None = None,
+        ref_rejected_logps: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """DPO loss from sequences and their response masks (True on scored tokens), one forward per model."""
+        batch = chosen.shape[0]
+        seqs = torch.cat((chosen, rejected))
+        scored = torch.cat((chosen_mask, rejected_mask))[:, 1:].bool()
+        token_lp = token_logps(model_logits(self.policy_model, seqs[:, :-1]), seqs[:, 1:])
+        policy_logps = reduce_logps(token_lp, scored, self.reduction)
+        if self.ref_model is not None:
+            with torch.no_grad():
+                ref_logps = sequence_logps(self.ref_model, seqs, torch.cat((chosen_mask, rejected_mask)), self.reduction)
+            ref_chosen_logps, ref_rejected_logps = ref_logps[:batch], ref_logps[batch:]
+        chosen_nll = None
+        if self.loss_kwargs["rpo_alpha"]:  # mean NLL over all chosen response tokens of the batch (as TRL)
+            chosen_nll = -token_lp[:batch][scored[:batch]].sum() / scored[:batch].sum().clamp(min=1)
+        loss, metrics = dpo_loss(
+            policy_logps[:batch],
+            policy_logps[batch:],
+            ref_chosen_logps,
+            ref_rejected_logps,
+            policy_chosen_nll=chosen_nll,
+            **self.loss_kwargs,
+        )
+        self.last_metrics = metrics
+        return loss, metrics

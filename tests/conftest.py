@@ -1,0 +1,37 @@
+"""Shared fixtures: ONE real local Ray per test session (starting one costs ~5 s, a 2-worker trainer ~15 s)."""
+
+import os
+import tempfile
+
+import pytest
+
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+HH_TRAIN = os.path.join(SHARED_DATA, "hh_rlhf_harmless_train_1812.parquet")
+HH_TEST = os.path.join(SHARED_DATA, "hh_rlhf_harmless_test_500.parquet")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A real local Ray with 2 logical CPUs, shared by every test that asks for it."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            object_store_memory=500 * 1024**2,
+            _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),  # short: Ray's socket paths are length-limited
+        )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path):
+    """A real MLflow store: a SQLite file in the test's own directory."""
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
