@@ -207,7 +207,9 @@ class DPO(nn.Module):
                 f"{tuple(preferred_seq.shape)} and {tuple(unpreferred_seq.shape)}"
             )
         if prompt_mask.shape != preferred_seq.shape:
-            raise ValueError(f"prompt_mask shape {tuple(prompt_mask.shape)} != sequence shape {tuple(preferred_seq.shape)}")
+            raise ValueError(
+                f"prompt_mask shape {tuple(prompt_mask.shape)} != sequence shape {tuple(preferred_seq.shape)}"
+            )
         chosen_mask = response_mask(preferred_seq, prompt_mask, preferred_seq_mask, self.pad_id)
         rejected_mask = response_mask(unpreferred_seq, prompt_mask, unpreferred_seq_mask, self.pad_id)
         loss, metrics = self.loss_and_metrics(
@@ -232,7 +234,9 @@ class DPO(nn.Module):
         policy_logps = reduce_logps(token_lp, scored, self.reduction)
         if self.ref_model is not None:
             with torch.no_grad():
-                ref_logps = sequence_logps(self.ref_model, seqs, torch.cat((chosen_mask, rejected_mask)), self.reduction)
+                ref_logps = sequence_logps(
+                    self.ref_model, seqs, torch.cat((chosen_mask, rejected_mask)), self.reduction
+                )
             ref_chosen_logps, ref_rejected_logps = ref_logps[:batch], ref_logps[batch:]
         chosen_nll = None
         if self.loss_kwargs["rpo_alpha"]:  # mean NLL over all chosen response tokens of the batch (as TRL)

@@ -7,8 +7,9 @@ Both expose the same small surface: `encode(text) -> list[int]`, `encode_batch(t
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 

@@ -1,0 +1,263 @@
+"""Typed config: nested dataclasses, loaded from YAML with dotted command-line overrides (litgpt style).
+
+    cfg = load_config("configs/demo.yaml", ["train.lr=3e-4", "dpo.beta=0.2"])
+
+Unknown keys and values of the wrong type raise `ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from ray_dpo.errors import UserError
+from ray_dpo.model import ModelConfig
+
+
+class ConfigError(UserError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    train_path: str | None = None  # Parquet file, directory, glob or URI with preference pairs
+    val_path: str | None = None  # separate validation Parquet; if unset, `val_fraction` of train is held out
+    val_fraction: float = 0.05  # share of train rows held out for validation when val_path is unset
+    synthetic: str | None = None  # built-in task to generate instead of reading files ("sort": the demo)
+    synthetic_rows: int = 2000  # preference pairs the synthetic task writes
+    tokenizer: str = "byte"  # "byte" or a path to a tokenizer.json
+    max_len: int = 512  # longest prompt + response in tokens; longer rows are truncated
+    max_prompt_len: int = 256  # prompt tokens kept (its end) when a row must be truncated
+    columns: dict[str, str] = field(default_factory=dict)  # our name -> file column, e.g. {prompt: question}
+    on_bad_row: Literal["error", "skip"] = "error"  # stop on the first bad row, or drop and count bad rows
+    length_bucket_window: int = 0  # sort pairs by length within windows of this many rows (0 = off)
+    seed: int = 0  # split and shuffle seed
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.1  # KL penalty strength: higher keeps the policy closer to the reference
+    loss_type: Literal["sigmoid", "robust", "ipo", "hinge", "sppo_hard", "nca_pair"] = "sigmoid"  # loss family
+    label_smoothing: float = 0.0  # assumed label-noise rate (cDPO / robust); sigmoid and robust only
+    rpo_alpha: float | None = None  # weight of an NLL term on chosen responses (RPO); None = off
+    reference_free: bool = False  # ignore the reference model (implicit uniform reference)
+    reduction: Literal["sum", "mean"] | None = None  # sequence log-prob: sum (paper) or mean; None = per loss
+    reference: Literal["live", "precomputed"] = "live"  # frozen copy on each worker, or a log-prob pass first
+    prefix_sharing: bool = False  # run the shared prompt once per pair (packed [prompt, chosen, rejected])
+
+
+@dataclass
+class SFTConfig:
+    path: str | None = None  # Parquet of (prompt, response) for a supervised warm start; None = skip SFT
+    prompt_column: str = "prompt"  # column holding the prompt
+    response_column: str = "response"  # column holding the target response
+    epochs: int = 1  # passes over the SFT data
+    lr: float = 1e-3  # SFT peak learning rate
+    batch_size: int = 32  # global SFT batch size
+
+
+@dataclass
+class TrainConfig:
+    num_workers: int = 2  # Ray Train workers (DDP ranks)
+    use_gpu: bool = False  # one GPU per worker (NCCL) instead of CPU (gloo)
+    cpus_per_worker: float = 0.5  # logical CPUs reserved per worker (fractional leaves room for Ray Data)
+    init_checkpoint: str | None = None  # checkpoint dir to start from (its model config wins over `model`)
+    batch_size: int = 8  # GLOBAL pairs per optimizer step (split across workers and accumulation)
+    grad_accum: int = 1  # micro-batches per optimizer step on each worker
+    epochs: int = 1  # passes over the training data
+    max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs when set)
+    lr: float = 1e-4  # peak learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    warmup_steps: int = 10  # linear warmup steps before cosine decay
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast keeps fp32 master weights
+    compile: bool = False  # torch.compile the policy
+    seed: int = 0  # seeds model init, data order and dropout
+    eval_every: int = 50  # validation every this many steps (and at the end)
+    checkpoint_every: int = 100  # checkpoint every this many steps (and at the end)
+    num_to_keep: int = 2  # checkpoints kept on storage
+    max_failures: int = 1  # worker-group restarts from the latest checkpoint before giving up
+    run_name: str = "ray-dpo"  # Ray Train run name: re-running with the same name resumes
+    storage_path: str = "outputs/ray"  # checkpoints and run state (local dir, NFS or s3://)
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True  # generate from policy and reference after training
+    num_prompts: int = 64  # held-out prompts to sample
+    max_new_tokens: int = 64  # tokens generated per response
+    temperature: float = 0.0  # 0 = greedy
+    filter_logits_fn: str | None = None  # top_k, top_p, min_p, top_a, or None
+    filter_kwargs: dict[str, float] = field(default_factory=dict)  # e.g. {thres: 0.9} for top_p
+    beams: int = 1  # beam search when > 1
+    batch_size: int = 16  # prompts per generation batch in each actor
+    concurrency: int = 1  # generation actors
+    num_gpus: float = 0.0  # GPUs per generation actor
+    reward_fn: str | None = None  # "module:function"(prompts, responses) -> list[float]; None = no rewards
+
+
+@dataclass
+class TuneConfig:
+    name: str = "ray-dpo-sweep"  # sweep name: re-running with the same name resumes it
+    metric: str = "val/rewards/accuracies"  # metric to rank trials (and for ASHA)
+    mode: Literal["min", "max"] = "max"  # whether `metric` is better high or low
+    num_samples: int = 1  # samples of the search space (grids multiply)
+    search_space: dict[str, Any] = field(
+        default_factory=dict
+    )  # dotted key -> {grid|choice: [..]} / {loguniform: [lo, hi]}
+    max_concurrent_trials: int = 1  # trials at once
+    scheduler: Literal["asha", "fifo"] = "asha"  # early stopping
+    grace_period: int = 1  # ASHA: reports before a trial can be stopped
+    reduction_factor: float = 2.0  # ASHA: keep 1/reduction_factor per rung
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None  # MLflow tracking URI; MLFLOW_TRACKING_URI wins; default sqlite:///<output_dir>/mlflow.db
+    experiment: str = "ray-dpo"  # MLflow experiment name
+    run_name: str | None = None  # MLflow run name (default: train.run_name)
+    registered_model: str | None = "ray-dpo-policy"  # register the final policy under this name; None = skip
+
+
+@dataclass
+class Config:
+    output_dir: str = "outputs"  # local outputs (MLflow SQLite store, generated data); made absolute
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_value(key: str, value: Any, hint: Any) -> Any:
+    """Return `value` converted to `hint` (int -> float allowed), or raise ConfigError naming `key`."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        errors = []
+        for arm in (a for a in typing.get_args(hint) if a is not type(None)):
+            try:
+                return _check_value(key, value, arm)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ConfigError(f"config: {key} must be one of {list(typing.get_args(hint))}, got {value!r}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config: {key} must be a mapping, got {value!r}")
+        return dict(value)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config: {key} must be a list, got {value!r}")
+        return list(value)
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:  # PyYAML (YAML 1.1) reads `3e-4` as a string
+            return float(value)
+        except ValueError:
+            pass
+    # bool is an int subclass: `true` is not a valid int and 1 is not a valid bool
+    if not isinstance(value, hint) or (isinstance(value, bool) and hint is not bool):
+        raise ConfigError(f"config: {key} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in known:
+            raise ConfigError(f"config: unknown key '{key}' (known: {', '.join(sorted(known))})")
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config: {key} must be a mapping of keys, got {value!r}")
+            kwargs[name] = _build(hint, value, f"{key}.")
+        else:
+            kwargs[name] = _check_value(key, value, hint)
+    try:
+        return cls(**kwargs)
+    except ValueError as err:  # a section's own cross-field check (e.g. ModelConfig heads)
+        raise ConfigError(f"config: {err}") from None
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["train.lr=3e-4", "eval.enabled=false"]` -> nested dict; values parsed as YAML scalars."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"config: override {item!r} is not of the form section.key=value")
+        node = nested
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+    return nested
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config: file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config: {path} is not valid YAML: {' '.join(str(err).split())}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config: {path} must hold a mapping of sections")
+    values = _merge(values, parse_overrides(overrides or []))
+    return _build(Config, values, "")
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    return _build(Config, values, "")
+
+
+def save_config(config: Config, path: str | Path) -> Path:
+    path = Path(path)
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return path
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"train.lr": 1e-4, ...} (MLflow params, Tune search keys)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
