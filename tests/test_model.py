@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from ray_dpo.model import ModelConfig, TransformerLM
+
+CONFIG = ModelConfig(vocab_size=50, max_seq_len=64, dim=32, depth=2, heads=4)
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return TransformerLM(CONFIG).eval()
+
+
+def test_shapes_and_causality(model):
+    tokens = torch.randint(0, 50, (3, 12))
+    logits = model(tokens)
+    assert logits.shape == (3, 12, 50)
+    changed = tokens.clone()
+    changed[:, 8:] = (changed[:, 8:] + 1) % 50  # the future must not change the past
+    torch.testing.assert_close(model(changed)[:, :8], logits[:, :8])
+    assert not torch.allclose(model(changed)[:, 8:], logits[:, 8:])
+
+
+def test_kv_cache_chunks_equal_full_forward(model):
+    tokens = torch.randint(0, 50, (2, 20))
+    full = model(tokens)
+    cache = model.init_cache(2, 32)
+    pieces = [model(tokens[:, a:b], cache=cache) for a, b in ((0, 7), (7, 8), (8, 15), (15, 20))]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert cache.length == 20
+
+
+def test_kv_cache_overflow_is_an_error(model):
+    cache = model.init_cache(1, 4)
+    with pytest.raises(ValueError, match="KV cache holds 4"):
+        model(torch.zeros(1, 5, dtype=torch.long), cache=cache)
+
+
+def test_explicit_mask_and_positions(model):
+    tokens = torch.randint(0, 50, (2, 10))
+    causal = torch.ones(10, 10, dtype=torch.bool).tril()
+    torch.testing.assert_close(model(tokens, attn_mask=causal), model(tokens), atol=1e-5, rtol=1e-5)
+    # RoPE encodes relative positions: shifting every position by a constant leaves logits unchanged
+    shifted = torch.arange(10) + 7
+    torch.testing.assert_close(model(tokens, positions=shifted), model(tokens), atol=1e-4, rtol=1e-4)
+
+
+def test_tied_embeddings_and_param_count():
+    tied = TransformerLM(CONFIG)
+    assert tied.to_logits.weight is tied.token_emb.weight
+    untied = TransformerLM(ModelConfig(**{**CONFIG.__dict__, "tie_embeddings": False}))
+    assert untied.num_params() == tied.num_params() + 50 * 32
+    hidden = CONFIG.ff_hidden
+    per_block = 4 * 32 * 32 + 3 * 32 * hidden + 2 * 32
+    assert tied.num_params() == 50 * 32 + 2 * per_block + 32
+
+
+def test_flops_per_token_formula():
+    m = TransformerLM(CONFIG)
+    matmuls = 2 * (4 * 32 * 32 + 3 * 32 * CONFIG.ff_hidden) + 50 * 32
+    seq = 16
+    assert m.flops_per_token(seq, training=False) == 2 * matmuls + 4 * 2 * seq * 32
+    assert m.flops_per_token(seq) == 3 * m.flops_per_token(seq, training=False)
+
+
+def test_bf16_autocast_runs(model):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randint(0, 50, (2, 8)))
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+def test_bad_head_split_is_a_clear_error():
+    with pytest.raises(ValueError, match="heads"):
+        ModelConfig(dim=30, heads=4)
