@@ -1,0 +1,612 @@
+"""Stage 1: Parquet preference pairs -> tokenized, truncated, validated and accounted Ray Dataset.
+
+Public entry points:
+
+- `read_preferences(paths, *, tokenizer, max_len, max_prompt_len, ...)` -> (materialized Dataset, DataStats)
+- `split_train_val(dataset, val_fraction, seed)` -> (train, val), deterministic by seed
+- `bucket_by_length(dataset, window, *, seed)` -> rows sorted by length inside random windows (less padding)
+- `collate_preferences(batch, *, pad_id)` -> the training batch contract, for `iter_torch_batches(collate_fn=...)`
+
+Output rows (the training batch contract of DESIGN.md, before padding):
+  chosen       list<int64>  prompt ids + chosen response ids
+  rejected     list<int64>  prompt ids + rejected response ids
+  prompt_len   int64        tokens of the prompt, shared by both sequences
+  chosen_len   int64        tokens of the chosen response (eos included when it survived truncation)
+  rejected_len int64        tokens of the rejected response (same)
+
+Special tokens. Text input: the prompt gets `tokenizer.bos_id` prepended, each response gets `eos_id`
+appended. Pre-tokenized `list<int>` input is taken as is (your tokenizer already chose its specials) except
+that `eos_id` is appended to each response, so both input kinds end responses the same way.
+
+Truncation (TRL's `keep_end` semantics): when prompt + the longer response exceeds `max_len`, keep the END
+of the prompt, at most `max_prompt_len` tokens (bos counts and is kept as the first token), then cut both
+responses to the room left (`max_len - prompt_len`). A cut response loses its eos: it did not end there.
+A row is dropped as `too_long` when no response token fits, and as `identical_after_truncation` when the
+cut made chosen and rejected equal (such a pair carries no preference signal).
+
+Bad rows (`on_bad_row`): null value, empty / whitespace-only response (or an empty token list), a token id
+outside the vocabulary (pre-tokenized input), chosen == rejected, and the two truncation reasons above.
+"error" stops with ONE line naming file, column, row index within the file and what is wrong; "skip" drops
+the row and counts it by reason in `DataStats.dropped`. File-level problems (no files, unreadable file,
+missing column, wrong column type, zero rows) are errors in both modes: they are not bad rows.
+
+Why the row index comes from the driver: Ray's parquet reader does not expose a row's position inside its
+file, and blocks may be re-bundled. The vectorised workers only name the file; on failure the driver
+re-scans that file with pyarrow through the SAME validation code and reports the first bad row's index.
+That costs one file read on the error path and nothing on the happy path.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from ray_dpo.errors import UserError
+from ray_dpo.tokenizer import ByteTokenizer
+
+FIELDS = ("prompt", "chosen", "rejected")
+OUTPUT_COLUMNS = ("chosen", "rejected", "prompt_len", "chosen_len", "rejected_len")
+# Drop reasons, in the order they are checked (a row is counted under its first reason).
+REASONS = ("null", "empty", "bad_token", "identical", "too_long", "identical_after_truncation")
+_OK, _TRUNCATED = 0, 1  # status codes; reason i has code 2 + i
+_STATUS = "_status"
+_MAP_BATCH_SIZE = 2048  # rows per vectorised batch: large enough to amortise per-call overhead
+
+
+class DataError(UserError):
+    """Bad input data; the message is one line naming the file, column, row and the problem."""
+
+
+@dataclass
+class DataStats:
+    """Row accounting: `rows_in == rows_out + sum(dropped.values())`."""
+
+    rows_in: int
+    rows_out: int
+    dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REASONS, 0))
+    truncated: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """Flat metrics for MLflow: `data/rows_in`, `data/rows_out`, `data/truncated`, `data/dropped/<reason>`."""
+        out = {"data/rows_in": self.rows_in, "data/rows_out": self.rows_out, "data/truncated": self.truncated}
+        out.update({f"data/dropped/{reason}": count for reason, count in self.dropped.items()})
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files: resolve paths, read footers (schema, row counts) on the driver before any Ray work.
+
+
+@dataclass
+class _Plan:
+    filesystem: pafs.FileSystem
+    files: list[str]
+    rows: list[int]
+    names: dict[str, str]  # our field -> file column
+    kinds: dict[str, str]  # our field -> "text" | "ids"
+
+
+def _split_uri(path: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in path:
+        try:
+            return pafs.FileSystem.from_uri(path)
+        except Exception as err:  # unsupported scheme, missing credentials...
+            raise DataError(f"{path}: cannot open filesystem ({_first_line(err)})") from None
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
+def _is_data_file(path: str) -> bool:
+    name = path.rsplit("/", 1)[-1]
+    return not name.startswith(("_", ".")) and name.endswith((".parquet", ".parq", ".pq"))
+
+
+def _resolve_files(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[pafs.FileSystem, list[str]]:
+    """A file, a directory (recursive, *.parquet), a glob, or a list of these; one filesystem for all."""
+    items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not items:
+        raise DataError("read_preferences: no paths given")
+    filesystem, files = None, []
+    for item in map(os.fspath, items):
+        fs, path = _split_uri(item)
+        if filesystem is not None and fs.type_name != filesystem.type_name:
+            raise DataError(f"{item}: all paths must be on one filesystem ({filesystem.type_name} vs {fs.type_name})")
+        filesystem = fs
+        if any(ch in path for ch in "*?["):
+            parts = path.split("/")
+            first_glob = next(i for i, part in enumerate(parts) if any(ch in part for ch in "*?["))
+            base = "/".join(parts[:first_glob]) or "/"
+            infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+            matched = sorted(i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path))
+            if not matched:
+                raise DataError(f"{item}: glob matched no files")
+            files.extend(matched)
+            continue
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            files.append(path)
+        elif info.type == pafs.FileType.Directory:
+            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            found = sorted(i.path for i in infos if i.type == pafs.FileType.File and _is_data_file(i.path))
+            if not found:
+                raise DataError(f"{item}: directory holds no .parquet files")
+            files.extend(found)
+        else:
+            raise DataError(f"{item}: no such file or directory")
+    return filesystem, list(dict.fromkeys(files))  # dedupe, keep order
+
+
+def _column_kind(dtype: pa.DataType) -> str | None:
+    if pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or pa.types.is_string_view(dtype):
+        return "text"
+    if (pa.types.is_list(dtype) or pa.types.is_large_list(dtype)) and pa.types.is_integer(dtype.value_type):
+        return "ids"
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _plan(paths, columns: dict[str, str] | None) -> _Plan:
+    unknown = set(columns or {}) - set(FIELDS)
+    if unknown:
+        raise DataError(f"columns: unknown keys {sorted(unknown)}; expected some of {list(FIELDS)}")
+    names = {f: (columns or {}).get(f, f) for f in FIELDS}
+    filesystem, files = _resolve_files(paths)
+
+    def footer(path: str) -> pq.ParquetFile:
+        try:
+            return pq.ParquetFile(filesystem.open_input_file(path))
+        except Exception as err:
+            raise DataError(f"{path}: unreadable Parquet file ({_first_line(err)})") from None
+
+    with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:  # remote stores: fetch footers in parallel
+        footers = list(pool.map(footer, files))
+    kinds: dict[str, str] = {}
+    rows = []
+    for path, pf in zip(files, footers, strict=True):
+        schema = pf.schema_arrow
+        for ours, theirs in names.items():
+            if theirs not in schema.names:
+                hint = "" if columns else ' (map names with columns={"prompt": ..., "chosen": ..., "rejected": ...})'
+                raise DataError(f"{path}: missing column '{theirs}'; it has {schema.names}{hint}")
+            dtype = schema.field(theirs).type
+            kind = _column_kind(dtype)
+            if kind is None:
+                raise DataError(f"{path}: column '{theirs}' has type {dtype}; expected string or list<int>")
+            if kinds.setdefault(ours, kind) != kind:
+                raise DataError(f"{path}: column '{theirs}' is {kind} here but {kinds[ours]} in {files[0]}")
+        rows.append(pf.metadata.num_rows)
+    if sum(rows) == 0:
+        raise DataError(f"{', '.join(files[:3])}{' ...' if len(files) > 3 else ''}: no rows to read")
+    return _Plan(filesystem, files, rows, names, kinds)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Vectorised core: a pyarrow table of raw columns -> token rows + a status code per row. No Ray in here,
+# so the driver's error path runs exactly the same checks as the workers.
+
+
+def _flat_tokens(column: pa.ChunkedArray | pa.Array, kind: str, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """(values int64, offsets int64 of len n+1) for a column; null rows get length 0."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if kind == "ids":
+        lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        values = arr.flatten().to_numpy(zero_copy_only=False).astype(np.int64)  # flatten skips null lists
+    elif isinstance(tokenizer, ByteTokenizer):
+        # Byte-level ids ARE the UTF-8 bytes Arrow already holds: read its buffers, no Python per row.
+        arr = arr.cast(pa.large_string())
+        offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + len(arr) + 1]
+        data = arr.buffers()[2]
+        raw = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
+        lengths = np.diff(offsets)
+        if arr.null_count:
+            lengths = np.where(arr.is_null().to_numpy(zero_copy_only=False), 0, lengths)
+        values = raw[_segment_index(offsets[:-1], lengths)].astype(np.int64)
+    else:
+        texts = pc.fill_null(arr, "").to_pylist()
+        encoded = tokenizer.encode_batch(texts)
+        lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
+        values = np.concatenate(encoded).astype(np.int64) if encoded else np.zeros(0, np.int64)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return values, offsets
+
+
+def _segment_index(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Flat indices of the concatenated segments [starts[i], starts[i] + lengths[i])."""
+    total = int(lengths.sum())
+    out_starts = np.cumsum(lengths) - lengths
+    return np.arange(total, dtype=np.int64) + np.repeat(starts - out_starts, lengths)
+
+
+def _segment_sums(x: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Per-row sums of a flat array given row offsets (empty rows sum to 0)."""
+    cum = np.zeros(len(x) + 1, dtype=x.dtype)
+    np.cumsum(x, out=cum[1:])
+    return cum[offsets[1:]] - cum[offsets[:-1]]
+
+
+def _with_eos(values: np.ndarray, offsets: np.ndarray, eos: int) -> tuple[np.ndarray, np.ndarray]:
+    """Append eos to every row (vectorised)."""
+    n = len(offsets) - 1
+    src = np.append(values, eos)
+    starts = np.stack([offsets[:-1], np.full(n, len(values))], axis=1).ravel()
+    lengths = np.stack([np.diff(offsets), np.ones(n, np.int64)], axis=1).ravel()
+    new_offsets = offsets + np.arange(n + 1)
+    return src[_segment_index(starts, lengths)], new_offsets
+
+
+def _prefixes_equal(a: np.ndarray, a_start: np.ndarray, b: np.ndarray, b_start: np.ndarray, n: np.ndarray):
+    """Row-wise: a[a_start:a_start+n] == b[b_start:b_start+n]."""
+    neq = (a[_segment_index(a_start, n)] != b[_segment_index(b_start, n)]).astype(np.int64)
+    offsets = np.zeros(len(n) + 1, dtype=np.int64)
+    np.cumsum(n, out=offsets[1:])
+    return _segment_sums(neq, offsets) == 0
+
+
+@dataclass
+class _Processed:
+    table: pa.Table  # output columns + _status, one row per input row (dropped rows hold empty lists)
+    status: np.ndarray  # int8 per row
+    bad_field: np.ndarray  # int8 per row: index into FIELDS of the column to blame, -1 if none
+
+
+def _process(
+    table: pa.Table,
+    *,
+    names: dict[str, str],
+    kinds: dict[str, str],
+    tokenizer,
+    max_len: int,
+    max_prompt_len: int,
+) -> _Processed:
+    n = table.num_rows
+    status = np.zeros(n, dtype=np.int8)
+    bad_field = np.full(n, -1, dtype=np.int8)
+
+    def flag(mask: np.ndarray, reason: str, field_index: int) -> None:
+        fresh = mask & (status < 2)  # first reason wins
+        status[fresh] = 2 + REASONS.index(reason)
+        bad_field[fresh] = field_index
+
+    tokens = {}
+    for i, f in enumerate(FIELDS):
+        column = table[names[f]]
+        flag(column.is_null().to_numpy(zero_copy_only=False), "null", i)
+        if kinds[f] == "text" and f != "prompt":  # an empty text prompt is fine: bos stands in for it
+            blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0)
+            flag(pc.fill_null(blank, False).to_numpy(zero_copy_only=False), "empty", i)
+        values, offsets = _flat_tokens(column, kinds[f], tokenizer)
+        if kinds[f] == "ids":
+            # an empty pre-tokenized prompt would leave the first response token unscored
+            flag(np.diff(offsets) == 0, "empty", i)
+            bad = ((values < 0) | (values >= tokenizer.vocab_size)).astype(np.int64)
+            flag(_segment_sums(bad, offsets) > 0, "bad_token", i)
+        if f != "prompt":
+            values, offsets = _with_eos(values, offsets, tokenizer.eos_id)
+        tokens[f] = (values, offsets)
+
+    (pv, po), (cv, co), (rv, ro) = tokens["prompt"], tokens["chosen"], tokens["rejected"]
+    p_body, c_full, r_full = np.diff(po), np.diff(co), np.diff(ro)
+
+    same_len = c_full == r_full
+    same = np.zeros(n, dtype=bool)
+    same[same_len] = _prefixes_equal(cv, co[:-1][same_len], rv, ro[:-1][same_len], c_full[same_len])
+    flag(same, "identical", 1)
+
+    # TRL keep_end truncation, vectorised. bos (text prompts) is always kept in front.
+    bos = 1 if kinds["prompt"] == "text" else 0
+    too_long_total = bos + p_body + np.maximum(c_full, r_full) > max_len
+    keep_body = np.where(too_long_total, np.minimum(p_body, max(max_prompt_len - bos, 0)), p_body)
+    prompt_len = bos + keep_body
+    room = max_len - prompt_len
+    chosen_len = np.minimum(c_full, np.maximum(room, 0))
+    rejected_len = np.minimum(r_full, np.maximum(room, 0))
+    flag(room < 1, "too_long", 0)
+    cut_same = (chosen_len == rejected_len) & (status < 2)
+    cut_same[cut_same] = _prefixes_equal(cv, co[:-1][cut_same], rv, ro[:-1][cut_same], chosen_len[cut_same])
+    flag(cut_same, "identical_after_truncation", 1)
+    truncated = (keep_body < p_body) | (chosen_len < c_full) | (rejected_len < r_full)
+    status[(status < 2) & truncated] = _TRUNCATED
+
+    keep = status < 2
+    zero = np.zeros(n, dtype=np.int64)
+    prompt_len, chosen_len, rejected_len = (np.where(keep, x, zero) for x in (prompt_len, chosen_len, rejected_len))
+    keep_body = np.where(keep, keep_body, zero)
+
+    out = {}
+    for f, (values, offsets), length in (
+        ("chosen", tokens["chosen"], chosen_len),
+        ("rejected", tokens["rejected"], rejected_len),
+    ):
+        # row = [bos] + prompt[-keep_body:] + response[:length], gathered from one source array
+        src = np.concatenate([pv, values, np.array([tokenizer.bos_id], dtype=np.int64)])
+        starts = np.stack([np.full(n, len(src) - 1), po[1:] - keep_body, len(pv) + offsets[:-1]], axis=1).ravel()
+        lengths = np.stack([np.where(keep, bos, 0), keep_body, length], axis=1).ravel()
+        flat = src[_segment_index(starts, lengths)]
+        row_offsets = np.zeros(n + 1, dtype=np.int32)
+        np.cumsum(prompt_len + length, out=row_offsets[1:])
+        out[f] = pa.ListArray.from_arrays(pa.array(row_offsets), pa.array(flat, type=pa.int64()))
+    out["prompt_len"], out["chosen_len"], out["rejected_len"] = prompt_len, chosen_len, rejected_len
+    out[_STATUS] = status
+    return _Processed(pa.table(out), status, bad_field)
+
+
+def _describe(reason: str, field_index: int, names: dict[str, str], max_len: int, max_prompt_len: int) -> str:
+    column = names[FIELDS[field_index]]
+    pair = f"columns '{names['chosen']}' and '{names['rejected']}'"
+    return {
+        "null": f"column '{column}' is null",
+        "empty": f"column '{column}' is empty or whitespace-only",
+        "bad_token": f"column '{column}' holds a token id outside the tokenizer's vocabulary",
+        "identical": f"{pair} are identical",
+        "too_long": f"column '{column}' leaves no room for a response (max_len={max_len}, "
+        f"max_prompt_len={max_prompt_len})",
+        "identical_after_truncation": f"{pair} are identical after truncation to max_len={max_len}",
+    }[reason]
+
+
+_HINT = " (on_bad_row='skip' drops and counts such rows)"
+
+
+def _tokenize_batch(batch: pa.Table, *, raise_on_bad: bool, **kwargs) -> pa.Table:
+    """Ray map_batches UDF: runs in the read tasks (fused), one pyarrow batch at a time."""
+    done = _process(batch, **kwargs)
+    if raise_on_bad:
+        bad = np.flatnonzero(done.status >= 2)
+        if len(bad):
+            i = bad[0]
+            reason = REASONS[done.status[i] - 2]
+            what = _describe(reason, done.bad_field[i], kwargs["names"], kwargs["max_len"], kwargs["max_prompt_len"])
+            # The driver catches this and re-scans the file to name the row index within it.
+            raise DataError(f"{batch['path'][int(i)].as_py()}: {what}{_HINT}")
+    return done.table
+
+
+def _diagnose(plan: _Plan, err: BaseException, *, check_rows: bool, **kwargs) -> None:
+    """After a failed Ray read: find the first bad row or unreadable page, in file order, and raise a
+    one-line DataError. Files named in Ray's error text are scanned first. Returns if nothing is found."""
+    text = str(err)
+    for path in sorted(plan.files, key=lambda p: p not in text):
+        offset = 0
+        try:
+            pf = pq.ParquetFile(plan.filesystem.open_input_file(path))
+            for batch in pf.iter_batches(batch_size=8192, columns=list(dict.fromkeys(plan.names.values()))):
+                if check_rows:
+                    done = _process(pa.Table.from_batches([batch]), names=plan.names, kinds=plan.kinds, **kwargs)
+                    bad = np.flatnonzero(done.status >= 2)
+                    if len(bad):
+                        i = int(bad[0])
+                        reason = REASONS[done.status[i] - 2]
+                        what = _describe(
+                            reason, done.bad_field[i], plan.names, kwargs["max_len"], kwargs["max_prompt_len"]
+                        )
+                        raise DataError(f"{path}: row {offset + i}: {what}{_HINT}")
+                offset += batch.num_rows
+        except DataError:
+            raise
+        except Exception as read_err:
+            raise DataError(f"{path}: unreadable Parquet data after row {offset} ({_first_line(read_err)})") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public entry points.
+
+
+def read_preferences(
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    tokenizer,
+    max_len: int,
+    max_prompt_len: int,
+    columns: dict[str, str] | None = None,
+    on_bad_row: str = "error",
+    length_bucket_window: int = 0,
+    seed: int = 0,
+) -> tuple[ray.data.Dataset, DataStats]:
+    """Read preference pairs from Parquet into a MATERIALIZED Ray Dataset of token rows (see module doc).
+
+    paths: a file, directory, glob or list of them; local or any URI pyarrow reads (s3://, gs://, ...).
+    columns: our names -> the file's, e.g. {"prompt": "question", "chosen": "good", "rejected": "bad"}.
+    on_bad_row: "error" (one-line DataError naming file, column, row) or "skip" (drop and count).
+    length_bucket_window: > 0 applies `bucket_by_length(ds, window=length_bucket_window, seed=seed)`.
+    Returned materialized because a lazy dataset feeding a 2-worker trainer on 2 CPUs can hang (RAY-FACTS),
+    and because the row accounting needs the data computed once anyway.
+    """
+    if on_bad_row not in ("error", "skip"):
+        raise UserError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    if not 1 <= max_prompt_len <= max_len:
+        raise UserError(f"need 1 <= max_prompt_len <= max_len, got max_prompt_len={max_prompt_len}, max_len={max_len}")
+    plan = _plan(paths, columns)
+    core = dict(tokenizer=tokenizer, max_len=max_len, max_prompt_len=max_prompt_len)
+
+    ds = ray.data.read_parquet(
+        plan.files, filesystem=plan.filesystem, include_paths=True, partitioning=None, file_extensions=None
+    ).select_columns([*dict.fromkeys(plan.names.values()), "path"])
+    # Keep file order: reproducible rows for seeded splits/bucketing and for the tests.
+    ds.context.execution_options.preserve_order = True
+    ds = ds.map_batches(
+        _tokenize_batch,
+        batch_format="pyarrow",
+        batch_size=_MAP_BATCH_SIZE,
+        fn_kwargs=dict(raise_on_bad=on_bad_row == "error", names=plan.names, kinds=plan.kinds, **core),
+    )
+    try:
+        tokenized = ds.materialize()
+    except Exception as err:
+        _diagnose(plan, err, check_rows=on_bad_row == "error", **core)
+        raise
+
+    counts = _count_statuses(tokenized)
+    stats = DataStats(
+        rows_in=sum(plan.rows),
+        rows_out=int(counts[_OK] + counts[_TRUNCATED]),
+        dropped={reason: int(counts[2 + i]) for i, reason in enumerate(REASONS)},
+        truncated=int(counts[_TRUNCATED]),
+    )
+    if stats.rows_in != stats.rows_out + sum(stats.dropped.values()):  # Parquet footers vs rows seen
+        raise DataError(f"{plan.files[0]}: footers announce {stats.rows_in} rows but {int(counts.sum())} were read")
+    if stats.rows_out == 0:
+        dropped = ", ".join(f"{k}={v}" for k, v in stats.dropped.items() if v)
+        raise DataError(f"{plan.files[0]}: all {stats.rows_in} rows were dropped ({dropped})")
+    out = tokenized.map_batches(_drop_bad_rows, batch_format="pyarrow", batch_size=None)
+    out.context.execution_options.preserve_order = True
+    out = out.materialize()
+    if length_bucket_window > 0:
+        out = bucket_by_length(out, window=length_bucket_window, seed=seed)
+    return out, stats
+
+
+def _count_statuses(ds: ray.data.Dataset) -> np.ndarray:
+    def count(batch: pa.Table) -> pa.Table:
+        codes = batch[_STATUS].to_numpy().astype(np.int64)
+        return pa.table({"counts": [np.bincount(codes, minlength=2 + len(REASONS)).tolist()]})
+
+    per_block = ds.select_columns([_STATUS]).map_batches(count, batch_format="pyarrow", batch_size=None).take_all()
+    return np.sum([row["counts"] for row in per_block], axis=0, dtype=np.int64)
+
+
+def _drop_bad_rows(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.less(batch[_STATUS], 2)).drop_columns([_STATUS])
+
+
+def _row_hash(batch: pa.Table, seed: int) -> np.ndarray:
+    """A uint64 per row from its token content and `seed`: same row + same seed -> same value, on any
+    cluster and block layout. Vectorised splitmix64 over tokens and positions, summed per row."""
+
+    def mix(x: np.ndarray) -> np.ndarray:
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+    s = np.uint64(seed & 0xFFFFFFFFFFFFFFFF)
+    h = mix(np.full(batch.num_rows, s + np.uint64(0x9E3779B97F4A7C15), dtype=np.uint64))
+    with np.errstate(over="ignore"):
+        for salt, column in enumerate(("chosen", "rejected"), start=1):
+            arr = batch[column].combine_chunks()
+            values = arr.flatten().to_numpy().astype(np.uint64)
+            lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False).astype(np.int64)
+            offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=offsets[1:])
+            pos = (np.arange(len(values), dtype=np.int64) - np.repeat(offsets[:-1], lengths)).astype(np.uint64)
+            token_mix = mix(values * np.uint64(0x100000001B3) + pos * np.uint64(0x9E3779B97F4A7C15) + s)
+            h = mix(h ^ mix(_segment_sums(token_mix, offsets) + np.uint64(salt) + lengths.astype(np.uint64)))
+    return h
+
+
+def split_train_val(
+    dataset: ray.data.Dataset, val_fraction: float, seed: int
+) -> tuple[ray.data.Dataset, ray.data.Dataset]:
+    """Hold out `val_fraction` of the rows, deterministically by `seed`: (train, val), both materialized.
+
+    A row's side depends only on its content and the seed (a hash), not on block layout or cluster size, so
+    the split is the same on a laptop and a cluster, and duplicate rows never straddle train and val.
+    Row order is kept inside each part (so a bucketed order survives). Val gets round(n * val_fraction) rows
+    (at least 1), give or take exact duplicates at the cut.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise UserError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    key = "_split_key"
+    keyed = dataset.map_batches(
+        lambda b: b.append_column(key, pa.array(_row_hash(b, seed))), batch_format="pyarrow", batch_size=None
+    )
+    keyed.context.execution_options.preserve_order = True
+    keyed = keyed.materialize()
+    keys = np.concatenate(
+        [b[key] for b in keyed.select_columns([key]).iter_batches(batch_format="numpy", batch_size=None)]
+    )
+    n = len(keys)
+    n_val = max(1, int(round(n * val_fraction)))
+    if n_val >= n:
+        raise UserError(f"val_fraction={val_fraction} leaves no training rows out of {n}")
+    threshold = np.partition(keys, n_val - 1)[n_val - 1]
+
+    def part(val: bool) -> ray.data.Dataset:
+        def select(b: pa.Table) -> pa.Table:
+            in_val = b[key].to_numpy() <= threshold
+            return b.filter(pa.array(in_val if val else ~in_val)).drop_columns([key])
+
+        ds = keyed.map_batches(select, batch_format="pyarrow", batch_size=None)
+        ds.context.execution_options.preserve_order = True
+        return ds.materialize()
+
+    return part(False), part(True)
+
+
+def bucket_by_length(dataset: ray.data.Dataset, window: int, *, seed: int = 0) -> ray.data.Dataset:
+    """Length-aware order: rows are dealt into random windows of about `window` rows, sorted by padded length
+    (max of the two sequence lengths) inside each window, and the windows come in random order.
+
+    `iter_torch_batches` batches consecutive rows, so a batch then holds rows of similar length and pads
+    little; batches are still not globally ordered by length. Deterministic by `seed` (a content hash, not
+    Ray's block layout). Use a window of tens of batches; apply after `split_train_val` (the split keeps
+    order, so either way works). Returns a materialized dataset.
+    """
+    if window < 1:
+        raise UserError(f"length bucket window must be >= 1, got {window}")
+    n_windows = max(1, -(-dataset.count() // window))
+    key = "_bucket_key"
+
+    def add_key(b: pa.Table) -> pa.Table:
+        h = _row_hash(b, seed)
+        window_id = (h % np.uint64(n_windows)).astype(np.int64)
+        padded = np.maximum(b["chosen_len"].to_numpy(), b["rejected_len"].to_numpy()) + b["prompt_len"].to_numpy()
+        # window id, then length, then hash bits as a tie-break: one int64 sort key
+        sort_key = (window_id << 40) | (np.minimum(padded, (1 << 20) - 1) << 20) | (h >> np.uint64(44)).astype(np.int64)
+        return b.append_column(key, pa.array(sort_key))
+
+    ds = dataset.map_batches(add_key, batch_format="pyarrow", batch_size=None).sort(key)
+    ds = ds.map_batches(lambda b: b.drop_columns([key]), batch_format="pyarrow", batch_size=None)
+    ds.context.execution_options.preserve_order = True
+    return ds.materialize()
+
+
+def collate_preferences(batch: dict[str, np.ndarray], *, pad_id: int) -> dict[str, torch.Tensor]:
+    """Numpy batch from `iter_torch_batches` -> the training batch contract of DESIGN.md.
+
+    `chosen` and `rejected` are right-padded with `pad_id` to ONE width, the longest row of THIS batch (both
+    need the same shape for a shared forward pass), not to max_len. Lengths come through as int64,
+    reference log-probs (when present) as float32. Use with `functools.partial(collate_preferences, pad_id=...)`.
+    """
+    prompt_len = np.asarray(batch["prompt_len"], dtype=np.int64)
+    lengths = {s: prompt_len + np.asarray(batch[f"{s}_len"], dtype=np.int64) for s in ("chosen", "rejected")}
+    width = int(max(lengths["chosen"].max(initial=0), lengths["rejected"].max(initial=0)))
+    out: dict[str, torch.Tensor] = {}
+    for side in ("chosen", "rejected"):
+        rows = batch[side]
+        padded = np.full((len(prompt_len), width), pad_id, dtype=np.int64)
+        filled = np.arange(width) < lengths[side][:, None]
+        padded[filled] = np.concatenate([np.asarray(r, dtype=np.int64) for r in rows]) if len(rows) else []
+        out[side] = torch.from_numpy(padded)
+    # torch.tensor copies: Ray's numpy views are read-only and torch warns on those.
+    for name in ("prompt_len", "chosen_len", "rejected_len"):
+        out[name] = torch.tensor(np.asarray(batch[name]), dtype=torch.int64)
+    for name in ("ref_chosen_logp", "ref_rejected_logp"):
+        if name in batch:
+            out[name] = torch.tensor(np.asarray(batch[name]), dtype=torch.float32)
+    return out
+
+
+class PreferenceCollateFn(NumpyBatchCollateFn):
+    """`collate_preferences` as the callable class Ray >= 2.47 prefers for `iter_torch_batches(collate_fn=...)`
+    (passing a plain function still works but warns that it is deprecated)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return collate_preferences(batch, pad_id=self.pad_id)
