@@ -8,10 +8,14 @@ object with `.logits` (Hugging Face causal LMs).
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .model import TransformerLM
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "sppo_hard", "nca_pair")
 
@@ -141,6 +145,140 @@ def dpo_loss(
     return loss, metrics
 
 
+# --- Prefix sharing: one forward scores both responses of a pair ---------------------------------------------------
+#
+# Row b is packed as [prompt (p), chosen response (c), rejected response (r), pad...]. Rejected queries may not see
+# chosen keys, and rejected positions restart at p, so every token sees exactly the context (and RoPE phases) it has in
+# its own concatenated sequence: log-probs equal the two-sequence path, and the prompt is run once instead of twice.
+
+
+@dataclass
+class PackedPairs:
+    tokens: Tensor  # (B, L) int64 [prompt, chosen response, rejected response, pad...]
+    positions: Tensor  # (B, L) RoPE positions: both responses continue from the prompt's end
+    attn_mask: Tensor  # (B, 1, L, L) bool, True = may attend: causal, minus rejected-query -> chosen-key
+    chosen_mask: Tensor  # (B, L) True on scored chosen-response tokens
+    rejected_mask: Tensor  # (B, L) True on scored rejected-response tokens
+    first_rejected: Tensor  # (B,) packed index of the first rejected token (p + c)
+    last_prompt: Tensor  # (B,) packed index of the last prompt token (p - 1, clamped to 0)
+
+
+def pack_pairs(
+    chosen: Tensor, rejected: Tensor, prompt_len: Tensor, chosen_len: Tensor, rejected_len: Tensor, pad_id: int = 0
+) -> PackedPairs:
+    """Pack right-padded `[prompt, response, pad...]` pairs (B, N), response lengths EXCLUDING the prompt.
+
+    Vectorised; one host sync (the packed width L = max(p + c + r)) per batch.
+    """
+    batch, n = chosen.shape
+    p, c, r = (x.to(chosen.device, torch.long) for x in (prompt_len, chosen_len, rejected_len))
+    widths = torch.stack(((p + c + r).max(), (p + torch.maximum(c, r)).max()))
+    width, longest = widths.tolist()
+    if longest > n:
+        raise ValueError(f"prompt_len + response_len reaches {longest} > sequence length {n}")
+    width = max(width, 2)  # the model needs at least one input token even if every response is empty
+    j = torch.arange(width, device=chosen.device)
+    p_, pc, pcr = p[:, None], (p + c)[:, None], (p + c + r)[:, None]
+    in_chosen_row = j < pc  # prompt + chosen response: copied from `chosen` at the same index
+    is_rejected = (j >= pc) & (j < pcr)  # rejected response: `rejected` at index j - c
+    from_chosen = chosen.gather(1, j.clamp(max=n - 1).expand(batch, width))
+    from_rejected = rejected.gather(1, (j - c[:, None]).clamp(0, n - 1))
+    pad = torch.full_like(from_chosen, pad_id)
+    tokens = torch.where(in_chosen_row, from_chosen, torch.where(is_rejected, from_rejected, pad))
+    positions = torch.where(j >= pc, j - c[:, None], j.expand(batch, width))
+
+    is_chosen_response = in_chosen_row & (j >= p_)
+    causal = j[:, None] >= j[None, :]  # pads sit after every real token, so causality already hides them
+    attn_mask = causal & ~(is_rejected[:, :, None] & is_chosen_response[:, None, :])
+    # the concatenated path never scores token 0 of a row; a rejected token keeps its unpacked index j - c
+    return PackedPairs(
+        tokens=tokens,
+        positions=positions,
+        attn_mask=attn_mask.unsqueeze(1),
+        chosen_mask=is_chosen_response & (j >= 1),
+        rejected_mask=is_rejected & (j - c[:, None] >= 1),
+        first_rejected=(p + c).clamp(max=width - 1),
+        last_prompt=(p - 1).clamp(min=0),
+    )
+
+
+def _check_prefix_sharing(model: nn.Module) -> None:
+    inner = model
+    while not isinstance(inner, TransformerLM):  # look through torch.compile / DDP / FSDP wrappers
+        wrapped = getattr(inner, "_orig_mod", None) or getattr(inner, "module", None)
+        if not isinstance(wrapped, nn.Module):
+            break
+        inner = wrapped
+    if not isinstance(inner, TransformerLM):
+        raise TypeError(
+            "dpo.prefix_sharing needs ray_dpo.model.TransformerLM (per-row positions and an explicit attention "
+            f"mask); got {type(inner).__name__}. Set dpo.prefix_sharing=false for other models."
+        )
+
+
+def packed_token_logps(model: nn.Module, packed: PackedPairs) -> Tensor:
+    """(B, L) log p of each packed token, indexed by the token it scores; meaningful where the masks are True.
+
+    The first chosen AND the first rejected token are both scored by the logits at the last prompt token.
+    """
+    tokens = packed.tokens
+    mask = packed.attn_mask[..., :-1, :-1]  # the last column's logits would score nothing
+    logits = model(tokens[:, :-1], positions=packed.positions[:, :-1], attn_mask=mask)
+    shifted = token_logps(logits, tokens[:, 1:])  # logits at i score token i + 1
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    first_rejected = token_logps(logits[rows, packed.last_prompt], tokens[rows, packed.first_rejected])
+    logps = F.pad(shifted, (1, 0))
+    is_first_rejected = torch.arange(tokens.shape[1], device=tokens.device) == packed.first_rejected[:, None]
+    return torch.where(is_first_rejected, first_rejected[:, None], logps)
+
+
+def prefix_shared_logps(
+    model: nn.Module,
+    chosen: Tensor,
+    rejected: Tensor,
+    prompt_len: Tensor,
+    chosen_len: Tensor,
+    rejected_len: Tensor,
+    *,
+    reduction: str = "sum",
+    pad_id: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Sequence log-probs (B,), (B,) of chosen and rejected responses from ONE packed forward of `model`."""
+    _check_prefix_sharing(model)
+    packed = pack_pairs(chosen, rejected, prompt_len, chosen_len, rejected_len, pad_id)
+    logps = packed_token_logps(model, packed)
+    return reduce_logps(logps, packed.chosen_mask, reduction), reduce_logps(logps, packed.rejected_mask, reduction)
+
+
+def lengths_from_masks(
+    chosen: Tensor, rejected: Tensor, chosen_mask: Tensor, rejected_mask: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(prompt_len, chosen_len, rejected_len) from response masks of the `[prompt, response, pad]` form.
+
+    Raises if the masks are not one contiguous run starting at a prompt both rows share: packing would silently
+    score different tokens than the masks ask for.
+    """
+    n = chosen.shape[1]
+    chosen_mask, rejected_mask = chosen_mask.bool(), rejected_mask.bool()
+    c, r = chosen_mask.sum(-1), rejected_mask.sum(-1)
+    start_c = torch.where(c > 0, chosen_mask.int().argmax(-1), n)
+    start_r = torch.where(r > 0, rejected_mask.int().argmax(-1), n)
+    prompt_len = torch.minimum(start_c, start_r)
+    prompt_len = torch.where(prompt_len == n, 0, prompt_len)  # both responses empty: nothing is scored anyway
+    j = torch.arange(n, device=chosen.device)
+    same_prompt = ((chosen == rejected) | (j >= prompt_len[:, None])).all()
+    contiguous = (chosen_mask == response_mask_from_lengths(n, prompt_len, c)).all() & (
+        rejected_mask == response_mask_from_lengths(n, prompt_len, r)
+    ).all()
+    starts_ok = ((c == 0) | (start_c == prompt_len)).all() & ((r == 0) | (start_r == prompt_len)).all()
+    if not bool(same_prompt & contiguous & starts_ok):
+        raise ValueError(
+            "dpo.prefix_sharing needs [shared prompt, response, pad] rows: both response masks one contiguous run "
+            "starting right after a prompt that chosen and rejected share"
+        )
+    return prompt_len, c, r
+
+
 class DPO(nn.Module):
     """`DPO(model, beta=0.1, pad_id=None)`: policy = `model`, reference = a frozen deep copy.
 
@@ -149,6 +287,8 @@ class DPO(nn.Module):
     With `precomputed_reference=True` (or `reference_free=True`) no reference model is held and the
     reference log-probs are passed to `forward` instead.
     `reduction`: sequence log-prob as "sum" (the DPO paper) or "mean"; default "mean" for IPO (as TRL), else "sum".
+    `prefix_sharing=True` (TransformerLM only): policy and live reference each run ONE packed
+    `[prompt, chosen, rejected]` row per pair instead of two sequences; same log-probs, the prompt computed once.
     """
 
     def __init__(
@@ -163,8 +303,12 @@ class DPO(nn.Module):
         reference_free: bool = False,
         precomputed_reference: bool = False,
         reduction: str | None = None,
+        prefix_sharing: bool = False,
     ):
         super().__init__()
+        if prefix_sharing:
+            _check_prefix_sharing(model)
+        self.prefix_sharing = prefix_sharing
         self.policy_model = model
         self.ref_model = None
         if not (reference_free or precomputed_reference):
@@ -227,6 +371,9 @@ class DPO(nn.Module):
         ref_rejected_logps: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """DPO loss from sequences and their response masks (True on scored tokens), one forward per model."""
+        if self.prefix_sharing:
+            lengths = lengths_from_masks(chosen, rejected, chosen_mask, rejected_mask)
+            return self._prefix_shared_loss(chosen, rejected, *lengths, ref_chosen_logps, ref_rejected_logps)
         batch = chosen.shape[0]
         seqs = torch.cat((chosen, rejected))
         scored = torch.cat((chosen_mask, rejected_mask))[:, 1:].bool()
@@ -241,9 +388,12 @@ class DPO(nn.Module):
         chosen_nll = None
         if self.loss_kwargs["rpo_alpha"]:  # mean NLL over all chosen response tokens of the batch (as TRL)
             chosen_nll = -token_lp[:batch][scored[:batch]].sum() / scored[:batch].sum().clamp(min=1)
+        return self._loss(policy_logps[:batch], policy_logps[batch:], ref_chosen_logps, ref_rejected_logps, chosen_nll)
+
+    def _loss(self, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_nll):
         loss, metrics = dpo_loss(
-            policy_logps[:batch],
-            policy_logps[batch:],
+            chosen_logps,
+            rejected_logps,
             ref_chosen_logps,
             ref_rejected_logps,
             policy_chosen_nll=chosen_nll,
@@ -251,3 +401,37 @@ class DPO(nn.Module):
         )
         self.last_metrics = metrics
         return loss, metrics
+
+    def batch_loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """DPO loss from a training-worker batch: `chosen`, `rejected` (B, N) right-padded, `prompt_len`,
+        `chosen_len`, `rejected_len` (B,) (response lengths, prompt excluded), optional `ref_chosen_logp`,
+        `ref_rejected_logp` (B,). Uses the packed path when `prefix_sharing` is on."""
+        chosen, rejected = batch["chosen"], batch["rejected"]
+        lengths = (batch["prompt_len"], batch["chosen_len"], batch["rejected_len"])
+        ref = (batch.get("ref_chosen_logp"), batch.get("ref_rejected_logp"))
+        if self.prefix_sharing:
+            return self._prefix_shared_loss(chosen, rejected, *lengths, *ref)
+        prompt_len, chosen_len, rejected_len = (x.to(chosen.device) for x in lengths)
+        n = chosen.shape[1]
+        chosen_mask = response_mask_from_lengths(n, prompt_len, chosen_len)
+        rejected_mask = response_mask_from_lengths(n, prompt_len, rejected_len)
+        return self.loss_and_metrics(chosen, rejected, chosen_mask, rejected_mask, *ref)
+
+    def _prefix_shared_loss(
+        self, chosen, rejected, prompt_len, chosen_len, rejected_len, ref_chosen_logps, ref_rejected_logps
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        pad_id = self.pad_id if self.pad_id is not None else 0
+        packed = pack_pairs(chosen, rejected, prompt_len, chosen_len, rejected_len, pad_id)  # one mask, both models
+        token_lp = packed_token_logps(self.policy_model, packed)
+        policy_chosen = reduce_logps(token_lp, packed.chosen_mask, self.reduction)
+        policy_rejected = reduce_logps(token_lp, packed.rejected_mask, self.reduction)
+        if self.ref_model is not None:
+            with torch.no_grad():
+                ref_lp = packed_token_logps(self.ref_model, packed)
+            ref_chosen_logps = reduce_logps(ref_lp, packed.chosen_mask, self.reduction)
+            ref_rejected_logps = reduce_logps(ref_lp, packed.rejected_mask, self.reduction)
+        chosen_nll = None
+        if self.loss_kwargs["rpo_alpha"]:
+            scored = packed.chosen_mask
+            chosen_nll = -token_lp[scored].sum() / scored.sum().clamp(min=1)
+        return self._loss(policy_chosen, policy_rejected, ref_chosen_logps, ref_rejected_logps, chosen_nll)

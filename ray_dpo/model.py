@@ -96,6 +96,7 @@ class Attention(nn.Module):
         self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None, is_causal: bool, cache: KVCache | None
     ) -> Tensor:
         q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # under bf16 autocast, fp32 tables would promote q, k back
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(self.layer, k, v)

@@ -1,0 +1,83 @@
+"""Shared benchmark helpers: thread pinning, median timing, measured matmul peak, JSON + table output.
+
+The machine is shared and noisy: every figure is a median of repeats, and the peak is measured in the same
+process and run as the workload it is compared with.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+
+def setup(threads: int, seed: int = 0) -> dict:
+    """Pin intra-op threads (and inter-op to 1) so runs compare; returns environment facts for the JSON."""
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # only settable before the first parallel op; harmless if already set
+        pass
+    torch.manual_seed(seed)
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+    }
+
+
+def time_fn(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 10) -> list[float]:
+    """Wall-clock seconds of `repeats` calls of `fn` after `warmup` untimed calls (synchronises CUDA if used)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def summarize(times: Sequence[float]) -> dict:
+    """Median (the figure we quote) and the spread, so a noisy run is visible in the JSON."""
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "repeats": len(times),
+    }
+
+
+def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> dict:
+    """Achieved FLOP/s of a square `size` matmul (2 n^3 FLOPs) in `dtype`: the practical peak MFU divides by."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    times = time_fn(lambda: a @ b, warmup=3, repeats=repeats)
+    median = statistics.median(times)
+    return {"dtype": str(dtype).removeprefix("torch."), "size": size, "median_s": median, "flops": 2 * size**3 / median}
+
+
+def print_table(title: str, rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> None:
+    """`columns`: (key, header, format spec). Markdown, so it pastes into an issue."""
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(header for _, header, _ in columns) + " |")
+    print("|" + "|".join("---" for _ in columns) + "|")
+    for row in rows:
+        cells = [("" if row.get(key) is None else format(row[key], spec)) for key, _, spec in columns]
+        print("| " + " | ".join(cells) + " |")
+
+
+def write_json(path: str | Path, payload: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str))
+    return path

@@ -1,0 +1,199 @@
+"""Prefix sharing: one packed [prompt, chosen, rejected] row per pair must score exactly like two sequences."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from ray_dpo.dpo import (
+    DPO,
+    lengths_from_masks,
+    pack_pairs,
+    packed_token_logps,
+    prefix_shared_logps,
+    response_mask_from_lengths,
+    sequence_logps,
+    token_logps,
+)
+from ray_dpo.model import ModelConfig, TransformerLM
+
+PAD = 0
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def tiny_model(seed: int, **overrides) -> TransformerLM:
+    torch.manual_seed(seed)
+    config = dict(vocab_size=37, max_seq_len=64, dim=32, depth=2, heads=4) | overrides
+    model = TransformerLM(ModelConfig(**config)).eval()
+    for param in model.parameters():  # larger than the GPT-2 init, so tokens interact and errors would show
+        param.data.normal_(0, 0.3)
+    return model
+
+
+def random_pairs(seed: int, batch: int = 6, n: int = 24, vocab: int = 37):
+    """Right-padded pairs sharing a prompt; lengths include the edge cases (empty responses, 1-token prompt)."""
+    g = torch.Generator().manual_seed(seed)
+    prompt_len = torch.randint(1, n // 2, (batch,), generator=g)
+    chosen_len = torch.stack([torch.randint(0, n - int(p) + 1, (1,), generator=g)[0] for p in prompt_len])
+    rejected_len = torch.stack([torch.randint(0, n - int(p) + 1, (1,), generator=g)[0] for p in prompt_len])
+    prompt_len[0], chosen_len[1], rejected_len[2] = 1, 0, 0
+    chosen_len[3], rejected_len[3] = n - prompt_len[3], n - prompt_len[3]  # a row that fills the whole width
+    chosen = torch.randint(1, vocab, (batch, n), generator=g)
+    rejected = torch.randint(1, vocab, (batch, n), generator=g)
+    j = torch.arange(n)
+    rejected = torch.where(j < prompt_len[:, None], chosen, rejected)
+    chosen = chosen.masked_fill(j >= (prompt_len + chosen_len)[:, None], PAD)
+    rejected = rejected.masked_fill(j >= (prompt_len + rejected_len)[:, None], PAD)
+    return chosen, rejected, prompt_len, chosen_len, rejected_len
+
+
+def concatenated_token_logps(model, seq):
+    """Target-indexed log-probs of the plain two-sequence path: entry t scores token t (entry 0 unused)."""
+    with torch.no_grad():
+        return torch.nn.functional.pad(token_logps(model(seq[:, :-1]), seq[:, 1:]), (1, 0))
+
+
+def test_pack_layout_on_hand_made_pair():
+    chosen = torch.tensor([[5, 6, 7, 8, 0, 0]])  # prompt 5 6, chosen response 7 8
+    rejected = torch.tensor([[5, 6, 9, 0, 0, 0]])  # rejected response 9
+    packed = pack_pairs(chosen, rejected, torch.tensor([2]), torch.tensor([2]), torch.tensor([1]), pad_id=0)
+    assert packed.tokens.tolist() == [[5, 6, 7, 8, 9]]
+    assert packed.positions.tolist() == [[0, 1, 2, 3, 2]]  # rejected restarts right after the prompt
+    assert packed.chosen_mask.tolist() == [[False, False, True, True, False]]
+    assert packed.rejected_mask.tolist() == [[False, False, False, False, True]]
+    assert packed.last_prompt.tolist() == [1] and packed.first_rejected.tolist() == [4]
+    expected = torch.tensor(
+        [
+            [1, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0],
+            [1, 1, 1, 0, 0],
+            [1, 1, 1, 1, 0],
+            [1, 1, 0, 0, 1],  # rejected sees the prompt and itself, never the chosen response
+        ],
+        dtype=torch.bool,
+    )
+    assert packed.attn_mask.shape == (1, 1, 5, 5)
+    assert torch.equal(packed.attn_mask[0, 0], expected)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_per_token_logps_equal_concatenated_path(seed):
+    model = tiny_model(seed)
+    chosen, rejected, p, c, r = random_pairs(seed)
+    packed = pack_pairs(chosen, rejected, p, c, r, pad_id=PAD)
+    with torch.no_grad():
+        packed_lp = packed_token_logps(model, packed)
+    assert torch.isfinite(packed_lp).all()  # pad rows and pad queries must not produce NaN
+    ref_chosen, ref_rejected = concatenated_token_logps(model, chosen), concatenated_token_logps(model, rejected)
+    n = chosen.shape[1]
+    chosen_scored = response_mask_from_lengths(n, p, c) & (torch.arange(n) >= 1)
+    rejected_scored = response_mask_from_lengths(n, p, r) & (torch.arange(n) >= 1)
+    assert packed.chosen_mask.sum() == chosen_scored.sum() and packed.rejected_mask.sum() == rejected_scored.sum()
+    for b in range(chosen.shape[0]):
+        # chosen token t sits at packed index t, rejected token t at packed index t + c
+        torch.testing.assert_close(packed_lp[b][packed.chosen_mask[b]], ref_chosen[b][chosen_scored[b]], **TOL)
+        torch.testing.assert_close(packed_lp[b][packed.rejected_mask[b]], ref_rejected[b][rejected_scored[b]], **TOL)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_sequence_logps_equal_concatenated_path(reduction):
+    model = tiny_model(7, depth=3, heads=2)
+    chosen, rejected, p, c, r = random_pairs(7, batch=8, n=32)
+    with torch.no_grad():
+        got_c, got_r = prefix_shared_logps(model, chosen, rejected, p, c, r, reduction=reduction, pad_id=PAD)
+        want_c = sequence_logps(model, chosen, response_mask_from_lengths(32, p, c), reduction)
+        want_r = sequence_logps(model, rejected, response_mask_from_lengths(32, p, r), reduction)
+    torch.testing.assert_close(got_c, want_c, **TOL)
+    torch.testing.assert_close(got_r, want_r, **TOL)
+
+
+def _batch(seed):
+    chosen, rejected, p, c, r = random_pairs(seed)
+    return dict(chosen=chosen, rejected=rejected, prompt_len=p, chosen_len=c, rejected_len=r)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"rpo_alpha": 0.5, "loss_type": "ipo"}, {"reference_free": True}])
+def test_dpo_batch_loss_metrics_and_grads_match(kwargs):
+    batch = _batch(11)
+    policy = tiny_model(11)
+    reference = tiny_model(12)  # a reference that differs from the policy, so the ref terms matter
+    losses, grads = [], []
+    for prefix_sharing in (False, True):
+        dpo = DPO(copy.deepcopy(policy), pad_id=PAD, prefix_sharing=prefix_sharing, **kwargs)
+        if dpo.ref_model is not None:
+            dpo.ref_model.load_state_dict(reference.state_dict())
+        loss, metrics = dpo.batch_loss(batch)
+        loss.backward()
+        losses.append((loss.detach(), metrics))
+        grads.append([param.grad.clone() for param in dpo.parameters()])
+    torch.testing.assert_close(losses[0][0], losses[1][0], **TOL)
+    for key, value in losses[0][1].items():
+        torch.testing.assert_close(losses[1][1][key], value, **TOL, msg=key)
+    for plain, shared in zip(*grads, strict=True):
+        torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-4)
+
+
+def test_precomputed_reference_from_batch_is_used():
+    batch = _batch(3) | {"ref_chosen_logp": torch.randn(6), "ref_rejected_logp": torch.randn(6)}
+    model = tiny_model(3)
+    plain = DPO(model, pad_id=PAD, precomputed_reference=True).batch_loss(batch)
+    shared = DPO(model, pad_id=PAD, precomputed_reference=True, prefix_sharing=True).batch_loss(batch)
+    torch.testing.assert_close(shared[0], plain[0], **TOL)
+    torch.testing.assert_close(shared[1]["rewards/margins"], plain[1]["rewards/margins"], **TOL)
+
+
+def test_seed_contract_forward_uses_packing_and_matches():
+    """`dpo(preferred, unpreferred, prompt_mask=...)` goes through masks; lengths are recovered from them."""
+    chosen, rejected, p, c, r = random_pairs(5)
+    prompt_mask = torch.arange(chosen.shape[1]) < p[:, None]
+    model = tiny_model(5)
+    plain = DPO(model, pad_id=PAD)(chosen, rejected, prompt_mask=prompt_mask)
+    shared = DPO(model, pad_id=PAD, prefix_sharing=True)(chosen, rejected, prompt_mask=prompt_mask)
+    torch.testing.assert_close(shared, plain, **TOL)
+
+
+def test_lengths_from_masks_round_trip_and_rejects_other_layouts():
+    chosen, rejected, p, c, r = random_pairs(9)
+    n = chosen.shape[1]
+    got = lengths_from_masks(chosen, rejected, response_mask_from_lengths(n, p, c), response_mask_from_lengths(n, p, r))
+    both_empty = (c == 0) & (r == 0)
+    assert torch.equal(torch.where(both_empty, 0, got[0]), torch.where(both_empty, 0, p))
+    assert torch.equal(got[1], c) and torch.equal(got[2], r)
+    holey = response_mask_from_lengths(n, p, c)
+    holey[3, int(p[3]) + 1] = False  # a response with a masked-out middle token cannot be packed
+    with pytest.raises(ValueError, match="contiguous"):
+        lengths_from_masks(chosen, rejected, holey, response_mask_from_lengths(n, p, r))
+    other_prompt = rejected.clone()
+    other_prompt[0, 0] += 1  # prompts that differ cannot share one prefix
+    with pytest.raises(ValueError, match="share"):
+        lengths_from_masks(
+            chosen, other_prompt, response_mask_from_lengths(n, p, c), response_mask_from_lengths(n, p, r)
+        )
+
+
+def test_other_models_raise_a_clear_error_and_wrappers_pass():
+    plain_module = nn.Sequential(nn.Embedding(37, 8), nn.Linear(8, 37))
+    with pytest.raises(TypeError, match="TransformerLM"):
+        DPO(plain_module, prefix_sharing=True)
+    wrapper = nn.Module()
+    wrapper.module = tiny_model(0)  # the shape of DDP / FSDP wrappers
+    DPO(wrapper, prefix_sharing=True)
+
+
+def test_too_long_lengths_raise():
+    chosen, rejected, p, c, r = random_pairs(1)
+    with pytest.raises(ValueError, match="sequence length"):
+        pack_pairs(chosen, rejected, p, c + chosen.shape[1], r)
+
+
+def test_bf16_autocast_runs_and_stays_close():
+    model = tiny_model(2)
+    chosen, rejected, p, c, r = random_pairs(2)
+    with torch.no_grad():
+        want = prefix_shared_logps(model, chosen, rejected, p, c, r, pad_id=PAD)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = prefix_shared_logps(model, chosen, rejected, p, c, r, pad_id=PAD)
+    assert got[0].dtype == torch.float32  # log-softmax is taken in fp32 even under autocast
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=0.5, rtol=0.05)
