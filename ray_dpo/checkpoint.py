@@ -47,3 +47,29 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Tra
         raise FileNotFoundError(f"checkpoint: {weights} not found")
     _load_weights(model, str(weights), strict=True, device=str(device))
     return model.to(device)
+
+
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "state.json"
+
+
+def save_training_state(directory: str | Path, optimizer_state: dict, state: dict) -> Path:
+    """Write `optimizer.pt` (optimizer + LR-schedule state dicts: tensors and plain types only) and `state.json`.
+
+    `state` is JSON: step, epoch, epoch_step (optimizer steps into that epoch: the data position), seed.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(optimizer_state, directory / OPTIMIZER_FILE)
+    (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
+    return directory
+
+
+def load_training_state(directory: str | Path) -> tuple[dict, dict]:
+    """`(optimizer_state, state)` from `save_training_state`; `optimizer.pt` is read with `weights_only=True`."""
+    directory = Path(directory)
+    for name in (OPTIMIZER_FILE, STATE_FILE):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"checkpoint: {directory / name} not found")
+    optimizer_state = torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    return optimizer_state, json.loads((directory / STATE_FILE).read_text())

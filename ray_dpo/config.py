@@ -80,6 +80,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast keeps fp32 master weights
     compile: bool = False  # torch.compile the policy
     seed: int = 0  # seeds model init, data order and dropout
+    log_every: int = 10  # log train/* metrics to MLflow every this many steps (and at the end)
     eval_every: int = 50  # validation every this many steps (and at the end)
     checkpoint_every: int = 100  # checkpoint every this many steps (and at the end)
     num_to_keep: int = 2  # checkpoints kept on storage
@@ -113,8 +114,9 @@ class TuneConfig:
         default_factory=dict
     )  # dotted key -> {grid|choice: [..]} / {loguniform: [lo, hi]}
     max_concurrent_trials: int = 1  # trials at once
+    cpus_per_trial: float = 0.25  # CPUs held by each trial's driver + tasks (Train workers add train.cpus_per_worker)
     scheduler: Literal["asha", "fifo"] = "asha"  # early stopping
-    grace_period: int = 1  # ASHA: reports before a trial can be stopped
+    grace_period: int = 1  # ASHA: optimizer steps before a trial can be stopped (rungs at grace * factor^k steps)
     reduction_factor: float = 2.0  # ASHA: keep 1/reduction_factor per rung
 
 

@@ -1,0 +1,109 @@
+"""`pipelines/align.py`: end to end on configs/tiny.yaml (real Ray, real SQLite MLflow store) and one-line errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ray_dpo.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+def _load_align():
+    spec = importlib.util.spec_from_file_location("align_pipeline", ROOT / "pipelines" / "align.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_align_end_to_end_tiny(tmp_path):
+    """Exit 0; ONE MLflow run with params, sft/train/val metrics over steps, the final checkpoint as artifacts and
+    a registered model that loads back with the same logits as the checkpoint."""
+    from mlflow import MlflowClient
+
+    from ray_dpo.checkpoint import load_model
+    from ray_dpo.tracking import load_registered_model
+
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env |= {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    script = str(ROOT / "pipelines" / "align.py")
+    cmd = [sys.executable, script, "--config", TINY, "output_dir=out", "train.storage_path=out/ray"]
+    # run from tmp_path with RELATIVE output paths: they must reach the Ray workers (which chdir) as absolute
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    uri = f"sqlite:///{out / 'mlflow.db'}"  # the default store: <output_dir>/mlflow.db
+    assert f"tracking URI:     {uri}" in proc.stdout
+    checkpoint = re.search(r"final checkpoint: (\S+) \(6 steps\)", proc.stdout).group(1)
+    model_uri = re.search(r"registered model: (\S+)", proc.stdout).group(1)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("ray-dpo-tiny")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1, "one MLflow run per job, never one per worker"
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.lr"] == "0.003" and run.data.params["model.dim"] == "32"
+    history = lambda key: [m.step for m in client.get_metric_history(run.info.run_id, key)]
+    assert history("train/loss") == [1, 2, 3, 4, 5, 6]
+    assert history("val/rewards/accuracies") == [3, 6]
+    assert history("perf/tokens_per_s") == [1, 2, 3, 4, 5, 6]
+    assert history("sft/loss") == list(range(1, 11))  # SFT warm start: 160 pairs / 16, same MLflow run
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints/final")}
+    assert {"checkpoints/final/model.safetensors", "checkpoints/final/state.json"} <= artifacts
+    assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+    policy, tokenizer = load_registered_model(model_uri, uri)
+    expected = load_model(checkpoint).eval()
+    tokens = torch.tensor([[tokenizer.bos_id, *tokenizer.encode("sort: dcba")]])
+    with torch.no_grad():
+        torch.testing.assert_close(policy.eval()(tokens), expected(tokens), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "names"),
+    [
+        (["train.lrr=1e-3"], "train.lrr"),
+        (["data.synthetic=null", "data.train_path=/nonexistent/pairs.parquet"], "data.train_path"),
+        (["tracking.uri=http://127.0.0.1:{port}"], "127.0.0.1:{port}"),
+    ],
+    ids=["bad-key", "missing-data", "unreachable-mlflow"],
+)
+def test_user_errors_are_one_line_exit_2_and_write_nothing(tmp_path, monkeypatch, capsys, overrides, names):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    port = _free_port()
+    out = tmp_path / "out"
+    argv = ["--config", TINY, f"output_dir={out}", f"train.storage_path={out}/ray"]
+    argv += [o.format(port=port) for o in overrides]
+    assert _load_align().main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert names.format(port=port) in err
+    assert not out.exists()
+
+
+def test_find_user_error_unwraps_ray_errors():
+    align = _load_align()
+    cause = UserError("data: bad row")
+
+    wrapped = RuntimeError("Training failed")  # the shape of ray.train.WorkerGroupError: failures by rank
+    wrapped.worker_failures = {0: RuntimeError("ok"), 1: RuntimeError("task failed")}
+    wrapped.worker_failures[1].__cause__ = cause
+    assert align.find_user_error(wrapped) is cause
+    assert align.find_user_error(RuntimeError("no user error")) is None
