@@ -1,0 +1,66 @@
+"""Ray Tune sweep over DPO beta x learning rate: shared data + reference once, then one trial = train + eval.
+
+    python pipelines/sweep.py [--config configs/sweep.yaml] [--address ADDR] [section.key=value ...]
+
+Prints the best trial, the path of its config as YAML (ready for `pipelines/align.py --config`) and the MLflow
+parent run. Re-running the same `tune.name` resumes the sweep: finished trials are kept, errored or interrupted ones
+run again. A user error prints `error: <one line>` and exits 2; a sweep with trials left to retry exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ray_dpo.config import flatten, load_config
+from ray_dpo.pipeline import find_user_error
+from ray_dpo.sweep import run_sweep
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sweep.yaml"
+EXIT_INCOMPLETE = 1
+EXIT_USER_ERROR = 2
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/sweep.yaml)")
+    parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a new local Ray)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. tune.num_samples=4")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = run_sweep(load_config(args.config, args.overrides), address=args.address)
+    except Exception as err:
+        user_error = find_user_error(err)
+        if user_error is None:
+            raise
+        print(f"error: {' '.join(str(user_error).split())}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    with_columns = [c for c in result.table.columns if c != "mlflow_run_id"]
+    print(result.table[with_columns].to_string(index=False))
+    counts = ", ".join(f"{n} {status}" for status, n in result.status_counts.items() if n)
+    print(f"trials:           {counts}")
+    print(f"results table:    {result.table_path}")
+    if result.best_config is not None:
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in result.best_metrics.items())
+        print(f"best trial:       {result.best_trial_id} ({metrics})")
+        flat = flatten(result.best_config.to_dict())
+        for key in result.best_config.tune.search_space:
+            print(f"  {key} = {flat[key]}")
+        print(f"best config:      {result.best_config_path}")
+        print(f"  align it:       python pipelines/align.py --config {result.best_config_path}")
+    print(f"MLflow parent run: {result.parent_run_id}")
+    print(f"browse:           mlflow ui --backend-store-uri {result.tracking_uri}")
+    incomplete = result.status_counts.get("errored", 0) + result.status_counts.get("unfinished", 0)
+    if incomplete:
+        print(f"{incomplete} trial(s) did not finish: re-run the same command to resume them", file=sys.stderr)
+        return EXIT_INCOMPLETE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
