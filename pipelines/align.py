@@ -89,7 +89,9 @@ def _stages(config: Config, tokenizer, run_dir: Path, uri: str, run_id: str) -> 
     tracking.log_artifact(uri, run_id, result.checkpoint, "checkpoints/final")
     out = {"checkpoint": result.checkpoint, "steps": str(result.steps)}
     if config.eval.enabled:
-        run_evaluation(config, result.checkpoint, reference, val_ds, uri, run_id)
+        from ray_dpo.evaluate import format_summary
+
+        out["eval"] = format_summary(run_evaluation(config, result.checkpoint, reference, val_ds, uri, run_id))
     if config.tracking.registered_model:
         out["model_uri"] = tracking.register_model(uri, run_id, result.checkpoint, config.tracking.registered_model)
     return out
@@ -111,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"final checkpoint: {out['checkpoint']} ({out['steps']} steps)")
     if "model_uri" in out:
         print(f"registered model: {out['model_uri']}")
+    if "eval" in out:
+        print(out["eval"])
     return 0
 
 

@@ -79,8 +79,8 @@ def collate_sft(batch: dict[str, np.ndarray], *, pad_id: int) -> dict[str, Tenso
         tokens[i, : len(row)] = torch.tensor(row, dtype=torch.int64)  # copies: Ray hands read-only arrays
     return {
         "tokens": tokens,
-        "prompt_len": torch.as_tensor(batch["prompt_len"], dtype=torch.int64),
-        "response_len": torch.as_tensor(batch["response_len"], dtype=torch.int64),
+        "prompt_len": torch.tensor(batch["prompt_len"], dtype=torch.int64),  # copy: Ray arrays are read-only
+        "response_len": torch.tensor(batch["response_len"], dtype=torch.int64),
     }
 
 

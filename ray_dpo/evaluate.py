@@ -1,0 +1,438 @@
+"""Evaluation stage: generate from the policy AND the reference on held-out prompts with a Ray Data actor pool.
+
+    metrics = evaluate(config, policy_checkpoint=ckpt, reference_checkpoint=ref, prompts_ds=prompts,
+                       preference_ds=val_ds, tracking_uri=uri, run_id=run_id)     # {"eval/win_rate": ..., ...}
+
+setup   resolve the reward function (`eval.reward_fn`, "module:function") and the decoding settings; fail fast.
+run     1. `generate_samples`: an actor pool (`map_batches` with a callable class) in which every actor loads both
+           models once and, per batch of prompts, decodes a response from each (`eval.*`: greedy, temperature,
+           top-k/p, min-p, top-a or beam search), then scores BOTH responses under BOTH models (sequence log-probs)
+           and, with a reward function, rewards them.
+        2. `score_preferences`: a second pool scores the held-out preference pairs under both models, for the
+           implicit-reward accuracy.
+save    `eval/*` metrics, the samples as an MLflow table (`eval/samples.json`) and a side-by-side HTML page
+        (`eval/samples.html`) that the MLflow UI renders in the run's Artifacts tab.
+
+Metrics (`aggregate`):
+  eval/reward/policy, eval/reward/reference   mean reward of each model's responses (with a reward function)
+  eval/win_rate        share of prompts where the policy's reward beats the reference's; ties count half
+  eval/kl_seq          mean over prompts of log pi(y|x) - log ref(y|x), y decoded from the POLICY
+  eval/kl_token        mean over prompts of the same difference divided by the response's length in tokens
+  eval/len/policy, eval/len/reference   mean response length in tokens (eos included when generated)
+  eval/implicit_reward_accuracy   share of held-out pairs with beta*logratio(chosen) > beta*logratio(rejected)
+  eval/implicit_reward_margin     mean of beta * (logratio(chosen) - logratio(rejected)) over those pairs
+  eval/num_prompts, eval/num_pairs
+
+About the KL estimate: with y SAMPLED from the policy (temperature 1, no filter), the mean of
+log pi(y|x) - log ref(y|x) is an unbiased Monte-Carlo estimate of KL(pi || ref). Under greedy decoding, beam search,
+temperature != 1 or a filter, y is not a sample from pi and the number is only a plug-in estimate: useful to
+compare runs and to see the policy drift from the reference, not the true KL (it can even be negative).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import importlib
+import os
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import ray
+import torch
+from torch import Tensor, nn
+
+from ray_dpo import tracking
+from ray_dpo.checkpoint import load_model
+from ray_dpo.config import Config, EvalConfig
+from ray_dpo.data import collate_preferences
+from ray_dpo.dpo import response_mask_from_lengths, sequence_logps
+from ray_dpo.errors import UserError
+from ray_dpo.generate import beam_search, generate
+from ray_dpo.tokenizer import TOKENIZER_FILE, load_tokenizer
+
+RewardFn = Callable[[list[str], list[str]], list[float]]
+SAMPLES_TABLE = "eval/samples.json"
+SAMPLES_PAGE = "eval/samples.html"
+MODELS = ("policy", "reference")
+WAIT_FOR_ACTORS_S = 600  # an actor pool that cannot start in this time (no free GPU/CPU) fails instead of hanging
+ACTOR_COLUMN = "_actor"  # pid of the actor that produced a row: diagnostics only, never logged
+
+
+# ------------------------------------------------------------------------------------------------ setup helpers
+
+
+def load_reward_fn(spec: str | None) -> RewardFn | None:
+    """`"package.module:function"` -> the function; None -> None. A UserError names what is wrong."""
+    if spec is None:
+        return None
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise UserError(f"config: eval.reward_fn must look like 'module:function', got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise UserError(f"config: eval.reward_fn={spec!r}: cannot import {module_name!r} ({err})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise UserError(f"config: eval.reward_fn={spec!r}: {module_name} has no function {attr!r}")
+    return fn
+
+
+def _check_eval_config(e: EvalConfig) -> None:
+    if e.max_new_tokens < 1 or e.batch_size < 1 or e.concurrency < 1 or e.beams < 1:
+        raise UserError("config: eval.max_new_tokens, eval.batch_size, eval.concurrency and eval.beams must be >= 1")
+    if e.temperature < 0:
+        raise UserError(f"config: eval.temperature must be >= 0, got {e.temperature}")
+    if e.filter_logits_fn not in (None, "top_k", "top_p", "min_p", "top_a"):
+        raise UserError(
+            f"config: eval.filter_logits_fn must be top_k, top_p, min_p, top_a or null, got {e.filter_logits_fn!r}"
+        )
+
+
+def check_checkpoint(key: str, path: str | os.PathLike) -> str:
+    """The absolute checkpoint directory, or a UserError naming `key` when it holds no model."""
+    path = Path(path).expanduser().resolve()  # actors run in Ray's session directory
+    if not (path / "model.safetensors").is_file():
+        raise UserError(f"{key}: {path} is not a checkpoint directory (no model.safetensors)")
+    return str(path)
+
+
+def _dpo_reduction(config: Config) -> str:
+    # the same default as DPO(reduction=None): log-ratios are compared the way training optimised them
+    return config.dpo.reduction or ("mean" if config.dpo.loss_type == "ipo" else "sum")
+
+
+# ------------------------------------------------------------------------------------------------ actors
+
+
+class _TwoModels:
+    """Base of the actor classes: loads the policy and the reference ONCE per actor, plus the tokenizer."""
+
+    def __init__(self, policy_checkpoint: str, reference_checkpoint: str, tokenizer: str, device: str):
+        self.device = torch.device(device)
+        self.models: dict[str, nn.Module] = {
+            name: load_model(path, device=self.device).eval().requires_grad_(False)
+            for name, path in zip(MODELS, (policy_checkpoint, reference_checkpoint), strict=True)
+        }
+        # the checkpoint's own tokenizer wins: it is the one the policy was trained with
+        has_own = (Path(policy_checkpoint) / TOKENIZER_FILE).is_file()
+        self.tokenizer = load_tokenizer(policy_checkpoint if has_own else tokenizer)
+
+    def _logps(self, prompts: list[Tensor], responses: list[Tensor], reduction: str = "sum") -> dict[str, np.ndarray]:
+        """log p(response | prompt) under each model, as float64 numpy arrays."""
+        prompt_len = torch.tensor([len(p) for p in prompts])
+        response_len = torch.tensor([len(r) for r in responses])
+        width = int((prompt_len + response_len).max())
+        # right-padded [prompt, response, pad]; pad id 0 is valid for any vocabulary and, being right of every
+        # scored token, cannot change a causal model's scores (the mask comes from the lengths)
+        seqs = torch.zeros(len(prompts), width, dtype=torch.long)
+        for row, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+            seqs[row, : len(p) + len(r)] = torch.cat((p, r))
+        seqs = seqs.to(self.device)
+        mask = response_mask_from_lengths(width, prompt_len.to(self.device), response_len.to(self.device))
+        with torch.inference_mode():
+            return {
+                name: sequence_logps(model, seqs, mask, reduction).double().cpu().numpy()
+                for name, model in self.models.items()
+            }
+
+
+class PolicyReferenceGenerator(_TwoModels):
+    """Ray Data callable class: prompts (strings) -> both models' responses, lengths, log-probs and rewards."""
+
+    def __init__(
+        self,
+        policy_checkpoint: str,
+        reference_checkpoint: str,
+        *,
+        tokenizer: str,
+        device: str,
+        eval_config: dict[str, Any],
+        prompt_column: str,
+        max_prompt_len: int,
+        seed: int,
+    ):
+        super().__init__(policy_checkpoint, reference_checkpoint, tokenizer, device)
+        self.e = EvalConfig(**eval_config)
+        self.prompt_column, self.seed = prompt_column, seed
+        # room for the response inside the positions the models were built for
+        max_seq_len = min(m.config.max_seq_len for m in self.models.values())
+        self.keep = max(1, min(max_prompt_len, max_seq_len - self.e.max_new_tokens))
+        self.reward_fn = load_reward_fn(self.e.reward_fn)
+
+    def _decode(self, model: nn.Module, prompts: list[Tensor], generator: torch.Generator) -> Tensor:
+        e, tok = self.e, self.tokenizer
+        kwargs = dict(eos_token=tok.eos_id, pad_id=tok.pad_id, filter_logits_fn=e.filter_logits_fn)
+        kwargs["filter_kwargs"] = e.filter_kwargs or None
+        if e.beams > 1:
+            return beam_search(model, prompts, e.max_new_tokens, e.beams, temperature=e.temperature or 1.0, **kwargs)
+        return generate(model, prompts, e.max_new_tokens, temperature=e.temperature, generator=generator, **kwargs)
+
+    def _split(self, out: Tensor) -> list[Tensor]:
+        """(B, n) generated tokens -> each row cut after its first eos (kept: it is part of the response)."""
+        eos, rows = self.tokenizer.eos_id, []
+        for row in out.cpu():
+            ends = (row == eos).nonzero()
+            rows.append(row[: int(ends[0]) + 1] if len(ends) else row)
+        return rows
+
+    def _text(self, tokens: Tensor) -> str:
+        tok = self.tokenizer
+        return tok.decode([t for t in tokens.tolist() if t not in (tok.eos_id, tok.pad_id, tok.bos_id)])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        tok = self.tokenizer
+        texts = [str(p) for p in batch[self.prompt_column]]
+        prompts = [torch.tensor([tok.bos_id, *tok.encode(t)][-self.keep :], dtype=torch.long) for t in texts]
+        # seeded by the batch's content, so samples do not depend on which actor got the batch; the same seed for
+        # both models (common random numbers): identical models give identical samples
+        seed = self.seed + zlib.crc32("\n".join(texts).encode())
+        device_prompts = [p.to(self.device) for p in prompts]
+        out: dict[str, Any] = {"prompt": np.asarray(texts, dtype=object)}
+        responses: dict[str, list[Tensor]] = {}
+        for name, model in self.models.items():
+            generator = torch.Generator(self.device).manual_seed(seed)
+            responses[name] = self._split(self._decode(model, device_prompts, generator))
+            out[f"{name}_response"] = np.asarray([self._text(r) for r in responses[name]], dtype=object)
+            out[f"{name}_len"] = np.asarray([len(r) for r in responses[name]], dtype=np.int64)
+        for source in MODELS:  # every response under every model: the KL estimate needs the cross terms
+            for scorer, logps in self._logps(prompts, responses[source]).items():
+                out[f"{source}_logp_{scorer}"] = logps
+        if self.reward_fn is not None:
+            for name in MODELS:
+                rewards = self.reward_fn(list(texts), list(out[f"{name}_response"]))
+                out[f"{name}_reward"] = np.asarray(rewards, dtype=np.float64)
+        out[ACTOR_COLUMN] = np.full(len(texts), os.getpid(), dtype=np.int64)
+        return out
+
+
+class PreferenceScorer(_TwoModels):
+    """Ray Data callable class: tokenized preference pairs -> log-probs of chosen and rejected under both models."""
+
+    def __init__(
+        self, policy_checkpoint: str, reference_checkpoint: str, *, tokenizer: str, device: str, reduction: str
+    ):
+        super().__init__(policy_checkpoint, reference_checkpoint, tokenizer, device)
+        self.reduction = reduction
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        tensors = collate_preferences(batch, pad_id=0)  # pad id irrelevant: masks come from the lengths
+        size, width = tensors["chosen"].shape
+        seqs = torch.cat((tensors["chosen"], tensors["rejected"])).to(self.device)
+        prompt_len = tensors["prompt_len"].repeat(2).to(self.device)
+        response_len = torch.cat((tensors["chosen_len"], tensors["rejected_len"])).to(self.device)
+        mask = response_mask_from_lengths(width, prompt_len, response_len)
+        out = {}
+        with torch.inference_mode():
+            for name, model in self.models.items():
+                logps = sequence_logps(model, seqs, mask, self.reduction).double().cpu().numpy()
+                out[f"chosen_logp_{name}"], out[f"rejected_logp_{name}"] = logps[:size], logps[size:]
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+def _pool_kwargs(config: Config) -> dict[str, Any]:
+    e = config.eval
+    # fractional CPUs: a pool of 1-CPU actors on a 2-CPU machine starves the read tasks and hangs (RAY-FACTS)
+    # one task in flight per actor: a second batch goes to an idle actor instead of queueing behind the first
+    return dict(
+        compute=ray.data.ActorPoolStrategy(size=e.concurrency, max_tasks_in_flight_per_actor=1),
+        num_cpus=1.0 if e.num_gpus else 0.5,
+        num_gpus=e.num_gpus,
+    )
+
+
+def _spread(dataset: ray.data.Dataset, actors: int) -> ray.data.Dataset:
+    # one block feeds one actor: without as many blocks as actors, the rest of the pool idles
+    return dataset.repartition(actors) if actors > 1 else dataset
+
+
+def _start_pool_first(dataset: ray.data.Dataset) -> ray.data.Dataset:
+    """Dispatch only once every actor has loaded its models. By default Ray Data starts actors asynchronously, and
+    on a busy machine the first actor up takes every block while the others are still loading."""
+    dataset.context.wait_for_min_actors_s = WAIT_FOR_ACTORS_S
+    dataset.context.execution_options.preserve_order = True
+    return dataset
+
+
+def generate_samples(
+    config: Config, *, policy_checkpoint: str, reference_checkpoint: str, prompts_ds: ray.data.Dataset
+) -> pd.DataFrame:
+    """One row per prompt: prompt, `{policy,reference}_response`, `_len`, `_logp_{policy,reference}`, `_reward`.
+
+    `prompts_ds` has a string prompt column (`data.columns["prompt"]`, default `prompt`), e.g.
+    `ray.data.read_parquet(val_path)`; the first `eval.num_prompts` rows are used, in the dataset's order.
+    """
+    e = config.eval
+    _check_eval_config(e)
+    load_reward_fn(e.reward_fn)  # fail here, in one line, rather than inside every actor
+    column = config.data.columns.get("prompt", "prompt")
+    if column not in prompts_ds.columns():
+        raise UserError(f"eval: the prompts dataset has no column {column!r} (columns: {prompts_ds.columns()})")
+    prompts_ds = prompts_ds.select_columns([column]).limit(e.num_prompts)
+    samples = _spread(prompts_ds, e.concurrency).map_batches(
+        PolicyReferenceGenerator,
+        fn_constructor_kwargs=dict(
+            policy_checkpoint=check_checkpoint("eval: policy checkpoint", policy_checkpoint),
+            reference_checkpoint=check_checkpoint("eval: reference checkpoint", reference_checkpoint),
+            tokenizer=config.data.tokenizer,
+            device="cuda" if e.num_gpus else "cpu",
+            eval_config=dataclasses.asdict(e),
+            prompt_column=column,
+            max_prompt_len=config.data.max_prompt_len,
+            seed=config.train.seed,
+        ),
+        batch_size=e.batch_size,
+        batch_format="numpy",
+        **_pool_kwargs(config),
+    )
+    return _start_pool_first(samples).to_pandas()
+
+
+def score_preferences(
+    config: Config, *, policy_checkpoint: str, reference_checkpoint: str, preference_ds: ray.data.Dataset
+) -> pd.DataFrame:
+    """`chosen_logp_{policy,reference}`, `rejected_logp_{policy,reference}` for each row of a `read_preferences`
+    dataset (token rows `chosen`, `rejected`, `prompt_len`, `chosen_len`, `rejected_len`)."""
+    e = config.eval
+    scored = _spread(preference_ds, e.concurrency).map_batches(
+        PreferenceScorer,
+        fn_constructor_kwargs=dict(
+            policy_checkpoint=check_checkpoint("eval: policy checkpoint", policy_checkpoint),
+            reference_checkpoint=check_checkpoint("eval: reference checkpoint", reference_checkpoint),
+            tokenizer=config.data.tokenizer,
+            device="cuda" if e.num_gpus else "cpu",
+            reduction=_dpo_reduction(config),
+        ),
+        batch_size=e.batch_size,
+        batch_format="numpy",
+        **_pool_kwargs(config),
+    )
+    return _start_pool_first(scored).to_pandas()
+
+
+def aggregate(samples: pd.DataFrame, pairs: pd.DataFrame | None, *, beta: float) -> dict[str, float]:
+    """`eval/*` metrics from `generate_samples` rows and `score_preferences` rows (see the module doc)."""
+    if len(samples) == 0:
+        raise UserError("eval: no prompts to evaluate (empty prompts dataset)")
+    # plain float64 arrays: Ray's to_pandas() may hand over Arrow-backed columns with narrower arithmetic
+    col = lambda df, name: np.asarray(df[name], dtype=np.float64)
+    kl = col(samples, "policy_logp_policy") - col(samples, "policy_logp_reference")
+    metrics = {
+        "eval/num_prompts": float(len(samples)),
+        "eval/kl_seq": float(kl.mean()),
+        "eval/kl_token": float((kl / np.maximum(col(samples, "policy_len"), 1)).mean()),
+        "eval/len/policy": float(col(samples, "policy_len").mean()),
+        "eval/len/reference": float(col(samples, "reference_len").mean()),
+    }
+    if "policy_reward" in samples:
+        policy, reference = col(samples, "policy_reward"), col(samples, "reference_reward")
+        metrics["eval/reward/policy"] = float(policy.mean())
+        metrics["eval/reward/reference"] = float(reference.mean())
+        metrics["eval/win_rate"] = float(((policy > reference) + 0.5 * (policy == reference)).mean())
+    if pairs is not None and len(pairs):
+        chosen = beta * (col(pairs, "chosen_logp_policy") - col(pairs, "chosen_logp_reference"))
+        rejected = beta * (col(pairs, "rejected_logp_policy") - col(pairs, "rejected_logp_reference"))
+        metrics["eval/num_pairs"] = float(len(pairs))
+        metrics["eval/implicit_reward_accuracy"] = float((chosen > rejected).mean())
+        metrics["eval/implicit_reward_margin"] = float((chosen - rejected).mean())
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------ save
+
+
+def samples_html(samples: pd.DataFrame, metrics: dict[str, float], *, limit: int = 200) -> str:
+    """A self-contained HTML page: the metrics, then prompt | reference | policy side by side (green = reward 1)."""
+
+    def cell(text: str, reward: float | None) -> str:
+        style = "" if reward is None else f' style="background:{"#e6f4ea" if reward > 0 else "#fdecea"}"'
+        return f"<td{style}><code>{html.escape(text)}</code></td>"
+
+    rows = []
+    has_reward = "policy_reward" in samples
+    for _, row in samples.head(limit).iterrows():
+        cells = [f"<td><code>{html.escape(str(row['prompt']))}</code></td>"]
+        for name in ("reference", "policy"):
+            reward = float(row[f"{name}_reward"]) if has_reward else None
+            cells.append(cell(str(row[f"{name}_response"]), reward))
+            if has_reward:
+                cells.append(f"<td>{reward:.3g}</td>")
+        kl = float(row["policy_logp_policy"]) - float(row["policy_logp_reference"])
+        cells.append(f"<td>{kl:.3f}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    reward_head = "<th>reward</th>" if has_reward else ""
+    head = (
+        f"<tr><th>prompt</th><th>reference response</th>{reward_head}<th>policy response</th>{reward_head}"
+        "<th>log &pi;(y) &minus; log ref(y), y from &pi;</th></tr>"
+    )
+    summary = "".join(f"<li><code>{html.escape(k)}</code> = {v:.4g}</li>" for k, v in sorted(metrics.items()))
+    shown = f"first {limit} of {len(samples)}" if len(samples) > limit else f"all {len(samples)}"
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>ray-dpo eval samples</title><style>"
+        "body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top}</style></head><body>"
+        f"<h2>Policy vs reference</h2><ul>{summary}</ul><p>Samples ({shown}):</p>"
+        f"<table>{head}{''.join(rows)}</table></body></html>"
+    )
+
+
+def log_results(uri: str, run_id: str, metrics: dict[str, float], samples: pd.DataFrame) -> None:
+    """Metrics under `eval/*`, the sample table (`eval/samples.json`) and the HTML page (`eval/samples.html`)."""
+    tracking.log_metrics(uri, run_id, metrics)
+    table = samples[[c for c in samples.columns if not c.startswith("_")]]
+    tracking.log_table(uri, run_id, table, SAMPLES_TABLE)
+    tracking.log_text(uri, run_id, samples_html(table, metrics), SAMPLES_PAGE)
+
+
+def format_summary(metrics: dict[str, float]) -> str:
+    """A few lines for the end of a pipeline's output."""
+    lines = []
+    if "eval/reward/policy" in metrics:
+        lines.append(
+            f"eval reward:      reference {metrics['eval/reward/reference']:.3f} -> "
+            f"policy {metrics['eval/reward/policy']:.3f} (win rate {metrics['eval/win_rate']:.3f}, "
+            f"{int(metrics['eval/num_prompts'])} held-out prompts)"
+        )
+    lines.append(
+        f"eval KL(pi||ref): {metrics['eval/kl_seq']:.3f} per sequence, {metrics['eval/kl_token']:.3f} per token"
+    )
+    if "eval/implicit_reward_accuracy" in metrics:
+        lines.append(
+            f"eval implicit-reward accuracy: {metrics['eval/implicit_reward_accuracy']:.3f} "
+            f"on {int(metrics['eval/num_pairs'])} held-out pairs"
+        )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ entry point
+
+
+def evaluate(
+    config: Config,
+    *,
+    policy_checkpoint: str,
+    reference_checkpoint: str,
+    prompts_ds: ray.data.Dataset,
+    preference_ds: ray.data.Dataset | None,
+    tracking_uri: str | None,
+    run_id: str | None,
+) -> dict[str, float]:
+    """Policy vs reference on held-out prompts (+ implicit-reward accuracy on held-out pairs); logs to MLflow when
+    `tracking_uri` and `run_id` are given. Returns the `eval/*` metrics."""
+    # setup + run: two actor pools, each loading both models once per actor
+    kwargs = dict(policy_checkpoint=policy_checkpoint, reference_checkpoint=reference_checkpoint)
+    samples = generate_samples(config, prompts_ds=prompts_ds, **kwargs)
+    pairs = None if preference_ds is None else score_preferences(config, preference_ds=preference_ds, **kwargs)
+    metrics = aggregate(samples, pairs, beta=config.dpo.beta)
+    # save
+    if tracking_uri is not None and run_id is not None:
+        log_results(tracking_uri, run_id, metrics, samples)
+    return metrics
