@@ -17,7 +17,7 @@ from pathlib import Path
 from ray_dpo import tracking
 from ray_dpo.config import Config, flatten, load_config, save_config
 from ray_dpo.pipeline import (  # the stages, shared with the Tune sweep
-    find_user_error,
+    exit_on_user_error,
     load_data,
     precompute_reference,
     resolve_paths,
@@ -29,7 +29,6 @@ from ray_dpo.pipeline import (  # the stages, shared with the Tune sweep
 )
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-EXIT_USER_ERROR = 2
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -97,16 +96,9 @@ def _stages(config: Config, tokenizer, run_dir: Path, uri: str, run_id: str) -> 
     return out
 
 
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    try:
-        out = run(argv)
-    except Exception as err:
-        user_error = find_user_error(err)
-        if user_error is None:
-            raise
-        message = " ".join(str(user_error).split())
-        print(f"error: {message}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    out = run(argv)
     print(f"MLflow run:       {out['run_id']}")
     print(f"tracking URI:     {out['tracking_uri']}")
     print(f"browse:           mlflow ui --backend-store-uri {out['tracking_uri']}")

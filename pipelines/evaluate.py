@@ -20,9 +20,9 @@ from pathlib import Path
 from ray_dpo import tracking
 from ray_dpo.config import flatten, load_config
 from ray_dpo.errors import UserError
+from ray_dpo.pipeline import exit_on_user_error
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-EXIT_USER_ERROR = 2
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -117,32 +117,11 @@ def run(argv: list[str] | None = None) -> tuple[dict[str, float], str, str]:
     return metrics, run_id, uri
 
 
-def _user_error(err: BaseException) -> UserError | None:
-    """The UserError behind `err`, also when Ray wrapped it in a task/actor error."""
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [err]
-    while stack:
-        current = stack.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, UserError):
-            return current
-        stack += [current.__cause__, current.__context__, getattr(current, "cause", None)]
-    return None
-
-
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     from ray_dpo.evaluate import format_summary
 
-    try:
-        metrics, run_id, uri = run(argv)
-    except Exception as err:
-        user_error = _user_error(err)
-        if user_error is None:
-            raise
-        print(f"error: {' '.join(str(user_error).split())}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    metrics, run_id, uri = run(argv)
     print(format_summary(metrics))
     print(f"MLflow run:       {run_id}")
     print(f"browse:           mlflow ui --backend-store-uri {uri}")

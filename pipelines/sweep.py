@@ -14,12 +14,11 @@ import sys
 from pathlib import Path
 
 from ray_dpo.config import flatten, load_config
-from ray_dpo.pipeline import find_user_error
+from ray_dpo.pipeline import exit_on_user_error
 from ray_dpo.sweep import run_sweep
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sweep.yaml"
 EXIT_INCOMPLETE = 1
-EXIT_USER_ERROR = 2
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -30,16 +29,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        result = run_sweep(load_config(args.config, args.overrides), address=args.address)
-    except Exception as err:
-        user_error = find_user_error(err)
-        if user_error is None:
-            raise
-        print(f"error: {' '.join(str(user_error).split())}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    result = run_sweep(load_config(args.config, args.overrides), address=args.address)
     with_columns = [c for c in result.table.columns if c != "mlflow_run_id"]
     print(result.table[with_columns].to_string(index=False))
     counts = ", ".join(f"{n} {status}" for status, n in result.status_counts.items() if n)

@@ -7,8 +7,11 @@ Checks that write nothing (`resolve_paths`, `validate`), then the stages in orde
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -202,3 +205,24 @@ def find_user_error(err: BaseException) -> UserError | None:
         stack += [current.__cause__, current.__context__, getattr(current, "cause", None)]
         stack += list((getattr(current, "worker_failures", None) or {}).values())
     return None
+
+
+EXIT_USER_ERROR = 2
+
+
+def exit_on_user_error(main: Callable[..., int]) -> Callable[..., int]:
+    """Wrap a pipeline's `main`: a user error (also inside a Ray error) prints `error: <one line>` and returns 2;
+    anything else is a bug and keeps its traceback."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except Exception as err:
+            user_error = find_user_error(err)
+            if user_error is None:
+                raise
+            print(f"error: {' '.join(str(user_error).split())}", file=sys.stderr)
+            return EXIT_USER_ERROR
+
+    return wrapper

@@ -1,6 +1,8 @@
 """Shared fixtures: ONE real local Ray per test session (starting one costs ~5 s, a 2-worker trainer ~15 s)."""
 
 import os
+import signal
+import subprocess
 import tempfile
 
 import pytest
@@ -35,3 +37,15 @@ def ray_session():
 def mlflow_uri(tmp_path):
     """A real MLflow store: a SQLite file in the test's own directory."""
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """Stop a server started with `start_new_session=True` and everything it spawned (SIGTERM, then SIGKILL)."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from ray_dpo.errors import UserError
+from ray_dpo.pipeline import find_user_error
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -99,11 +100,10 @@ def test_user_errors_are_one_line_exit_2_and_write_nothing(tmp_path, monkeypatch
 
 
 def test_find_user_error_unwraps_ray_errors():
-    align = _load_align()
     cause = UserError("data: bad row")
 
     wrapped = RuntimeError("Training failed")  # the shape of ray.train.WorkerGroupError: failures by rank
     wrapped.worker_failures = {0: RuntimeError("ok"), 1: RuntimeError("task failed")}
     wrapped.worker_failures[1].__cause__ = cause
-    assert align.find_user_error(wrapped) is cause
-    assert align.find_user_error(RuntimeError("no user error")) is None
+    assert find_user_error(wrapped) is cause
+    assert find_user_error(RuntimeError("no user error")) is None

@@ -1,7 +1,6 @@
 """ray_dpo.tracking against real MLflow stores: a SQLite file, and once a real `mlflow server` on 127.0.0.1."""
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 import pandas
 import pytest
 import torch
+from conftest import stop_process_group
 
 from ray_dpo import tracking
 from ray_dpo.checkpoint import save_model
@@ -295,14 +295,7 @@ def mlflow_server(tmp_path_factory):
             time.sleep(0.5)
         yield uri, root
     finally:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=30)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+        stop_process_group(process)
         log.close()
 
 
