@@ -211,12 +211,15 @@ def _abs(path: str | None) -> str | None:
     return None if path is None else str(Path(path).expanduser().resolve())
 
 
-@ray.remote(num_cpus=0.25)
+SHARD_TASK_CPUS = 0.25
+
+
+@ray.remote(num_cpus=SHARD_TASK_CPUS)
 def _num_rows(table: pa.Table) -> int:
     return table.num_rows
 
 
-@ray.remote(num_cpus=0.25)
+@ray.remote(num_cpus=SHARD_TASK_CPUS)
 def _add_row_index(table: pa.Table, start: int) -> pa.Table:
     return table.append_column(ROW, pa.array(np.arange(start, start + table.num_rows, dtype=np.int64)))
 
@@ -249,7 +252,8 @@ class GlobalBatchShards(ray.train.DataConfig):
         for name, ds in datasets.items():
             for rank in range(world_size):
                 owned = functools.partial(_owned, block=self.block.get(name, 1), world=world_size, rank=rank)
-                shard = ds.filter(owned).drop_columns([ROW])
+                # light per-row work: a whole CPU per task (Ray's default) can starve beside the trainer's workers
+                shard = ds.filter(owned, num_cpus=SHARD_TASK_CPUS).drop_columns([ROW], num_cpus=SHARD_TASK_CPUS)
                 shard.context.execution_options = self._resolve_execution_options(name)
                 shard.context.execution_options.preserve_order = True  # row order = global batch membership
                 shards[rank][name] = shard.iterator()
