@@ -141,12 +141,8 @@ class TransformerLM(nn.Module):
         self.to_logits = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.to_logits.weight = self.token_emb.weight
-        # RoPE tables for every position, looked up per call (a decode step must not recompute cos/sin)
         inv_freq = config.rope_base ** -(torch.arange(0, config.head_dim, 2).float() / config.head_dim)
-        freqs = torch.arange(config.max_seq_len).float().unsqueeze(-1) * inv_freq
-        freqs = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("rope_cos", freqs.cos(), persistent=False)
-        self.register_buffer("rope_sin", freqs.sin(), persistent=False)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.apply(self._init_weights)
         for name, param in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith("to_out.weight"):
@@ -179,9 +175,12 @@ class TransformerLM(nn.Module):
         n = tokens.shape[1]
         if positions is None:
             positions = torch.arange(offset, offset + n, device=tokens.device)
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        if positions.dim() == 2:  # per-row positions: (B, N, D) -> (B, 1, N, D) to broadcast over heads
-            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        # computed per call, not looked up in a table: any position works (packed prefix-sharing rows, long caches)
+        freqs = positions.unsqueeze(-1).float() * self.inv_freq
+        freqs = torch.cat((freqs, freqs), dim=-1)
+        if freqs.dim() == 3:  # per-row positions: (B, N, D) -> (B, 1, N, D) to broadcast over heads
+            freqs = freqs.unsqueeze(1)
+        cos, sin = freqs.cos(), freqs.sin()
 
         is_causal = attn_mask is None and offset == 0 and n > 1
         if attn_mask is None and offset > 0 and n > 1:  # chunk appended to a cache: causal, bottom-right aligned
