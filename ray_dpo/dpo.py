@@ -55,6 +55,12 @@ def response_mask_from_lengths(seq_len: int, prompt_len: Tensor, response_len: T
     return (positions >= start) & (positions < start + response_len.unsqueeze(-1))
 
 
+def default_reduction(loss_type: str, reduction: str | None = None) -> str:
+    """Sequence log-prob reduction: the given one, else "mean" for IPO (as TRL) and "sum" (the DPO paper) otherwise.
+    The one place this rule lives: a precomputed reference must be reduced exactly as the policy is in training."""
+    return reduction or ("mean" if loss_type == "ipo" else "sum")
+
+
 def reduce_logps(logps: Tensor, mask: Tensor, reduction: str = "sum") -> Tensor:
     """Sum (the DPO paper) or mean of masked per-token log-probs over the last dim."""
     total = logps.masked_fill(~mask, 0.0).sum(-1)
@@ -321,7 +327,7 @@ class DPO(nn.Module):
             reference_free=reference_free,
             rpo_alpha=rpo_alpha,
         )
-        self.reduction = reduction or ("mean" if loss_type == "ipo" else "sum")
+        self.reduction = default_reduction(loss_type, reduction)
         self.last_metrics: dict[str, Tensor] = {}
 
     def parameters(self, recurse: bool = True):

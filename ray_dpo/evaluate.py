@@ -50,7 +50,7 @@ from ray_dpo import tracking
 from ray_dpo.checkpoint import load_model
 from ray_dpo.config import Config, EvalConfig
 from ray_dpo.data import collate_preferences
-from ray_dpo.dpo import response_mask_from_lengths, sequence_logps
+from ray_dpo.dpo import default_reduction, response_mask_from_lengths, sequence_logps
 from ray_dpo.errors import UserError
 from ray_dpo.generate import beam_search, generate
 from ray_dpo.tokenizer import TOKENIZER_FILE, load_tokenizer
@@ -100,11 +100,6 @@ def check_checkpoint(key: str, path: str | os.PathLike) -> str:
     if not (path / "model.safetensors").is_file():
         raise UserError(f"{key}: {path} is not a checkpoint directory (no model.safetensors)")
     return str(path)
-
-
-def _dpo_reduction(config: Config) -> str:
-    # the same default as DPO(reduction=None): log-ratios are compared the way training optimised them
-    return config.dpo.reduction or ("mean" if config.dpo.loss_type == "ipo" else "sum")
 
 
 # ------------------------------------------------------------------------------------------------ actors
@@ -309,7 +304,7 @@ def score_preferences(
             reference_checkpoint=check_checkpoint("eval: reference checkpoint", reference_checkpoint),
             tokenizer=config.data.tokenizer,
             device="cuda" if e.num_gpus else "cpu",
-            reduction=_dpo_reduction(config),
+            reduction=default_reduction(config.dpo.loss_type, config.dpo.reduction),
         ),
         batch_size=e.batch_size,
         batch_format="numpy",

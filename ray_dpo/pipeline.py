@@ -18,6 +18,7 @@ import torch
 
 from ray_dpo import tracking
 from ray_dpo.config import Config, ConfigError
+from ray_dpo.dpo import default_reduction
 from ray_dpo.errors import UserError
 from ray_dpo.tokenizer import load_tokenizer
 
@@ -167,8 +168,7 @@ def starting_weights(config: Config, tokenizer, run_dir: Path, uri: str, run_id:
 def precompute_reference(config: Config, datasets: list, reference: str) -> list:
     from ray_dpo.reference import add_reference_logps
 
-    # the same default as DPO(reduction=None): the trainer must reduce its log-probs the same way
-    reduction = config.dpo.reduction or ("mean" if config.dpo.loss_type == "ipo" else "sum")
+    reduction = default_reduction(config.dpo.loss_type, config.dpo.reduction)
     return [add_reference_logps(ds, reference, reduction=reduction) for ds in datasets]
 
 
