@@ -57,10 +57,10 @@ def summarize(times: Sequence[float]) -> dict:
     }
 
 
-def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> dict:
+def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 10, device: str | torch.device = "cpu") -> dict:
     """Achieved FLOP/s of a square `size` matmul (2 n^3 FLOPs) in `dtype`: the practical peak MFU divides by."""
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
     times = time_fn(lambda: a @ b, warmup=3, repeats=repeats)
     median = statistics.median(times)
     return {"dtype": str(dtype).removeprefix("torch."), "size": size, "median_s": median, "flops": 2 * size**3 / median}

@@ -5,12 +5,13 @@
 One step = policy forward + backward on the chosen and rejected sequences, a live-reference forward on the same,
 the loss, and an AdamW step. Numbers are medians of repeats on a shared, noisy machine.
 
-FLOPs are counted analytically (PaLM appendix B): per token 2 x (matmul weights, output projection included) +
-4 x depth x seq_len x dim for attention (the non-causal count, as PaLM / nanoGPT). A DPO step runs the policy
-forward + backward (3 x forward) and the reference forward (1 x forward), i.e. 4 forward passes' worth per token,
-over the tokens the step actually feeds the models (pads included): 2B rows of N - 1 tokens concatenated, B packed
-rows of L - 1 tokens with prefix sharing. MFU = those FLOPs / step time / this run's measured matmul FLOP/s in the
-same dtype (bf16 autocast rows against the bf16 peak).
+FLOPs are counted analytically (PaLM appendix B) and as executed: 2 x (matmul weights, output projection included)
+per token fed to a model, pads included, + 4 x depth x dim per (query, key) pair attention computes (no causal
+discount, as PaLM / nanoGPT). Concatenated: 2B rows of N - 1 tokens, (N - 1)^2 pairs each. Prefix sharing
+(`dpo.pack_pairs`): B rows of split + W tokens, split^2 + W (P + W) pairs each, where split = max(p + longer
+response), W = max(shorter response), P = max(p). A DPO step runs the policy forward + backward (3 x forward) and
+the live reference forward (1 x). MFU = those FLOPs / step time / this run's measured matmul FLOP/s in the same
+dtype (bf16 autocast rows against the bf16 peak).
 
 tokens/s counts the pair's real tokens, prompt counted in both sequences and no pads: sum(2 p + c + r) per step.
 Every row of a table has the same numerator, so the ratio of tokens/s is the speedup.
@@ -103,15 +104,22 @@ def linear_flops_per_token(model: nn.Module, depth: int, dim: int, seq_len: int)
 
 
 def dpo_step_flops(fwd_per_token, batch: dict, prefix_sharing: bool) -> float:
-    """Executed FLOPs of one step: (policy 3x + reference 1x) forward over the rows the models are fed."""
-    if prefix_sharing:
-        rows, n = (
-            batch["chosen"].shape[0],
-            int((batch["prompt_len"] + batch["chosen_len"] + batch["rejected_len"]).max()),
-        )
+    """Executed FLOPs of one step: (policy 3x + reference 1x) forward over what the models are fed.
+
+    `fwd_per_token(keys)` is the forward FLOPs of a token attending to `keys` keys: its value at 0 is the matmul
+    weights' part, and each key adds fwd_per_token(1) - fwd_per_token(0).
+    """
+    per_token, per_pair = fwd_per_token(0), fwd_per_token(1) - fwd_per_token(0)
+    rows = batch["chosen"].shape[0]
+    if prefix_sharing:  # the layout of dpo.pack_pairs
+        p, c, r = batch["prompt_len"], batch["chosen_len"], batch["rejected_len"]
+        longer, shorter = torch.maximum(c, r), torch.minimum(c, r)
+        split, width, prompt = max(int((p + longer).max()), 1), max(int(shorter.max()), 1), int(p.max())
+        tokens, pairs = rows * (split + width), rows * (split**2 + width * (prompt + width))
     else:
-        rows, n = 2 * batch["chosen"].shape[0], batch["chosen"].shape[1]
-    return 4 * rows * (n - 1) * fwd_per_token(n - 1)
+        n = batch["chosen"].shape[1] - 1
+        tokens, pairs = 2 * rows * n, 2 * rows * n**2
+    return 4 * (tokens * per_token + pairs * per_pair)
 
 
 # --- steps --------------------------------------------------------------------------------------------------------
@@ -123,7 +131,8 @@ def our_step(model: TransformerLM, *, prefix_sharing: bool, bf16: bool, fused: b
     if compile:
         dpo.policy_model = torch.compile(dpo.policy_model)
         dpo.ref_model = torch.compile(dpo.ref_model)
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    device_type = next(model.parameters()).device.type
+    autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
     def step(batch: dict) -> None:
         with autocast():  # fp32 master weights; matmuls in bf16
@@ -239,14 +248,14 @@ def main() -> None:
             compile=compile,
         )
 
-    entries = []
-    for bf16 in (False, True):
-        for prefix in (False, True):
-            dtype = "bf16 autocast" if bf16 else "fp32"
-            name = f"ours {dtype}, {'prefix sharing' if prefix else 'concatenated'}"
-            entries.append(ours(name, synth, fpt, prefix_sharing=prefix, bf16=bf16))
-            entries.append(ours(name + ", fused AdamW", synth, fpt, prefix_sharing=prefix, bf16=bf16, fused=True))
-    if args.compile:  # compiling costs minutes on 2 shared cores: only the bf16 settings (the fastest eager ones)
+    entries = [
+        ours("ours fp32, concatenated (plain)", synth, fpt, prefix_sharing=False, bf16=False),
+        ours("ours fp32, prefix sharing", synth, fpt, prefix_sharing=True, bf16=False),
+        ours("ours bf16 autocast, concatenated", synth, fpt, prefix_sharing=False, bf16=True),
+        ours("ours bf16 autocast, prefix sharing", synth, fpt, prefix_sharing=True, bf16=True),
+        ours("ours bf16 autocast, prefix sharing, fused AdamW", synth, fpt, prefix_sharing=True, bf16=True, fused=True),
+    ]
+    if args.compile:  # compiling costs a minute on 2 shared cores: only the bf16 settings (the fastest eager ones)
         for prefix in (False, True):
             name = f"ours bf16 autocast, {'prefix sharing' if prefix else 'concatenated'}, fused AdamW, torch.compile"
             entries.append(ours(name, synth, fpt, prefix_sharing=prefix, bf16=True, fused=True, compile=True))

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .model import TransformerLM
+from .model import SharedPrefixMask, TransformerLM
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "sppo_hard", "nca_pair")
 
@@ -160,12 +160,12 @@ def dpo_loss(
 
 @dataclass
 class PackedPairs:
-    tokens: Tensor  # (B, L) int64 [prompt, chosen response, rejected response, pad...]
-    positions: Tensor  # (B, L) RoPE positions: both responses continue from the prompt's end
-    attn_mask: Tensor  # (B, 1, L, L) bool, True = may attend: causal, minus rejected-query -> chosen-key
-    chosen_mask: Tensor  # (B, L) True on scored chosen-response tokens
-    rejected_mask: Tensor  # (B, L) True on scored rejected-response tokens
-    first_rejected: Tensor  # (B,) packed index of the first rejected token (p + c)
+    tokens: Tensor  # (B, split + W) int64: [prompt, longer response, pad... | shorter response, pad...]
+    positions: Tensor  # (B, split + W) RoPE positions: both responses continue from the prompt's end
+    attn_mask: SharedPrefixMask  # the second response sees the prompt and itself, never the first response
+    chosen_mask: Tensor  # (B, split + W) True on scored chosen-response tokens
+    rejected_mask: Tensor  # (B, split + W) True on scored rejected-response tokens
+    second_start: int  # packed column where every row's second response starts (= split)
     last_prompt: Tensor  # (B,) packed index of the last prompt token (p - 1, clamped to 0)
 
 
@@ -174,36 +174,37 @@ def pack_pairs(
 ) -> PackedPairs:
     """Pack right-padded `[prompt, response, pad...]` pairs (B, N), response lengths EXCLUDING the prompt.
 
-    Vectorised; one host sync (the packed width L = max(p + c + r)) per batch.
+    Every row's second response starts at the same column, split, so attention splits into two dense blocks
+    (`model.SharedPrefixMask`). Each row puts its longer response first: split + W then stays close to the
+    tightest packing, max(p + c + r). Vectorised; one host sync (the widths) per batch.
     """
     batch, n = chosen.shape
     p, c, r = (x.to(chosen.device, torch.long) for x in (prompt_len, chosen_len, rejected_len))
-    widths = torch.stack(((p + c + r).max(), (p + torch.maximum(c, r)).max()))
-    width, longest = widths.tolist()
-    if longest > n:
-        raise ValueError(f"prompt_len + response_len reaches {longest} > sequence length {n}")
-    width = max(width, 2)  # the model needs at least one input token even if every response is empty
-    j = torch.arange(width, device=chosen.device)
-    p_, pc, pcr = p[:, None], (p + c)[:, None], (p + c + r)[:, None]
-    in_chosen_row = j < pc  # prompt + chosen response: copied from `chosen` at the same index
-    is_rejected = (j >= pc) & (j < pcr)  # rejected response: `rejected` at index j - c
-    from_chosen = chosen.gather(1, j.clamp(max=n - 1).expand(batch, width))
-    from_rejected = rejected.gather(1, (j - c[:, None]).clamp(0, n - 1))
-    pad = torch.full_like(from_chosen, pad_id)
-    tokens = torch.where(in_chosen_row, from_chosen, torch.where(is_rejected, from_rejected, pad))
-    positions = torch.where(j >= pc, j - c[:, None], j.expand(batch, width))
-
-    is_chosen_response = in_chosen_row & (j >= p_)
-    causal = j[:, None] >= j[None, :]  # pads sit after every real token, so causality already hides them
-    attn_mask = causal & ~(is_rejected[:, :, None] & is_chosen_response[:, None, :])
-    # the concatenated path never scores token 0 of a row; a rejected token keeps its unpacked index j - c
+    swap = r > c  # rows whose rejected response goes first
+    first_len, second_len = torch.maximum(c, r), torch.minimum(c, r)
+    first_rows, second_rows = torch.where(swap[:, None], rejected, chosen), torch.where(swap[:, None], chosen, rejected)
+    split, width, prompt_keys = torch.stack(((p + first_len).max(), second_len.max(), p.max())).tolist()
+    if split > n:
+        raise ValueError(f"prompt_len + response_len reaches {split} > sequence length {n}")
+    split, width = max(split, 1), max(width, 1)  # every block needs at least one query
+    j, i = torch.arange(split, device=chosen.device), torch.arange(width, device=chosen.device)
+    p_ = p[:, None]
+    in_first, in_second = j < p_ + first_len[:, None], i < second_len[:, None]
+    first = torch.where(in_first, first_rows.gather(1, j.clamp(max=n - 1).expand(batch, split)), pad_id)
+    second = torch.where(in_second, second_rows.gather(1, (p_ + i).clamp(max=n - 1)), pad_id)
+    causal = i[:, None] >= i[None, :]  # second-block pads sit after its real tokens: causality hides them
+    sees_prompt = torch.arange(prompt_keys, device=chosen.device) < p_  # (B, prompt_keys): shorter prompts' rows
+    second_mask = torch.cat((sees_prompt[:, None, :].expand(-1, width, -1), causal.expand(batch, -1, -1)), dim=-1)
+    # scored tokens; the concatenated path never scores token 0 of a row, so neither does the packed one
+    first_scored = torch.cat((in_first & (j >= p_) & (j >= 1), torch.zeros_like(in_second)), dim=1)
+    second_scored = torch.cat((torch.zeros_like(in_first), in_second & (p_ + i >= 1)), dim=1)
     return PackedPairs(
-        tokens=tokens,
-        positions=positions,
-        attn_mask=attn_mask.unsqueeze(1),
-        chosen_mask=is_chosen_response & (j >= 1),
-        rejected_mask=is_rejected & (j - c[:, None] >= 1),
-        first_rejected=(p + c).clamp(max=width - 1),
+        tokens=torch.cat((first, second), dim=1),
+        positions=torch.cat((j.expand(batch, split), p_ + i), dim=1),
+        attn_mask=SharedPrefixMask(split, prompt_keys, second_mask.unsqueeze(1)),
+        chosen_mask=torch.where(swap[:, None], second_scored, first_scored),
+        rejected_mask=torch.where(swap[:, None], first_scored, second_scored),
+        second_start=split,
         last_prompt=(p - 1).clamp(min=0),
     )
 
@@ -225,17 +226,14 @@ def _check_prefix_sharing(model: nn.Module) -> None:
 def packed_token_logps(model: nn.Module, packed: PackedPairs) -> Tensor:
     """(B, L) log p of each packed token, indexed by the token it scores; meaningful where the masks are True.
 
-    The first chosen AND the first rejected token are both scored by the logits at the last prompt token.
+    The first token of BOTH responses is scored by the logits at the last prompt token.
     """
-    tokens = packed.tokens
-    mask = packed.attn_mask[..., :-1, :-1]  # the last column's logits would score nothing
-    logits = model(tokens[:, :-1], positions=packed.positions[:, :-1], attn_mask=mask)
-    shifted = token_logps(logits, tokens[:, 1:])  # logits at i score token i + 1
+    tokens, split = packed.tokens, packed.second_start
+    logits = model(tokens, positions=packed.positions, attn_mask=packed.attn_mask)
+    logps = F.pad(token_logps(logits[:, :-1], tokens[:, 1:]), (1, 0))  # logits at i score token i + 1
     rows = torch.arange(tokens.shape[0], device=tokens.device)
-    first_rejected = token_logps(logits[rows, packed.last_prompt], tokens[rows, packed.first_rejected])
-    logps = F.pad(shifted, (1, 0))
-    is_first_rejected = torch.arange(tokens.shape[1], device=tokens.device) == packed.first_rejected[:, None]
-    return torch.where(is_first_rejected, first_rejected[:, None], logps)
+    second_first = token_logps(logits[rows, packed.last_prompt], tokens[:, split])
+    return torch.cat((logps[:, :split], second_first[:, None], logps[:, split + 1 :]), dim=1)
 
 
 def prefix_shared_logps(

@@ -1,4 +1,4 @@
-"""Decoder-only transformer: RoPE, RMSNorm, SwiGLU, causal SDPA, optional preallocated KV cache.
+"""Decoder-only transformer: RoPE, RMSNorm, SwiGLU, causal attention (SDPA), optional preallocated KV cache.
 
 `TransformerLM(config)(tokens) -> logits`, `(B, N) int64 -> (B, N, V)`. Plain PyTorch + einops.
 """
@@ -85,6 +85,56 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+MATMUL_ATTENTION_MAX_KEYS = 768  # CPU bf16: the matmul path wins up to here (benchmarks/attention.py)
+
+
+@dataclass
+class SharedPrefixMask:
+    """Attention of packed `[prompt, response, pad | other response, pad]` rows (`dpo.pack_pairs`).
+
+    Columns before `split` (prompt + first response) attend causally among themselves. Queries from `split` on
+    (the second response) attend to the first `prompt_keys` columns and to their own block, as `second_mask` says:
+    the first response's keys are never multiplied, so the shared prompt costs what it costs once.
+    """
+
+    split: int
+    prompt_keys: int
+    second_mask: Tensor  # (B, 1, columns after split, prompt_keys + columns after split) bool, True = may attend
+
+
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | SharedPrefixMask | None, is_causal: bool, dropout_p: float
+) -> Tensor:
+    """Softmax attention of (B, H, N, D) queries over (B, H, keys, D); a tensor `attn_mask` is bool, True = may attend.
+
+    SDPA, except for bf16 on CPU with at most MATMUL_ATTENTION_MAX_KEYS keys: there two bf16 matmuls and a softmax
+    run forward + backward 1.1-2.9x faster than PyTorch's CPU flash kernel (benchmarks/attention.py), and the
+    (N, keys) score matrix is small enough to keep.
+    """
+    if isinstance(attn_mask, SharedPrefixMask):
+        split, prompt = attn_mask.split, attn_mask.prompt_keys
+        first = attend(q[..., :split, :], k[..., :split, :], v[..., :split, :], None, True, dropout_p)
+        keys = lambda x: torch.cat((x[..., :prompt, :], x[..., split:, :]), dim=-2)
+        second = attend(q[..., split:, :], keys(k), keys(v), attn_mask.second_mask, False, dropout_p)
+        return torch.cat((first, second), dim=-2)
+    cpu_bf16 = q.device.type == "cpu" and q.dtype == torch.bfloat16
+    if cpu_bf16 and k.shape[-2] <= MATMUL_ATTENTION_MAX_KEYS:
+        return matmul_attention(q, k, v, attn_mask, is_causal, dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p)
+
+
+def matmul_attention(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool, dropout_p: float
+) -> Tensor:
+    """Attention as two matmuls and a softmax over the full (N, keys) scores: SDPA's math, in the input dtype."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+    if is_causal:
+        attn_mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+    if attn_mask is not None:  # an additive bias, in place: 4x faster than masked_fill and free in backward
+        scores += torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~attn_mask, -math.inf)
+    return F.dropout(scores.softmax(-1), dropout_p) @ v
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
@@ -93,16 +143,20 @@ class Attention(nn.Module):
         self.to_out = nn.Linear(config.dim, config.dim, bias=False)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None, is_causal: bool, cache: KVCache | None
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        attn_mask: Tensor | SharedPrefixMask | None,
+        is_causal: bool,
+        cache: KVCache | None,
     ) -> Tensor:
         q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # under bf16 autocast, fp32 tables would promote q, k back
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
-        )
+        out = attend(q, k, v, attn_mask, is_causal, dropout_p=self.dropout if self.training else 0.0)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
@@ -161,16 +215,19 @@ class TransformerLM(nn.Module):
         tokens: Tensor,
         *,
         positions: Tensor | None = None,
-        attn_mask: Tensor | None = None,
+        attn_mask: Tensor | SharedPrefixMask | None = None,
         cache: KVCache | None = None,
     ) -> Tensor:
         """Logits for `tokens` (B, N).
 
         positions: (B, N) or (N,) RoPE positions; default continues from `cache.length` (or 0).
         attn_mask: bool, True = may attend, broadcastable to (B, heads, N, keys). When given it is used
-            as is (the caller composes causality with padding / prefix-sharing); when None the mask is causal.
+            as is (the caller composes causality with padding); when None the mask is causal. A
+            `SharedPrefixMask` runs packed prefix-sharing rows (`dpo.pack_pairs`) without a cache.
         cache: a `KVCache`; the new keys/values are appended and `cache.length` advances by N.
         """
+        if cache is not None and isinstance(attn_mask, SharedPrefixMask):
+            raise ValueError("a SharedPrefixMask (packed prefix-sharing rows) cannot be used with a KV cache")
         offset = cache.length if cache is not None else 0
         n = tokens.shape[1]
         if positions is None:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ray_dpo.model import ModelConfig, TransformerLM
+from ray_dpo.model import ModelConfig, TransformerLM, attend, matmul_attention
 
 CONFIG = ModelConfig(vocab_size=50, max_seq_len=64, dim=32, depth=2, heads=4)
 
@@ -75,3 +75,28 @@ def test_bf16_autocast_runs(model):
 def test_bad_head_split_is_a_clear_error():
     with pytest.raises(ValueError, match="heads"):
         ModelConfig(dim=30, heads=4)
+
+
+@pytest.mark.parametrize("kind", ["causal", "mask", "cache"])
+def test_cpu_bf16_matmul_attention_matches_float64_sdpa(kind):
+    """bf16 on CPU takes the matmul path: outputs and gradients match SDPA in float64 to bf16 precision."""
+    g = torch.Generator().manual_seed(0)
+    queries, keys = (8, 24) if kind == "cache" else (24, 24)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g).bfloat16() for n in (queries, keys, keys))
+    mask, is_causal = None, kind == "causal"
+    if kind == "mask":  # causal minus a padded key of row 1
+        mask = torch.ones(2, 1, keys, keys, dtype=torch.bool).tril()
+        mask[1, :, 5:, 3] = False
+    if kind == "cache":  # 8 new queries after 16 cached keys: bottom-right causal
+        mask = torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries)
+    grad_out = torch.randn(2, 3, queries, 16, generator=g)
+    results = []
+    for dtype in (torch.bfloat16, torch.float64):
+        leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+        out = attend(*leaves, mask, is_causal, 0.0)
+        out.backward(grad_out.to(dtype))
+        results.append([out.double()] + [x.grad.double() for x in leaves])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)
+    assert (results[0][0] - results[1][0]).abs().max() > 0  # bf16 really ran in bf16 (not upcast)
+    assert torch.equal(attend(q, k, v, mask, is_causal, 0.0), matmul_attention(q, k, v, mask, is_causal, 0.0))

@@ -16,7 +16,7 @@ from ray_dpo.dpo import (
     sequence_logps,
     token_logps,
 )
-from ray_dpo.model import ModelConfig, TransformerLM
+from ray_dpo.model import ModelConfig, TransformerLM, attend
 
 PAD = 0
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -54,27 +54,42 @@ def concatenated_token_logps(model, seq):
         return torch.nn.functional.pad(token_logps(model(seq[:, :-1]), seq[:, 1:]), (1, 0))
 
 
-def test_pack_layout_on_hand_made_pair():
-    chosen = torch.tensor([[5, 6, 7, 8, 0, 0]])  # prompt 5 6, chosen response 7 8
-    rejected = torch.tensor([[5, 6, 9, 0, 0, 0]])  # rejected response 9
-    packed = pack_pairs(chosen, rejected, torch.tensor([2]), torch.tensor([2]), torch.tensor([1]), pad_id=0)
-    assert packed.tokens.tolist() == [[5, 6, 7, 8, 9]]
-    assert packed.positions.tolist() == [[0, 1, 2, 3, 2]]  # rejected restarts right after the prompt
-    assert packed.chosen_mask.tolist() == [[False, False, True, True, False]]
-    assert packed.rejected_mask.tolist() == [[False, False, False, False, True]]
-    assert packed.last_prompt.tolist() == [1] and packed.first_rejected.tolist() == [4]
-    expected = torch.tensor(
-        [
-            [1, 0, 0, 0, 0],
-            [1, 1, 0, 0, 0],
-            [1, 1, 1, 0, 0],
-            [1, 1, 1, 1, 0],
-            [1, 1, 0, 0, 1],  # rejected sees the prompt and itself, never the chosen response
-        ],
-        dtype=torch.bool,
-    )
-    assert packed.attn_mask.shape == (1, 1, 5, 5)
-    assert torch.equal(packed.attn_mask[0, 0], expected)
+def test_pack_layout_on_hand_made_pairs():
+    # row 0: prompt 5 6, chosen 7 8, rejected 9; row 1: prompt 4, chosen 3, rejected 2 1
+    chosen = torch.tensor([[5, 6, 7, 8, 0, 0], [4, 3, 0, 0, 0, 0]])
+    rejected = torch.tensor([[5, 6, 9, 0, 0, 0], [4, 2, 1, 0, 0, 0]])
+    lengths = torch.tensor([2, 1]), torch.tensor([2, 1]), torch.tensor([1, 2])
+    packed = pack_pairs(chosen, rejected, *lengths, pad_id=0)
+    # each row's longer response first (row 1: rejected); the second starts at split = max(p + longer) = 4
+    assert packed.tokens.tolist() == [[5, 6, 7, 8, 9], [4, 2, 1, 0, 3]]
+    assert packed.positions.tolist() == [[0, 1, 2, 3, 2], [0, 1, 2, 3, 1]]  # responses restart after the prompt
+    assert packed.chosen_mask.int().tolist() == [[0, 0, 1, 1, 0], [0, 0, 0, 0, 1]]
+    assert packed.rejected_mask.int().tolist() == [[0, 0, 0, 0, 1], [0, 1, 1, 0, 0]]
+    assert packed.last_prompt.tolist() == [1, 0] and packed.second_start == 4
+    mask = packed.attn_mask
+    assert (mask.split, mask.prompt_keys) == (4, 2)
+    # second-block queries over keys [prompt column 0, prompt column 1, second block 0]
+    assert mask.second_mask.shape == (2, 1, 1, 3)
+    assert mask.second_mask[:, 0, 0].int().tolist() == [[1, 1, 1], [1, 0, 1]]  # row 1's prompt is 1 token
+
+
+def test_shared_prefix_attention_equals_full_mask_attention():
+    """The two-block attention equals plain attention under the equivalent full (L, L) mask."""
+    chosen, rejected, p, c, r = random_pairs(3, batch=5, n=20)
+    packed = pack_pairs(chosen, rejected, p, c, r, pad_id=PAD)
+    batch, width = packed.tokens.shape
+    split = packed.second_start
+    # full mask: causal in the first block; second-block queries see their row's prompt keys and causal second keys
+    full = torch.zeros(batch, 1, width, width, dtype=torch.bool)
+    full[:, :, :split, :split] = torch.ones(split, split, dtype=torch.bool).tril()
+    prompt_keys = packed.attn_mask.prompt_keys
+    full[:, :, split:, :prompt_keys] = packed.attn_mask.second_mask[..., :prompt_keys]
+    full[:, :, split:, split:] = packed.attn_mask.second_mask[..., prompt_keys:]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, 2, width, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    got = attend(q, k, v, packed.attn_mask, False, 0.0)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=full)
+    torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -91,7 +106,6 @@ def test_per_token_logps_equal_concatenated_path(seed):
     rejected_scored = response_mask_from_lengths(n, p, r) & (torch.arange(n) >= 1)
     assert packed.chosen_mask.sum() == chosen_scored.sum() and packed.rejected_mask.sum() == rejected_scored.sum()
     for b in range(chosen.shape[0]):
-        # chosen token t sits at packed index t, rejected token t at packed index t + c
         torch.testing.assert_close(packed_lp[b][packed.chosen_mask[b]], ref_chosen[b][chosen_scored[b]], **TOL)
         torch.testing.assert_close(packed_lp[b][packed.rejected_mask[b]], ref_rejected[b][rejected_scored[b]], **TOL)
 
