@@ -363,24 +363,17 @@ def _describe(reason: str, field_index: int, names: dict[str, str], max_len: int
 _HINT = " (on_bad_row='skip' drops and counts such rows)"
 
 
-def _tokenize_batch(batch: pa.Table, *, raise_on_bad: bool, **kwargs) -> pa.Table:
-    """Ray map_batches UDF: runs in the read tasks (fused), one pyarrow batch at a time."""
-    done = _process(batch, **kwargs)
-    if raise_on_bad:
-        bad = np.flatnonzero(done.status >= 2)
-        if len(bad):
-            i = bad[0]
-            reason = REASONS[done.status[i] - 2]
-            what = _describe(reason, done.bad_field[i], kwargs["names"], kwargs["max_len"], kwargs["max_prompt_len"])
-            # The driver catches this and re-scans the file to name the row index within it.
-            raise DataError(f"{batch['path'][int(i)].as_py()}: {what}{_HINT}")
-    return done.table
+def _tokenize_batch(batch: pa.Table, **kwargs) -> pa.Table:
+    """Ray map_batches UDF: runs in the read tasks (fused), one pyarrow batch at a time. Bad rows are marked,
+    never raised here: an exception inside a Ray task prints Ray's error logs (and aborted actors' tracebacks)
+    before our one line, so the driver names the first bad row afterwards (`_diagnose`)."""
+    return _process(batch, **kwargs).table
 
 
-def _diagnose(plan: _Plan, err: BaseException, *, check_rows: bool, **kwargs) -> None:
-    """After a failed Ray read: find the first bad row or unreadable page, in file order, and raise a
-    one-line DataError. Files named in Ray's error text are scanned first. Returns if nothing is found."""
-    text = str(err)
+def _diagnose(plan: _Plan, err: BaseException | None, *, check_rows: bool, **kwargs) -> None:
+    """After a failed Ray read or a read with bad rows: find the first bad row or unreadable page, in file order,
+    and raise a one-line DataError. Files named in Ray's error text are scanned first. Returns if nothing is found."""
+    text = str(err or "")
     for path in sorted(plan.files, key=lambda p: p not in text):
         offset = 0
         try:
@@ -443,15 +436,18 @@ def read_preferences(
         _tokenize_batch,
         batch_format="pyarrow",
         batch_size=_MAP_BATCH_SIZE,
-        fn_kwargs=dict(raise_on_bad=on_bad_row == "error", names=plan.names, kinds=plan.kinds, **core),
+        fn_kwargs=dict(names=plan.names, kinds=plan.kinds, **core),
     )
     try:
         tokenized = ds.materialize()
-    except Exception as err:
-        _diagnose(plan, err, check_rows=on_bad_row == "error", **core)
+    except Exception as err:  # unreadable data pages: name the file and where
+        _diagnose(plan, err, check_rows=False, **core)
         raise
 
     counts = _count_statuses(tokenized)
+    if on_bad_row == "error" and counts[2:].any():
+        _diagnose(plan, None, check_rows=True, **core)  # names the first bad row in file order
+        raise DataError(f"{plan.files[0]}: {int(counts[2:].sum())} bad rows{_HINT}")  # files changed since the read
     stats = DataStats(
         rows_in=sum(plan.rows),
         rows_out=int(counts[_OK] + counts[_TRUNCATED]),

@@ -77,6 +77,26 @@ def test_align_end_to_end_tiny(tmp_path):
         torch.testing.assert_close(policy.eval()(tokens), expected(tokens), atol=0, rtol=0)
 
 
+def test_bad_row_is_our_one_line_without_ray_error_logs(tmp_path):
+    """A bad row (on_bad_row=error): exit 2 with our line last, and no Ray ERROR lines or tracebacks before it:
+    the row is found on the driver, never raised inside a Ray task (that aborts the dataset and Ray logs it)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = {k: [f" {k} {i}" for i in range(20)] for k in ("prompt", "chosen", "rejected")}
+    rows["chosen"][7] = None
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table(rows), path)
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    script = str(ROOT / "pipelines" / "align.py")
+    cmd = [sys.executable, script, "--config", TINY, "output_dir=out", "data.synthetic=null", f"data.train_path={path}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {path}: row 7: column 'chosen' is null")
+    output = proc.stdout + proc.stderr
+    assert "Traceback" not in output and not re.search(r"\bERROR\b", output), output[-4000:]
+
+
 @pytest.mark.parametrize(
     ("overrides", "names"),
     [
