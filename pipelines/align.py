@@ -5,7 +5,8 @@
 
 Everything cheap is checked BEFORE anything is written or Ray starts (config, data paths, checkpoint, tracking
 URI); a user error prints `error: <one line>` and exits 2. Re-running with the same `train.run_name` resumes:
-the saved starting weights are reused and Ray Train continues from the latest checkpoint.
+the saved starting weights are reused, Ray Train continues from the latest checkpoint, and metrics go on in the
+same MLflow run.
 """
 
 from __future__ import annotations
@@ -54,10 +55,13 @@ def run(argv: list[str] | None = None) -> dict[str, str]:
     run_dir.mkdir(parents=True, exist_ok=True)
     if config.data.synthetic == "sort":
         write_synthetic(config)
-    run_name = config.tracking.run_name or config.train.run_name
-    run_id = tracking.start_run(
-        uri, experiment=config.tracking.experiment, run_name=run_name, params=flatten(config.to_dict())
-    )
+    params, experiment = flatten(config.to_dict()), config.tracking.experiment
+    id_file = run_dir / "mlflow_run_id"  # a re-run of this train.run_name logs into the same MLflow run
+    run_id = id_file.read_text().strip() if id_file.exists() else None
+    if not (run_id and tracking.resume_run(uri, run_id, experiment=experiment, params=params)):
+        run_name = config.tracking.run_name or config.train.run_name
+        run_id = tracking.start_run(uri, experiment=experiment, run_name=run_name, params=params)
+        id_file.write_text(run_id)
     try:
         tracking.log_artifact(uri, run_id, save_config(config, run_dir / "config.yaml"))
         out = _stages(config, tokenizer, run_dir, uri, run_id)

@@ -273,6 +273,33 @@ def start_run(
     return run_id
 
 
+def resume_run(uri: str, run_id: str, *, experiment: str, params: Mapping[str, Any] | None = None) -> bool:
+    """Reopen run `run_id` of `experiment` (RUNNING again) so a re-run of the same job continues its metric history.
+
+    Params the run lacks are logged. MLflow params are immutable, so a param whose value changed keeps its first
+    value and the new one is recorded as tag `ray_dpo.resumed.<key>`. False (nothing changed) if `uri` holds no
+    such active run: it was deleted, lives in another experiment, or the store is a different one.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from ray_dpo.config import flatten
+
+    client = _client(uri)
+    try:
+        run = client.get_run(run_id)
+        wanted = client.get_experiment_by_name(experiment)
+    except MlflowException:
+        return False
+    if run.info.lifecycle_stage != "active" or wanted is None or run.info.experiment_id != wanted.experiment_id:
+        return False
+    client.update_run(run_id, status="RUNNING")
+    new = {key: _param_value(value) for key, value in flatten(dict(params or {})).items()}
+    old = run.data.params
+    log_params(uri, run_id, {key: value for key, value in new.items() if key not in old})
+    set_tags(uri, run_id, {f"ray_dpo.resumed.{key}": v for key, v in new.items() if key in old and old[key] != v})
+    return True
+
+
 def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
     """Log one step of metrics in a single `log_batch` (rank 0 of a Ray Train worker group calls this)."""
     from mlflow.entities import Metric

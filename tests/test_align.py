@@ -77,6 +77,34 @@ def test_align_end_to_end_tiny(tmp_path):
         torch.testing.assert_close(policy.eval()(tokens), expected(tokens), atol=0, rtol=0)
 
 
+def test_rerun_after_a_crash_resumes_the_same_mlflow_run(tmp_path):
+    """A job that dies (rank 1 exits at step 5, no restarts left) marks its MLflow run FAILED; re-running the same
+    train.run_name resumes training AND the run: one run, FINISHED, every step's metrics in its history."""
+    from mlflow import MlflowClient
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env |= {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    script = str(ROOT / "pipelines" / "align.py")
+    cmd = [sys.executable, script, "--config", TINY, "output_dir=out", "train.storage_path=out/ray"]
+    cmd += ["train.max_failures=0", "tracking.registered_model=null"]
+    crash = env | {"RAY_DPO_FAIL_AT": f"5:1:{tmp_path / 'failed-once'}"}
+    first = subprocess.run(cmd, cwd=tmp_path, env=crash, capture_output=True, text=True, timeout=300)
+    assert first.returncode != 0 and (tmp_path / "failed-once").exists(), first.stderr[-4000:]
+    run_id = (tmp_path / "out" / "runs" / "tiny" / "mlflow_run_id").read_text().strip()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    assert client.get_run(run_id).info.status == "FAILED"
+
+    second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert f"MLflow run:       {run_id}" in second.stdout
+    experiment = client.get_experiment_by_name("ray-dpo-tiny")
+    assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [run_id]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and not any(k.startswith("ray_dpo.resumed.") for k in run.data.tags)
+    steps = lambda key: {m.step for m in client.get_metric_history(run_id, key)}
+    assert steps("sft/loss") == set(range(1, 11)) and steps("train/loss") == set(range(1, 7))
+
+
 def test_bad_row_is_our_one_line_without_ray_error_logs(tmp_path):
     """A bad row (on_bad_row=error): exit 2 with our line last, and no Ray ERROR lines or tracebacks before it:
     the row is found on the driver, never raised inside a Ray task (that aborts the dataset and Ray logs it)."""
