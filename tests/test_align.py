@@ -34,8 +34,8 @@ def _free_port() -> int:
 
 
 def test_align_end_to_end_tiny(tmp_path):
-    """Exit 0; ONE MLflow run with params, sft/train/val metrics over steps, the final checkpoint as artifacts and
-    a registered model that loads back with the same logits as the checkpoint."""
+    """Exit 0 (with prefix sharing and bf16 on); ONE MLflow run with params, sft/train/val metrics over steps, the
+    final checkpoint as artifacts and a registered model that loads back with the same logits as the checkpoint."""
     from mlflow import MlflowClient
 
     from ray_dpo.checkpoint import load_model
@@ -46,6 +46,7 @@ def test_align_end_to_end_tiny(tmp_path):
     env |= {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     script = str(ROOT / "pipelines" / "align.py")
     cmd = [sys.executable, script, "--config", TINY, "output_dir=out", "train.storage_path=out/ray"]
+    cmd += ["dpo.prefix_sharing=true", "train.precision=bf16"]  # the speed switches, through DDP workers
     # run from tmp_path with RELATIVE output paths: they must reach the Ray workers (which chdir) as absolute
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -61,6 +62,7 @@ def test_align_end_to_end_tiny(tmp_path):
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.data.params["train.lr"] == "0.003" and run.data.params["model.dim"] == "32"
+    assert run.data.params["dpo.prefix_sharing"] == "True" and run.data.params["train.precision"] == "bf16"
     history = lambda key: [m.step for m in client.get_metric_history(run.info.run_id, key)]
     assert history("train/loss") == [1, 2, 3, 4, 5, 6]
     assert history("val/rewards/accuracies") == [3, 6]
