@@ -35,7 +35,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import matmul_peak, print_table, setup, summarize, write_json  # noqa: E402
 
-from ray_dpo.dpo import DPO  # noqa: E402
+from ray_dpo.dpo import DPO, pack_pairs  # noqa: E402
 from ray_dpo.model import ModelConfig, TransformerLM  # noqa: E402
 from ray_dpo.tokenizer import ByteTokenizer  # noqa: E402
 
@@ -111,10 +111,11 @@ def dpo_step_flops(fwd_per_token, batch: dict, prefix_sharing: bool) -> float:
     """
     per_token, per_pair = fwd_per_token(0), fwd_per_token(1) - fwd_per_token(0)
     rows = batch["chosen"].shape[0]
-    if prefix_sharing:  # the layout of dpo.pack_pairs
-        p, c, r = batch["prompt_len"], batch["chosen_len"], batch["rejected_len"]
-        longer, shorter = torch.maximum(c, r), torch.minimum(c, r)
-        split, width, prompt = max(int((p + longer).max()), 1), max(int(shorter.max()), 1), int(p.max())
+    if prefix_sharing:  # the layout dpo.pack_pairs builds
+        lengths = (batch[k] for k in ("prompt_len", "chosen_len", "rejected_len"))
+        packed = pack_pairs(batch["chosen"], batch["rejected"], *lengths)
+        split, prompt = packed.attn_mask.split, packed.attn_mask.prompt_keys
+        width = packed.tokens.shape[1] - split
         tokens, pairs = rows * (split + width), rows * (split**2 + width * (prompt + width))
     else:
         n = batch["chosen"].shape[1] - 1

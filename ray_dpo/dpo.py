@@ -165,7 +165,6 @@ class PackedPairs:
     attn_mask: SharedPrefixMask  # the second response sees the prompt and itself, never the first response
     chosen_mask: Tensor  # (B, split + W) True on scored chosen-response tokens
     rejected_mask: Tensor  # (B, split + W) True on scored rejected-response tokens
-    second_start: int  # packed column where every row's second response starts (= split)
     last_prompt: Tensor  # (B,) packed index of the last prompt token (p - 1, clamped to 0)
 
 
@@ -204,7 +203,6 @@ def pack_pairs(
         attn_mask=SharedPrefixMask(split, prompt_keys, second_mask.unsqueeze(1)),
         chosen_mask=torch.where(swap[:, None], second_scored, first_scored),
         rejected_mask=torch.where(swap[:, None], first_scored, second_scored),
-        second_start=split,
         last_prompt=(p - 1).clamp(min=0),
     )
 
@@ -228,7 +226,7 @@ def packed_token_logps(model: nn.Module, packed: PackedPairs) -> Tensor:
 
     The first token of BOTH responses is scored by the logits at the last prompt token.
     """
-    tokens, split = packed.tokens, packed.second_start
+    tokens, split = packed.tokens, packed.attn_mask.split  # every row's second response starts at split
     logits = model(tokens, positions=packed.positions, attn_mask=packed.attn_mask)
     logps = F.pad(token_logps(logits[:, :-1], tokens[:, 1:]), (1, 0))  # logits at i score token i + 1
     rows = torch.arange(tokens.shape[0], device=tokens.device)

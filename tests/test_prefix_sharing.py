@@ -65,7 +65,7 @@ def test_pack_layout_on_hand_made_pairs():
     assert packed.positions.tolist() == [[0, 1, 2, 3, 2], [0, 1, 2, 3, 1]]  # responses restart after the prompt
     assert packed.chosen_mask.int().tolist() == [[0, 0, 1, 1, 0], [0, 0, 0, 0, 1]]
     assert packed.rejected_mask.int().tolist() == [[0, 0, 0, 0, 1], [0, 1, 1, 0, 0]]
-    assert packed.last_prompt.tolist() == [1, 0] and packed.second_start == 4
+    assert packed.last_prompt.tolist() == [1, 0]
     mask = packed.attn_mask
     assert (mask.split, mask.prompt_keys) == (4, 2)
     # second-block queries over keys [prompt column 0, prompt column 1, second block 0]
@@ -78,7 +78,7 @@ def test_shared_prefix_attention_equals_full_mask_attention():
     chosen, rejected, p, c, r = random_pairs(3, batch=5, n=20)
     packed = pack_pairs(chosen, rejected, p, c, r, pad_id=PAD)
     batch, width = packed.tokens.shape
-    split = packed.second_start
+    split = packed.attn_mask.split
     # full mask: causal in the first block; second-block queries see their row's prompt keys and causal second keys
     full = torch.zeros(batch, 1, width, width, dtype=torch.bool)
     full[:, :, :split, :split] = torch.ones(split, split, dtype=torch.bool).tril()
