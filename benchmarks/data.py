@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-HH_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh_rlhf_harmless_train_1812.parquet"
+HH_TRAIN = Path(__file__).resolve().parents[1] / "data" / "hh_rlhf" / "hh_rlhf_harmless_train_1812.parquet"
 MAX_LEN, MAX_PROMPT_LEN, BATCH = 512, 256, 8
 
 

@@ -39,7 +39,7 @@ from ray_dpo.dpo import DPO, pack_pairs  # noqa: E402
 from ray_dpo.model import ModelConfig, TransformerLM  # noqa: E402
 from ray_dpo.tokenizer import ByteTokenizer  # noqa: E402
 
-HH_PATH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh_rlhf_harmless_train_1812.parquet"
+HH_PATH = Path(__file__).resolve().parents[1] / "data" / "hh_rlhf" / "hh_rlhf_harmless_train_1812.parquet"
 
 
 # --- batches in the training contract --------------------------------------------------------------------------------

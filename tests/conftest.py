@@ -11,9 +11,9 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
-HH_TRAIN = os.path.join(SHARED_DATA, "hh_rlhf_harmless_train_1812.parquet")
-HH_TEST = os.path.join(SHARED_DATA, "hh_rlhf_harmless_test_500.parquet")
+HH_RLHF = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "data", "hh_rlhf"))  # in-repo sample
+HH_TRAIN = os.path.join(HH_RLHF, "hh_rlhf_harmless_train_1812.parquet")
+HH_TEST = os.path.join(HH_RLHF, "hh_rlhf_harmless_test_500.parquet")
 
 
 @pytest.fixture(scope="session")
