@@ -67,7 +67,8 @@ def padded_fraction(ds, batch_size: int = BATCH) -> float:
     """Share of the (B, N) chosen+rejected tensors that is padding, batches as iter_torch_batches forms them."""
     padded = total = 0
     for b in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        lens = np.concatenate([b["prompt_len"] + b["chosen_len"], b["prompt_len"] + b["rejected_len"]])
+        p, c, r = (np.array([len(x) for x in b[k]]) for k in ("prompt", "chosen", "rejected"))
+        lens = np.concatenate([p + c, p + r])
         total += int(lens.max()) * len(lens)
         padded += int(lens.max()) * len(lens) - int(lens.sum())
     return padded / total

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from ray_dpo.config import flatten, load_config
-from ray_dpo.pipeline import exit_on_user_error
+from ray_dpo.errors import exit_on_user_error
 from ray_dpo.sweep import run_sweep
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sweep.yaml"

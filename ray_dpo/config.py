@@ -46,9 +46,10 @@ class DPOConfig:
     loss_type: Literal["sigmoid", "robust", "ipo", "hinge", "sppo_hard", "nca_pair"] = "sigmoid"  # loss family
     label_smoothing: float = 0.0  # assumed label-noise rate (cDPO / robust); sigmoid and robust only
     rpo_alpha: float | None = None  # weight of an NLL term on chosen responses (RPO); None = off
-    reference_free: bool = False  # ignore the reference model (implicit uniform reference)
     reduction: Literal["sum", "mean"] | None = None  # sequence log-prob: sum (paper) or mean; None = per loss
-    reference: Literal["live", "precomputed"] = "live"  # frozen copy on each worker, or a log-prob pass first
+    # live: a frozen reference model on each worker; precomputed: a log-prob pass first, trainers hold only the
+    # policy; none: reference-free DPO (an implicit uniform reference)
+    reference: Literal["live", "precomputed", "none"] = "live"
     prefix_sharing: bool = False  # run the shared prompt once per pair (packed [prompt, chosen, rejected])
 
 
@@ -182,12 +183,20 @@ def _check_value(key: str, value: Any, hint: Any) -> Any:
     return value
 
 
+# Keys that existed once: a config that still uses one gets told what replaced it.
+REPLACED_KEYS = {
+    "dpo.reference_free": "dpo.reference (live | precomputed | none): dpo.reference_free=true is dpo.reference=none",
+}
+
+
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for name, value in values.items():
         key = f"{prefix}{name}"
+        if key in REPLACED_KEYS:
+            raise ConfigError(f"config: {key} was replaced by {REPLACED_KEYS[key]}")
         if name not in known:
             raise ConfigError(f"config: unknown key '{key}' (known: {', '.join(sorted(known))})")
         hint = hints[name]

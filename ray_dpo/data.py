@@ -1,28 +1,23 @@
-"""Stage 1: Parquet preference pairs -> tokenized, truncated, validated and accounted Ray Dataset.
+"""Stage 1: Parquet rows -> tokenized, truncated, validated and accounted Ray Dataset.
 
 Public entry points:
 
 - `read_preferences(paths, *, tokenizer, max_len, max_prompt_len, ...)` -> (materialized Dataset, DataStats)
+- `read_sft(paths, *, tokenizer, max_len, max_prompt_len, ...)` -> the same for (prompt, response) rows
+- `read_prompts(paths, *, tokenizer, column)` -> prompts alone (evaluation of a file of prompts)
 - `split_train_val(dataset, val_fraction, seed)` -> (train, val), deterministic by seed
 - `bucket_by_length(dataset, window, *, seed)` -> rows sorted by length inside random windows (less padding)
-- `collate_preferences(batch, *, pad_id)` -> the training batch contract, for `iter_torch_batches(collate_fn=...)`
+- `collate_preferences(batch, *, pad_id)` / `collate_sft` -> the training batch contract for `iter_torch_batches`
 
-Output rows (the training batch contract of DESIGN.md, before padding):
-  chosen       list<int64>  prompt ids + chosen response ids
-  rejected     list<int64>  prompt ids + rejected response ids
-  prompt_len   int64        tokens of the prompt, shared by both sequences
-  chosen_len   int64        tokens of the chosen response (eos included when it survived truncation)
-  rejected_len int64        tokens of the rejected response (same)
+Output rows (tokens as int32, the prompt stored once; see docs/ARCHITECTURE.md):
+  prompt    list<int32>  [bos] + prompt ids (truncated: its end kept)
+  chosen    list<int32>  chosen response ids + [eos] (cut to fit: eos lost)       preference rows
+  rejected  list<int32>  rejected response ids + [eos]                            preference rows
+  response  list<int32>  response ids + [eos]                                     SFT rows
 
-Special tokens. Text input: the prompt gets `tokenizer.bos_id` prepended, each response gets `eos_id`
-appended. Pre-tokenized `list<int>` input is taken as is (your tokenizer already chose its specials) except
-that `eos_id` is appended to each response, so both input kinds end responses the same way.
-
-Truncation (TRL's `keep_end` semantics): when prompt + the longer response exceeds `max_len`, keep the END
-of the prompt, at most `max_prompt_len` tokens (bos counts and is kept as the first token), then cut both
-responses to the room left (`max_len - prompt_len`). A cut response loses its eos: it did not end there.
-A row is dropped as `too_long` when no response token fits, and as `identical_after_truncation` when the
-cut made chosen and rejected equal (such a pair carries no preference signal).
+The encoding (bos / eos, TRL keep_end truncation) is `ray_dpo.encoding`'s, the one every stage uses.
+A row is dropped as `too_long` when no response token fits, and as `identical_after_truncation` when the cut made
+chosen and rejected equal (such a pair carries no preference signal).
 
 Bad rows (`on_bad_row`): null value, empty / whitespace-only response (or an empty token list), a token id
 outside the vocabulary (pre-tokenized input), chosen == rejected, and the two truncation reasons above.
@@ -31,9 +26,9 @@ the row and counts it by reason in `DataStats.dropped`. File-level problems (no 
 missing column, wrong column type, zero rows) are errors in both modes: they are not bad rows.
 
 Why the row index comes from the driver: Ray's parquet reader does not expose a row's position inside its
-file, and blocks may be re-bundled. The vectorised workers only name the file; on failure the driver
-re-scans that file with pyarrow through the SAME validation code and reports the first bad row's index.
-That costs one file read on the error path and nothing on the happy path.
+file, and blocks may be re-bundled. The vectorised tasks only mark rows; on failure the driver re-scans the
+files with pyarrow through the SAME validation code and reports the first bad row's index. That costs one file
+read on the error path and nothing on the happy path, and no Ray error log ever precedes our one line.
 """
 
 from __future__ import annotations
@@ -53,11 +48,21 @@ import ray
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
+from ray_dpo.encoding import (
+    Ragged,
+    encode_prompts,
+    encode_responses,
+    fit_lengths,
+    keep_prompt_end,
+    keep_start,
+    prompt_head,
+    segment_index,
+    segment_sums,
+)
 from ray_dpo.errors import UserError
-from ray_dpo.tokenizer import ByteTokenizer
 
-FIELDS = ("prompt", "chosen", "rejected")
-OUTPUT_COLUMNS = ("chosen", "rejected", "prompt_len", "chosen_len", "rejected_len")
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+SFT_FIELDS = ("prompt", "response")
 # Drop reasons, in the order they are checked (a row is counted under its first reason).
 REASONS = ("null", "empty", "bad_token", "identical", "too_long", "identical_after_truncation")
 _OK, _TRUNCATED = 0, 1  # status codes; reason i has code 2 + i
@@ -94,8 +99,7 @@ class _Plan:
     filesystem: pafs.FileSystem
     files: list[str]
     rows: list[int]
-    names: dict[str, str]  # our field -> file column
-    kinds: dict[str, str]  # our field -> "text" | "ids"
+    names: dict[str, str]  # our field -> file column, in field order (prompt first)
 
 
 def _split_uri(path: str) -> tuple[pafs.FileSystem, str]:
@@ -160,11 +164,7 @@ def _first_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
-def _plan(paths, columns: dict[str, str] | None) -> _Plan:
-    unknown = set(columns or {}) - set(FIELDS)
-    if unknown:
-        raise DataError(f"columns: unknown keys {sorted(unknown)}; expected some of {list(FIELDS)}")
-    names = {f: (columns or {}).get(f, f) for f in FIELDS}
+def _plan(paths, names: dict[str, str], hint: str) -> _Plan:
     filesystem, files = _resolve_files(paths)
 
     def footer(path: str) -> pq.ParquetFile:
@@ -181,7 +181,6 @@ def _plan(paths, columns: dict[str, str] | None) -> _Plan:
         schema = pf.schema_arrow
         for ours, theirs in names.items():
             if theirs not in schema.names:
-                hint = "" if columns else ' (map names with columns={"prompt": ..., "chosen": ..., "rejected": ...})'
                 raise DataError(f"{path}: missing column '{theirs}'; it has {schema.names}{hint}")
             dtype = schema.field(theirs).type
             kind = _column_kind(dtype)
@@ -192,89 +191,30 @@ def _plan(paths, columns: dict[str, str] | None) -> _Plan:
         rows.append(pf.metadata.num_rows)
     if sum(rows) == 0:
         raise DataError(f"{', '.join(files[:3])}{' ...' if len(files) > 3 else ''}: no rows to read")
-    return _Plan(filesystem, files, rows, names, kinds)
+    return _Plan(filesystem, files, rows, names)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Vectorised core: a pyarrow table of raw columns -> token rows + a status code per row. No Ray in here,
-# so the driver's error path runs exactly the same checks as the workers.
-
-
-def _flat_tokens(column: pa.ChunkedArray | pa.Array, kind: str, tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """(values int64, offsets int64 of len n+1) for a column; null rows get length 0."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if kind == "ids":
-        lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False).astype(np.int64)
-        values = arr.flatten().to_numpy(zero_copy_only=False).astype(np.int64)  # flatten skips null lists
-    elif isinstance(tokenizer, ByteTokenizer):
-        # Byte-level ids ARE the UTF-8 bytes Arrow already holds: read its buffers, no Python per row.
-        arr = arr.cast(pa.large_string())
-        offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + len(arr) + 1]
-        data = arr.buffers()[2]
-        raw = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
-        lengths = np.diff(offsets)
-        if arr.null_count:
-            lengths = np.where(arr.is_null().to_numpy(zero_copy_only=False), 0, lengths)
-        values = raw[_segment_index(offsets[:-1], lengths)].astype(np.int64)
-    else:
-        texts = pc.fill_null(arr, "").to_pylist()
-        encoded = tokenizer.encode_batch(texts)
-        lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
-        values = np.concatenate(encoded).astype(np.int64) if encoded else np.zeros(0, np.int64)
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    return values, offsets
-
-
-def _segment_index(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Flat indices of the concatenated segments [starts[i], starts[i] + lengths[i])."""
-    total = int(lengths.sum())
-    out_starts = np.cumsum(lengths) - lengths
-    return np.arange(total, dtype=np.int64) + np.repeat(starts - out_starts, lengths)
-
-
-def _segment_sums(x: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Per-row sums of a flat array given row offsets (empty rows sum to 0)."""
-    cum = np.zeros(len(x) + 1, dtype=x.dtype)
-    np.cumsum(x, out=cum[1:])
-    return cum[offsets[1:]] - cum[offsets[:-1]]
-
-
-def _with_eos(values: np.ndarray, offsets: np.ndarray, eos: int) -> tuple[np.ndarray, np.ndarray]:
-    """Append eos to every row (vectorised)."""
-    n = len(offsets) - 1
-    src = np.append(values, eos)
-    starts = np.stack([offsets[:-1], np.full(n, len(values))], axis=1).ravel()
-    lengths = np.stack([np.diff(offsets), np.ones(n, np.int64)], axis=1).ravel()
-    new_offsets = offsets + np.arange(n + 1)
-    return src[_segment_index(starts, lengths)], new_offsets
-
-
-def _prefixes_equal(a: np.ndarray, a_start: np.ndarray, b: np.ndarray, b_start: np.ndarray, n: np.ndarray):
-    """Row-wise: a[a_start:a_start+n] == b[b_start:b_start+n]."""
-    neq = (a[_segment_index(a_start, n)] != b[_segment_index(b_start, n)]).astype(np.int64)
-    offsets = np.zeros(len(n) + 1, dtype=np.int64)
-    np.cumsum(n, out=offsets[1:])
-    return _segment_sums(neq, offsets) == 0
+# so the driver's error path runs exactly the same checks as the tasks.
 
 
 @dataclass
 class _Processed:
     table: pa.Table  # output columns + _status, one row per input row (dropped rows hold empty lists)
     status: np.ndarray  # int8 per row
-    bad_field: np.ndarray  # int8 per row: index into FIELDS of the column to blame, -1 if none
+    bad_field: np.ndarray  # int8 per row: index into the fields of the column to blame, -1 if none
 
 
-def _process(
-    table: pa.Table,
-    *,
-    names: dict[str, str],
-    kinds: dict[str, str],
-    tokenizer,
-    max_len: int,
-    max_prompt_len: int,
-) -> _Processed:
+def _prefixes_equal(a: Ragged, b: Ragged, rows: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """For the selected rows: a[row][:n] == b[row][:n]."""
+    neq = a.values[segment_index(a.offsets[:-1][rows], n)] != b.values[segment_index(b.offsets[:-1][rows], n)]
+    return segment_sums(neq.astype(np.int64), Ragged.from_lengths(neq, n).offsets) == 0
+
+
+def _process(table: pa.Table, *, names: dict[str, str], tokenizer, max_len: int, max_prompt_len: int) -> _Processed:
     n = table.num_rows
+    fields = list(names)  # prompt first, then the response fields
     status = np.zeros(n, dtype=np.int8)
     bad_field = np.full(n, -1, dtype=np.int8)
 
@@ -283,72 +223,55 @@ def _process(
         status[fresh] = 2 + REASONS.index(reason)
         bad_field[fresh] = field_index
 
-    tokens = {}
-    for i, f in enumerate(FIELDS):
+    encoded: dict[str, Ragged] = {}
+    for i, f in enumerate(fields):
         column = table[names[f]]
         flag(column.is_null().to_numpy(zero_copy_only=False), "null", i)
-        if kinds[f] == "text" and f != "prompt":  # an empty text prompt is fine: bos stands in for it
+        text = prompt_head(column.type) == 1
+        if text and f != "prompt":  # an empty text prompt is fine: bos stands in for it
             blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0)
             flag(pc.fill_null(blank, False).to_numpy(zero_copy_only=False), "empty", i)
-        values, offsets = _flat_tokens(column, kinds[f], tokenizer)
-        if kinds[f] == "ids":
+        encoded[f] = encode_prompts(column, tokenizer) if f == "prompt" else encode_responses(column, tokenizer)
+        if not text:
             # an empty pre-tokenized prompt would leave the first response token unscored
-            flag(np.diff(offsets) == 0, "empty", i)
-            bad = ((values < 0) | (values >= tokenizer.vocab_size)).astype(np.int64)
-            flag(_segment_sums(bad, offsets) > 0, "bad_token", i)
-        if f != "prompt":
-            values, offsets = _with_eos(values, offsets, tokenizer.eos_id)
-        tokens[f] = (values, offsets)
+            flag(encoded[f].lengths == (0 if f == "prompt" else 1), "empty", i)
+            bad = ((encoded[f].values < 0) | (encoded[f].values >= tokenizer.vocab_size)).astype(np.int64)
+            flag(segment_sums(bad, encoded[f].offsets) > 0, "bad_token", i)
 
-    (pv, po), (cv, co), (rv, ro) = tokens["prompt"], tokens["chosen"], tokens["rejected"]
-    p_body, c_full, r_full = np.diff(po), np.diff(co), np.diff(ro)
+    prompt, responses = encoded["prompt"], [encoded[f] for f in fields[1:]]
+    pair = len(responses) == 2
+    if pair:
+        same = np.flatnonzero(responses[0].lengths == responses[1].lengths)
+        identical = np.zeros(n, dtype=bool)
+        identical[same] = _prefixes_equal(*responses, same, responses[0].lengths[same])
+        flag(identical, "identical", 1)
 
-    same_len = c_full == r_full
-    same = np.zeros(n, dtype=bool)
-    same[same_len] = _prefixes_equal(cv, co[:-1][same_len], rv, ro[:-1][same_len], c_full[same_len])
-    flag(same, "identical", 1)
-
-    # TRL keep_end truncation, vectorised. bos (text prompts) is always kept in front.
-    bos = 1 if kinds["prompt"] == "text" else 0
-    too_long_total = bos + p_body + np.maximum(c_full, r_full) > max_len
-    keep_body = np.where(too_long_total, np.minimum(p_body, max(max_prompt_len - bos, 0)), p_body)
-    prompt_len = bos + keep_body
-    room = max_len - prompt_len
-    chosen_len = np.minimum(c_full, np.maximum(room, 0))
-    rejected_len = np.minimum(r_full, np.maximum(room, 0))
-    flag(room < 1, "too_long", 0)
-    cut_same = (chosen_len == rejected_len) & (status < 2)
-    cut_same[cut_same] = _prefixes_equal(cv, co[:-1][cut_same], rv, ro[:-1][cut_same], chosen_len[cut_same])
-    flag(cut_same, "identical_after_truncation", 1)
-    truncated = (keep_body < p_body) | (chosen_len < c_full) | (rejected_len < r_full)
+    head = prompt_head(table[names["prompt"]].type)
+    prompt_len, kept = fit_lengths(
+        prompt.lengths, [r.lengths for r in responses], max_len=max_len, max_prompt_len=max_prompt_len, head=head
+    )
+    flag(prompt_len >= max_len, "too_long", 0)  # no room for a single response token
+    if pair:
+        cut_same = np.flatnonzero((kept[0] == kept[1]) & (status < 2))
+        identical = np.zeros(n, dtype=bool)
+        identical[cut_same] = _prefixes_equal(*responses, cut_same, kept[0][cut_same])
+        flag(identical, "identical_after_truncation", 1)
+    truncated = prompt_len < prompt.lengths
+    for response, length in zip(responses, kept, strict=True):
+        truncated |= length < response.lengths
     status[(status < 2) & truncated] = _TRUNCATED
 
     keep = status < 2
-    zero = np.zeros(n, dtype=np.int64)
-    prompt_len, chosen_len, rejected_len = (np.where(keep, x, zero) for x in (prompt_len, chosen_len, rejected_len))
-    keep_body = np.where(keep, keep_body, zero)
-
-    out = {}
-    for f, (values, offsets), length in (
-        ("chosen", tokens["chosen"], chosen_len),
-        ("rejected", tokens["rejected"], rejected_len),
-    ):
-        # row = [bos] + prompt[-keep_body:] + response[:length], gathered from one source array
-        src = np.concatenate([pv, values, np.array([tokenizer.bos_id], dtype=np.int64)])
-        starts = np.stack([np.full(n, len(src) - 1), po[1:] - keep_body, len(pv) + offsets[:-1]], axis=1).ravel()
-        lengths = np.stack([np.where(keep, bos, 0), keep_body, length], axis=1).ravel()
-        flat = src[_segment_index(starts, lengths)]
-        row_offsets = np.zeros(n + 1, dtype=np.int32)
-        np.cumsum(prompt_len + length, out=row_offsets[1:])
-        out[f] = pa.ListArray.from_arrays(pa.array(row_offsets), pa.array(flat, type=pa.int64()))
-    out["prompt_len"], out["chosen_len"], out["rejected_len"] = prompt_len, chosen_len, rejected_len
+    out = {"prompt": keep_prompt_end(prompt, np.where(keep, prompt_len, 0), head).to_arrow()}
+    for f, response, length in zip(fields[1:], responses, kept, strict=True):
+        out[f] = keep_start(response, np.where(keep, length, 0)).to_arrow()
     out[_STATUS] = status
     return _Processed(pa.table(out), status, bad_field)
 
 
 def _describe(reason: str, field_index: int, names: dict[str, str], max_len: int, max_prompt_len: int) -> str:
-    column = names[FIELDS[field_index]]
-    pair = f"columns '{names['chosen']}' and '{names['rejected']}'"
+    column = list(names.values())[field_index]
+    pair = f"columns '{names.get('chosen')}' and '{names.get('rejected')}'"
     return {
         "null": f"column '{column}' is null",
         "empty": f"column '{column}' is empty or whitespace-only",
@@ -380,7 +303,7 @@ def _diagnose(plan: _Plan, err: BaseException | None, *, check_rows: bool, **kwa
             pf = pq.ParquetFile(plan.filesystem.open_input_file(path))
             for batch in pf.iter_batches(batch_size=8192, columns=list(dict.fromkeys(plan.names.values()))):
                 if check_rows:
-                    done = _process(pa.Table.from_batches([batch]), names=plan.names, kinds=plan.kinds, **kwargs)
+                    done = _process(pa.Table.from_batches([batch]), names=plan.names, **kwargs)
                     bad = np.flatnonzero(done.status >= 2)
                     if len(bad):
                         i = int(bad[0])
@@ -408,35 +331,53 @@ def read_preferences(
     max_prompt_len: int,
     columns: dict[str, str] | None = None,
     on_bad_row: str = "error",
-    length_bucket_window: int = 0,
-    seed: int = 0,
 ) -> tuple[ray.data.Dataset, DataStats]:
     """Read preference pairs from Parquet into a MATERIALIZED Ray Dataset of token rows (see module doc).
 
     paths: a file, directory, glob or list of them; local or any URI pyarrow reads (s3://, gs://, ...).
     columns: our names -> the file's, e.g. {"prompt": "question", "chosen": "good", "rejected": "bad"}.
     on_bad_row: "error" (one-line DataError naming file, column, row) or "skip" (drop and count).
-    length_bucket_window: > 0 applies `bucket_by_length(ds, window=length_bucket_window, seed=seed)`.
-    Returned materialized because a lazy dataset feeding a 2-worker trainer on 2 CPUs can hang (RAY-FACTS),
-    and because the row accounting needs the data computed once anyway.
+    Materialized: the row accounting needs the data computed once anyway, and a lazy dataset feeding a trainer
+    that holds the CPUs of a small machine can starve.
     """
+    unknown = set(columns or {}) - set(PAIR_FIELDS)
+    if unknown:
+        raise DataError(f"columns: unknown keys {sorted(unknown)}; expected some of {list(PAIR_FIELDS)}")
+    names = {f: (columns or {}).get(f, f) for f in PAIR_FIELDS}
+    hint = "" if columns else ' (map names with columns={"prompt": ..., "chosen": ..., "rejected": ...})'
+    return _read(paths, names, hint, tokenizer, max_len, max_prompt_len, on_bad_row)
+
+
+def read_sft(
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    tokenizer,
+    max_len: int,
+    max_prompt_len: int,
+    prompt_column: str = "prompt",
+    response_column: str = "response",
+    on_bad_row: str = "error",
+) -> tuple[ray.data.Dataset, DataStats]:
+    """(prompt, response) Parquet -> rows `prompt`, `response`: the same encoding, truncation and checks as pairs."""
+    names = {"prompt": prompt_column, "response": response_column}
+    hint = " (set sft.prompt_column / sft.response_column)"
+    return _read(paths, names, hint, tokenizer, max_len, max_prompt_len, on_bad_row)
+
+
+def _read(paths, names, hint, tokenizer, max_len, max_prompt_len, on_bad_row) -> tuple[ray.data.Dataset, DataStats]:
     if on_bad_row not in ("error", "skip"):
         raise UserError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
     if not 1 <= max_prompt_len <= max_len:
         raise UserError(f"need 1 <= max_prompt_len <= max_len, got max_prompt_len={max_prompt_len}, max_len={max_len}")
-    plan = _plan(paths, columns)
+    plan = _plan(paths, names, hint)
     core = dict(tokenizer=tokenizer, max_len=max_len, max_prompt_len=max_prompt_len)
 
-    ds = ray.data.read_parquet(
-        plan.files, filesystem=plan.filesystem, include_paths=True, partitioning=None, file_extensions=None
-    ).select_columns([*dict.fromkeys(plan.names.values()), "path"])
+    ds = ray.data.read_parquet(plan.files, filesystem=plan.filesystem, partitioning=None, file_extensions=None)
+    ds = ds.select_columns(list(dict.fromkeys(names.values())))
     # Keep file order: reproducible rows for seeded splits/bucketing and for the tests.
     ds.context.execution_options.preserve_order = True
     ds = ds.map_batches(
-        _tokenize_batch,
-        batch_format="pyarrow",
-        batch_size=_MAP_BATCH_SIZE,
-        fn_kwargs=dict(names=plan.names, kinds=plan.kinds, **core),
+        _tokenize_batch, batch_format="pyarrow", batch_size=_MAP_BATCH_SIZE, fn_kwargs=dict(names=names, **core)
     )
     try:
         tokenized = ds.materialize()
@@ -459,12 +400,27 @@ def read_preferences(
     if stats.rows_out == 0:
         dropped = ", ".join(f"{k}={v}" for k, v in stats.dropped.items() if v)
         raise DataError(f"{plan.files[0]}: all {stats.rows_in} rows were dropped ({dropped})")
-    out = tokenized.map_batches(_drop_bad_rows, batch_format="pyarrow", batch_size=None)
+    if not counts[2:].any():  # nothing to drop: no second pass over the data
+        out = tokenized.map_batches(lambda b: b.drop_columns([_STATUS]), batch_format="pyarrow", batch_size=None)
+    else:
+        out = tokenized.map_batches(_drop_bad_rows, batch_format="pyarrow", batch_size=None)
     out.context.execution_options.preserve_order = True
-    out = out.materialize()
-    if length_bucket_window > 0:
-        out = bucket_by_length(out, window=length_bucket_window, seed=seed)
-    return out, stats
+    return out.materialize(), stats
+
+
+def read_prompts(paths: str | os.PathLike | Sequence[str | os.PathLike], *, tokenizer, column: str = "prompt"):
+    """A Parquet file of prompts -> rows with the `prompt` token column, encoded exactly as in training."""
+    names = {"prompt": column}
+    plan = _plan(paths, names, " (set data.columns.prompt)")
+    ds = ray.data.read_parquet(plan.files, filesystem=plan.filesystem, partitioning=None, file_extensions=None)
+    ds = ds.select_columns([column])
+
+    def encode(batch: pa.Table) -> pa.Table:
+        return pa.table({"prompt": encode_prompts(batch[column], tokenizer).to_arrow()})
+
+    ds = ds.map_batches(encode, batch_format="pyarrow")
+    ds.context.execution_options.preserve_order = True
+    return ds
 
 
 def _count_statuses(ds: ray.data.Dataset) -> np.ndarray:
@@ -480,6 +436,18 @@ def _drop_bad_rows(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.less(batch[_STATUS], 2)).drop_columns([_STATUS])
 
 
+def _token_columns(batch: pa.Table) -> list[str]:
+    return [name for name in batch.column_names if pa.types.is_list(batch.schema.field(name).type)]
+
+
+def _padded_length(batch: pa.Table) -> np.ndarray:
+    """Per row: prompt + its longest response, the width the row occupies in a padded batch."""
+    lengths = [pc.list_value_length(batch[name]).to_numpy(zero_copy_only=False) for name in _token_columns(batch)]
+    prompt = lengths[_token_columns(batch).index("prompt")]
+    responses = [x for name, x in zip(_token_columns(batch), lengths, strict=True) if name != "prompt"]
+    return prompt + np.max(responses, axis=0)
+
+
 def _row_hash(batch: pa.Table, seed: int) -> np.ndarray:
     """A uint64 per row from its token content and `seed`: same row + same seed -> same value, on any
     cluster and block layout. Vectorised splitmix64 over tokens and positions, summed per row."""
@@ -492,15 +460,17 @@ def _row_hash(batch: pa.Table, seed: int) -> np.ndarray:
     s = np.uint64(seed & 0xFFFFFFFFFFFFFFFF)
     h = mix(np.full(batch.num_rows, s + np.uint64(0x9E3779B97F4A7C15), dtype=np.uint64))
     with np.errstate(over="ignore"):
-        for salt, column in enumerate(("chosen", "rejected"), start=1):
+        for salt, column in enumerate(_token_columns(batch), start=1):
             arr = batch[column].combine_chunks()
             values = arr.flatten().to_numpy().astype(np.uint64)
-            lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False).astype(np.int64)
-            offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-            np.cumsum(lengths, out=offsets[1:])
-            pos = (np.arange(len(values), dtype=np.int64) - np.repeat(offsets[:-1], lengths)).astype(np.uint64)
+            rows = Ragged.from_lengths(
+                values, pc.list_value_length(arr).to_numpy(zero_copy_only=False).astype(np.int64)
+            )
+            pos = (np.arange(len(values), dtype=np.int64) - np.repeat(rows.offsets[:-1], rows.lengths)).astype(
+                np.uint64
+            )
             token_mix = mix(values * np.uint64(0x100000001B3) + pos * np.uint64(0x9E3779B97F4A7C15) + s)
-            h = mix(h ^ mix(_segment_sums(token_mix, offsets) + np.uint64(salt) + lengths.astype(np.uint64)))
+            h = mix(h ^ mix(segment_sums(token_mix, rows.offsets) + np.uint64(salt) + rows.lengths.astype(np.uint64)))
     return h
 
 
@@ -545,12 +515,11 @@ def split_train_val(
 
 def bucket_by_length(dataset: ray.data.Dataset, window: int, *, seed: int = 0) -> ray.data.Dataset:
     """Length-aware order: rows are dealt into random windows of about `window` rows, sorted by padded length
-    (max of the two sequence lengths) inside each window, and the windows come in random order.
+    (prompt + the longer response) inside each window, and the windows come in random order.
 
     `iter_torch_batches` batches consecutive rows, so a batch then holds rows of similar length and pads
     little; batches are still not globally ordered by length. Deterministic by `seed` (a content hash, not
-    Ray's block layout). Use a window of tens of batches; apply after `split_train_val` (the split keeps
-    order, so either way works). Returns a materialized dataset.
+    Ray's block layout). Use a window of tens of batches. Returns a materialized dataset.
     """
     if window < 1:
         raise UserError(f"length bucket window must be >= 1, got {window}")
@@ -560,7 +529,7 @@ def bucket_by_length(dataset: ray.data.Dataset, window: int, *, seed: int = 0) -
     def add_key(b: pa.Table) -> pa.Table:
         h = _row_hash(b, seed)
         window_id = (h % np.uint64(n_windows)).astype(np.int64)
-        padded = np.maximum(b["chosen_len"].to_numpy(), b["rejected_len"].to_numpy()) + b["prompt_len"].to_numpy()
+        padded = _padded_length(b).astype(np.int64)
         # window id, then length, then hash bits as a tie-break: one int64 sort key
         sort_key = (window_id << 40) | (np.minimum(padded, (1 << 20) - 1) << 20) | (h >> np.uint64(44)).astype(np.int64)
         return b.append_column(key, pa.array(sort_key))
@@ -571,30 +540,56 @@ def bucket_by_length(dataset: ray.data.Dataset, window: int, *, seed: int = 0) -
     return ds.materialize()
 
 
-def collate_preferences(batch: dict[str, np.ndarray], *, pad_id: int) -> dict[str, torch.Tensor]:
-    """Numpy batch from `iter_torch_batches` -> the training batch contract of DESIGN.md.
+# ----------------------------------------------------------------------------------------------------------
+# Collate: token rows -> the padded tensors a training worker consumes.
 
-    `chosen` and `rejected` are right-padded with `pad_id` to ONE width, the longest row of THIS batch (both
-    need the same shape for a shared forward pass), not to max_len. Lengths come through as int64,
-    reference log-probs (when present) as float32. Use with `functools.partial(collate_preferences, pad_id=...)`.
+
+def _lengths(rows) -> np.ndarray:
+    return np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+
+
+def _pad_concat(parts: list, width: int | None, pad_id: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Rows = concatenation of each part's row; right-padded with `pad_id` to `width` (default: the longest)."""
+    lengths = np.sum([_lengths(p) for p in parts], axis=0)
+    width = int(lengths.max(initial=0)) if width is None else width
+    padded = np.full((len(lengths), width), pad_id, dtype=np.int64)
+    filled = np.arange(width) < lengths[:, None]
+    rows = [np.asarray(p[i]) for i in range(len(lengths)) for p in parts]  # row-major: part order within a row
+    padded[filled] = np.concatenate(rows) if rows else []
+    return torch.from_numpy(padded), lengths
+
+
+def collate_preferences(batch: dict[str, np.ndarray], *, pad_id: int) -> dict[str, torch.Tensor]:
+    """Numpy batch from `iter_torch_batches` -> the training batch contract (docs/ARCHITECTURE.md).
+
+    `chosen` and `rejected` are [prompt, response] right-padded with `pad_id` to ONE width, the longest row of
+    THIS batch (both need the same shape for a shared forward pass), not to max_len; `prompt_len`, `chosen_len`,
+    `rejected_len` (responses, prompt excluded) int64; reference log-probs (when present) float32.
     """
-    prompt_len = np.asarray(batch["prompt_len"], dtype=np.int64)
-    lengths = {s: prompt_len + np.asarray(batch[f"{s}_len"], dtype=np.int64) for s in ("chosen", "rejected")}
-    width = int(max(lengths["chosen"].max(initial=0), lengths["rejected"].max(initial=0)))
+    prompt_len = _lengths(batch["prompt"])
+    longest = np.maximum(_lengths(batch["chosen"]), _lengths(batch["rejected"]))
+    width = int((prompt_len + longest).max(initial=0))
     out: dict[str, torch.Tensor] = {}
     for side in ("chosen", "rejected"):
-        rows = batch[side]
-        padded = np.full((len(prompt_len), width), pad_id, dtype=np.int64)
-        filled = np.arange(width) < lengths[side][:, None]
-        padded[filled] = np.concatenate([np.asarray(r, dtype=np.int64) for r in rows]) if len(rows) else []
-        out[side] = torch.from_numpy(padded)
-    # torch.tensor copies: Ray's numpy views are read-only and torch warns on those.
-    for name in ("prompt_len", "chosen_len", "rejected_len"):
-        out[name] = torch.tensor(np.asarray(batch[name]), dtype=torch.int64)
+        out[side], lengths = _pad_concat([batch["prompt"], batch[side]], width, pad_id)
+        out[f"{side}_len"] = torch.from_numpy(lengths - prompt_len)
+    out["prompt_len"] = torch.from_numpy(prompt_len)
     for name in ("ref_chosen_logp", "ref_rejected_logp"):
         if name in batch:
+            # torch.tensor copies: Ray's numpy views are read-only and torch warns on those.
             out[name] = torch.tensor(np.asarray(batch[name]), dtype=torch.float32)
     return out
+
+
+def collate_sft(batch: dict[str, np.ndarray], *, pad_id: int) -> dict[str, torch.Tensor]:
+    """SFT rows -> `tokens` ([prompt, response] right-padded to the batch's longest), `prompt_len`, `response_len`."""
+    tokens, lengths = _pad_concat([batch["prompt"], batch["response"]], None, pad_id)
+    prompt_len = _lengths(batch["prompt"])
+    return {
+        "tokens": tokens,
+        "prompt_len": torch.from_numpy(prompt_len),
+        "response_len": torch.from_numpy(lengths - prompt_len),
+    }
 
 
 class PreferenceCollateFn(NumpyBatchCollateFn):
@@ -606,3 +601,11 @@ class PreferenceCollateFn(NumpyBatchCollateFn):
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         return collate_preferences(batch, pad_id=self.pad_id)
+
+
+class SFTCollateFn(NumpyBatchCollateFn):
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return collate_sft(batch, pad_id=self.pad_id)

@@ -8,6 +8,7 @@ object with `.logits` (Hugging Face causal LMs).
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -281,13 +282,89 @@ def lengths_from_masks(
     return prompt_len, c, r
 
 
+# --- Pair scoring: the one function the trainer, the reference pass and evaluation use --------------------------
+
+
+@dataclass
+class PairTokenLogps:
+    """Per-token log-probs of a batch of pairs and the masks of the scored response tokens (True = scored)."""
+
+    chosen: Tensor
+    chosen_mask: Tensor
+    rejected: Tensor
+    rejected_mask: Tensor
+
+    def sequence(self, reduction: str) -> tuple[Tensor, Tensor]:
+        """(B,), (B,) sequence log-probs of the chosen and rejected responses."""
+        return reduce_logps(self.chosen, self.chosen_mask, reduction), reduce_logps(
+            self.rejected, self.rejected_mask, reduction
+        )
+
+    def chosen_nll(self) -> Tensor:
+        """Mean NLL over all chosen response tokens of the batch (RPO's term, as TRL)."""
+        return -self.chosen[self.chosen_mask].sum() / self.chosen_mask.sum().clamp(min=1)
+
+
+def score_pairs(
+    model: nn.Module,
+    chosen: Tensor,
+    rejected: Tensor,
+    chosen_mask: Tensor,
+    rejected_mask: Tensor,
+    *,
+    prefix_sharing: bool = False,
+    pad_id: int = 0,
+) -> PairTokenLogps:
+    """Per-token log-probs of both responses of each pair under `model`, in ONE forward pass.
+
+    `chosen`, `rejected` (B, N) with response masks (B, N) (True on scored tokens). Concatenated: the 2B sequences
+    run as one batch. `prefix_sharing`: one packed `[prompt, chosen | rejected]` row per pair (masks must then be
+    one contiguous run after a shared prompt, see `lengths_from_masks`).
+    """
+    if prefix_sharing:
+        _check_prefix_sharing(model)
+        lengths = lengths_from_masks(chosen, rejected, chosen_mask, rejected_mask)
+        packed = pack_pairs(chosen, rejected, *lengths, pad_id)
+        token_lp = packed_token_logps(model, packed)
+        return PairTokenLogps(token_lp, packed.chosen_mask, token_lp, packed.rejected_mask)
+    batch = chosen.shape[0]
+    seqs = torch.cat((chosen, rejected))
+    scored = torch.cat((chosen_mask, rejected_mask))[:, 1:].bool()
+    token_lp = token_logps(model_logits(model, seqs[:, :-1]), seqs[:, 1:])
+    return PairTokenLogps(token_lp[:batch], scored[:batch], token_lp[batch:], scored[batch:])
+
+
+def score_batch(
+    model: nn.Module, batch: Mapping[str, Tensor], *, prefix_sharing: bool = False, pad_id: int = 0
+) -> PairTokenLogps:
+    """`score_pairs` on a training batch: `chosen`, `rejected` (B, N) right-padded `[prompt, response, pad]`,
+    `prompt_len`, `chosen_len`, `rejected_len` (B,) (response lengths, prompt excluded)."""
+    chosen, rejected = batch["chosen"], batch["rejected"]
+    prompt_len, chosen_len, rejected_len = (
+        batch[k].to(chosen.device) for k in ("prompt_len", "chosen_len", "rejected_len")
+    )
+    if prefix_sharing:  # pack straight from the lengths: no masks to check
+        _check_prefix_sharing(model)
+        packed = pack_pairs(chosen, rejected, prompt_len, chosen_len, rejected_len, pad_id)
+        token_lp = packed_token_logps(model, packed)
+        return PairTokenLogps(token_lp, packed.chosen_mask, token_lp, packed.rejected_mask)
+    n = chosen.shape[1]
+    chosen_mask = response_mask_from_lengths(n, prompt_len, chosen_len)
+    rejected_mask = response_mask_from_lengths(n, prompt_len, rejected_len)
+    return score_pairs(model, chosen, rejected, chosen_mask, rejected_mask, pad_id=pad_id)
+
+
+REFERENCE_MODES = ("live", "precomputed", "none")
+
+
 class DPO(nn.Module):
     """`DPO(model, beta=0.1, pad_id=None)`: policy = `model`, reference = a frozen deep copy.
 
     `dpo(preferred_seq, unpreferred_seq, prompt_mask=...)` returns the scalar loss; metrics are in
     `.last_metrics` (or returned with `return_metrics=True`). Chosen and rejected share ONE forward pass.
-    With `precomputed_reference=True` (or `reference_free=True`) no reference model is held and the
-    reference log-probs are passed to `forward` instead.
+    `reference`: "live" (a frozen model: `ref_model`, default a deep copy of `model`), "precomputed" (reference
+    log-probs are passed to `forward` / found in the batch; no model held) or "none" (reference-free: an implicit
+    uniform reference).
     `reduction`: sequence log-prob as "sum" (the DPO paper) or "mean"; default "mean" for IPO (as TRL), else "sum".
     `prefix_sharing=True` (TransformerLM only): policy and live reference each run ONE packed
     `[prompt, chosen, rejected]` row per pair instead of two sequences; same log-probs, the prompt computed once.
@@ -302,25 +379,30 @@ class DPO(nn.Module):
         loss_type: str = "sigmoid",
         label_smoothing: float = 0.0,
         rpo_alpha: float | None = None,
-        reference_free: bool = False,
-        precomputed_reference: bool = False,
+        reference: str = "live",
+        ref_model: nn.Module | None = None,
         reduction: str | None = None,
         prefix_sharing: bool = False,
     ):
         super().__init__()
+        if reference not in REFERENCE_MODES:
+            raise ValueError(f"dpo.reference must be one of {REFERENCE_MODES}, got {reference!r}")
+        if ref_model is not None and reference != "live":
+            raise ValueError(f"a ref_model was given but reference={reference!r}: use reference='live'")
         if prefix_sharing:
             _check_prefix_sharing(model)
         self.prefix_sharing = prefix_sharing
         self.policy_model = model
+        self.reference = reference
         self.ref_model = None
-        if not (reference_free or precomputed_reference):
-            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        if reference == "live":
+            self.ref_model = (ref_model if ref_model is not None else copy.deepcopy(model)).eval().requires_grad_(False)
         self.beta, self.pad_id = beta, pad_id
         self.loss_kwargs = dict(
             beta=beta,
             loss_type=loss_type,
             label_smoothing=label_smoothing,
-            reference_free=reference_free,
+            reference_free=reference == "none",
             rpo_alpha=rpo_alpha,
         )
         self.reduction = default_reduction(loss_type, reduction)
@@ -358,82 +440,44 @@ class DPO(nn.Module):
             )
         chosen_mask = response_mask(preferred_seq, prompt_mask, preferred_seq_mask, self.pad_id)
         rejected_mask = response_mask(unpreferred_seq, prompt_mask, unpreferred_seq_mask, self.pad_id)
-        loss, metrics = self.loss_and_metrics(
-            preferred_seq, unpreferred_seq, chosen_mask, rejected_mask, ref_chosen_logps, ref_rejected_logps
+        score = functools.partial(
+            score_pairs,
+            chosen=preferred_seq,
+            rejected=unpreferred_seq,
+            chosen_mask=chosen_mask,
+            rejected_mask=rejected_mask,
+            prefix_sharing=self.prefix_sharing,
+            pad_id=self._pad,
         )
+        loss, metrics = self._loss(score, ref_chosen_logps, ref_rejected_logps)
         return (loss, metrics) if return_metrics else loss
 
-    def loss_and_metrics(
-        self,
-        chosen: Tensor,
-        rejected: Tensor,
-        chosen_mask: Tensor,
-        rejected_mask: Tensor,
-        ref_chosen_logps: Tensor | None = None,
-        ref_rejected_logps: Tensor | None = None,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """DPO loss from sequences and their response masks (True on scored tokens), one forward per model."""
-        if self.prefix_sharing:
-            lengths = lengths_from_masks(chosen, rejected, chosen_mask, rejected_mask)
-            return self._prefix_shared_loss(chosen, rejected, *lengths, ref_chosen_logps, ref_rejected_logps)
-        batch = chosen.shape[0]
-        seqs = torch.cat((chosen, rejected))
-        scored = torch.cat((chosen_mask, rejected_mask))[:, 1:].bool()
-        token_lp = token_logps(model_logits(self.policy_model, seqs[:, :-1]), seqs[:, 1:])
-        policy_logps = reduce_logps(token_lp, scored, self.reduction)
+    def batch_loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """DPO loss from a training-worker batch (see `score_batch`), with optional precomputed reference
+        log-probs `ref_chosen_logp`, `ref_rejected_logp` (B,). Uses the packed path when `prefix_sharing` is on."""
+        score = functools.partial(score_batch, batch=batch, prefix_sharing=self.prefix_sharing, pad_id=self._pad)
+        return self._loss(score, batch.get("ref_chosen_logp"), batch.get("ref_rejected_logp"))
+
+    @property
+    def _pad(self) -> int:
+        return self.pad_id if self.pad_id is not None else 0
+
+    def _loss(self, score, ref_chosen_logps, ref_rejected_logps) -> tuple[Tensor, dict[str, Tensor]]:
+        """`score(model)` -> PairTokenLogps for the policy and (live reference) the frozen model."""
+        if self.reference == "precomputed" and (ref_chosen_logps is None or ref_rejected_logps is None):
+            raise ValueError("DPO(reference='precomputed') needs ref_chosen_logps and ref_rejected_logps")
+        policy = score(self.policy_model)
+        chosen_logps, rejected_logps = policy.sequence(self.reduction)
         if self.ref_model is not None:
             with torch.no_grad():
-                ref_logps = sequence_logps(
-                    self.ref_model, seqs, torch.cat((chosen_mask, rejected_mask)), self.reduction
-                )
-            ref_chosen_logps, ref_rejected_logps = ref_logps[:batch], ref_logps[batch:]
-        chosen_nll = None
-        if self.loss_kwargs["rpo_alpha"]:  # mean NLL over all chosen response tokens of the batch (as TRL)
-            chosen_nll = -token_lp[:batch][scored[:batch]].sum() / scored[:batch].sum().clamp(min=1)
-        return self._loss(policy_logps[:batch], policy_logps[batch:], ref_chosen_logps, ref_rejected_logps, chosen_nll)
-
-    def _loss(self, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_nll):
+                ref_chosen_logps, ref_rejected_logps = score(self.ref_model).sequence(self.reduction)
         loss, metrics = dpo_loss(
             chosen_logps,
             rejected_logps,
             ref_chosen_logps,
             ref_rejected_logps,
-            policy_chosen_nll=chosen_nll,
+            policy_chosen_nll=policy.chosen_nll() if self.loss_kwargs["rpo_alpha"] else None,
             **self.loss_kwargs,
         )
         self.last_metrics = metrics
         return loss, metrics
-
-    def batch_loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """DPO loss from a training-worker batch: `chosen`, `rejected` (B, N) right-padded, `prompt_len`,
-        `chosen_len`, `rejected_len` (B,) (response lengths, prompt excluded), optional `ref_chosen_logp`,
-        `ref_rejected_logp` (B,). Uses the packed path when `prefix_sharing` is on."""
-        chosen, rejected = batch["chosen"], batch["rejected"]
-        lengths = (batch["prompt_len"], batch["chosen_len"], batch["rejected_len"])
-        ref = (batch.get("ref_chosen_logp"), batch.get("ref_rejected_logp"))
-        if self.prefix_sharing:
-            return self._prefix_shared_loss(chosen, rejected, *lengths, *ref)
-        prompt_len, chosen_len, rejected_len = (x.to(chosen.device) for x in lengths)
-        n = chosen.shape[1]
-        chosen_mask = response_mask_from_lengths(n, prompt_len, chosen_len)
-        rejected_mask = response_mask_from_lengths(n, prompt_len, rejected_len)
-        return self.loss_and_metrics(chosen, rejected, chosen_mask, rejected_mask, *ref)
-
-    def _prefix_shared_loss(
-        self, chosen, rejected, prompt_len, chosen_len, rejected_len, ref_chosen_logps, ref_rejected_logps
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        pad_id = self.pad_id if self.pad_id is not None else 0
-        packed = pack_pairs(chosen, rejected, prompt_len, chosen_len, rejected_len, pad_id)  # one mask, both models
-        token_lp = packed_token_logps(self.policy_model, packed)
-        policy_chosen = reduce_logps(token_lp, packed.chosen_mask, self.reduction)
-        policy_rejected = reduce_logps(token_lp, packed.rejected_mask, self.reduction)
-        if self.ref_model is not None:
-            with torch.no_grad():
-                ref_lp = packed_token_logps(self.ref_model, packed)
-            ref_chosen_logps = reduce_logps(ref_lp, packed.chosen_mask, self.reduction)
-            ref_rejected_logps = reduce_logps(ref_lp, packed.rejected_mask, self.reduction)
-        chosen_nll = None
-        if self.loss_kwargs["rpo_alpha"]:
-            scored = packed.chosen_mask
-            chosen_nll = -token_lp[scored].sum() / scored.sum().clamp(min=1)
-        return self._loss(policy_chosen, policy_rejected, ref_chosen_logps, ref_rejected_logps, chosen_nll)

@@ -5,11 +5,12 @@
 
 setup   resolve the reward function (`eval.reward_fn`, "module:function") and the decoding settings; fail fast.
 run     1. `generate_samples`: an actor pool (`map_batches` with a callable class) in which every actor loads both
-           models once and, per batch of prompts, decodes a response from each (`eval.*`: greedy, temperature,
-           top-k/p, min-p, top-a or beam search), then scores BOTH responses under BOTH models (sequence log-probs)
-           and, with a reward function, rewards them.
-        2. `score_preferences`: a second pool scores the held-out preference pairs under both models, for the
-           implicit-reward accuracy.
+           models once and, per batch of held-out prompts (token rows of the validation split: the rows the policy
+           never trained on), decodes a response from each (`eval.*`: greedy, temperature, top-k/p, min-p, top-a or
+           beam search), then scores BOTH responses under BOTH models (`ray_dpo.dpo.score_batch`, the trainer's
+           pair scoring) and, with a reward function, rewards them (prompt text = the decoded prompt tokens).
+        2. `score_preferences`: the pair-scoring pool (`ray_dpo.reference.score_pairs_pool`) scores the held-out
+           preference pairs under both models, for the implicit-reward accuracy.
 save    `eval/*` metrics, the samples as an MLflow table (`eval/samples.json`) and a side-by-side HTML page
         (`eval/samples.html`) that the MLflow UI renders in the run's Artifacts tab.
 
@@ -50,9 +51,11 @@ from ray_dpo import tracking
 from ray_dpo.checkpoint import load_model
 from ray_dpo.config import Config, EvalConfig
 from ray_dpo.data import collate_preferences
-from ray_dpo.dpo import default_reduction, response_mask_from_lengths, sequence_logps
+from ray_dpo.dpo import default_reduction, score_batch
+from ray_dpo.encoding import fit_prompt_rows
 from ray_dpo.errors import UserError
 from ray_dpo.generate import beam_search, generate
+from ray_dpo.reference import score_pairs_pool
 from ray_dpo.tokenizer import TOKENIZER_FILE, load_tokenizer
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
@@ -105,40 +108,9 @@ def check_checkpoint(key: str, path: str | os.PathLike) -> str:
 # ------------------------------------------------------------------------------------------------ actors
 
 
-class _TwoModels:
-    """Base of the actor classes: loads the policy and the reference ONCE per actor, plus the tokenizer."""
-
-    def __init__(self, policy_checkpoint: str, reference_checkpoint: str, tokenizer: str, device: str):
-        self.device = torch.device(device)
-        self.models: dict[str, nn.Module] = {
-            name: load_model(path, device=self.device).eval().requires_grad_(False)
-            for name, path in zip(MODELS, (policy_checkpoint, reference_checkpoint), strict=True)
-        }
-        # the checkpoint's own tokenizer wins: it is the one the policy was trained with
-        has_own = (Path(policy_checkpoint) / TOKENIZER_FILE).is_file()
-        self.tokenizer = load_tokenizer(policy_checkpoint if has_own else tokenizer)
-
-    def _logps(self, prompts: list[Tensor], responses: list[Tensor], reduction: str = "sum") -> dict[str, np.ndarray]:
-        """log p(response | prompt) under each model, as float64 numpy arrays."""
-        prompt_len = torch.tensor([len(p) for p in prompts])
-        response_len = torch.tensor([len(r) for r in responses])
-        width = int((prompt_len + response_len).max())
-        # right-padded [prompt, response, pad]; pad id 0 is valid for any vocabulary and, being right of every
-        # scored token, cannot change a causal model's scores (the mask comes from the lengths)
-        seqs = torch.zeros(len(prompts), width, dtype=torch.long)
-        for row, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-            seqs[row, : len(p) + len(r)] = torch.cat((p, r))
-        seqs = seqs.to(self.device)
-        mask = response_mask_from_lengths(width, prompt_len.to(self.device), response_len.to(self.device))
-        with torch.inference_mode():
-            return {
-                name: sequence_logps(model, seqs, mask, reduction).double().cpu().numpy()
-                for name, model in self.models.items()
-            }
-
-
-class PolicyReferenceGenerator(_TwoModels):
-    """Ray Data callable class: prompts (strings) -> both models' responses, lengths, log-probs and rewards."""
+class PolicyReferenceGenerator:
+    """Ray Data callable class: prompt token rows -> a response from the policy and from the reference, both scored
+    under both models (and rewarded). Loads the two models and the tokenizer ONCE per actor."""
 
     def __init__(
         self,
@@ -148,16 +120,21 @@ class PolicyReferenceGenerator(_TwoModels):
         tokenizer: str,
         device: str,
         eval_config: dict[str, Any],
-        prompt_column: str,
-        max_prompt_len: int,
+        reduction: str,
         seed: int,
     ):
-        super().__init__(policy_checkpoint, reference_checkpoint, tokenizer, device)
+        self.device = torch.device(device)
+        self.models: dict[str, nn.Module] = {
+            name: load_model(path, device=self.device).eval().requires_grad_(False)
+            for name, path in zip(MODELS, (policy_checkpoint, reference_checkpoint), strict=True)
+        }
+        # the checkpoint's own tokenizer wins: it is the one the policy was trained with
+        has_own = (Path(policy_checkpoint) / TOKENIZER_FILE).is_file()
+        self.tokenizer = load_tokenizer(policy_checkpoint if has_own else tokenizer)
         self.e = EvalConfig(**eval_config)
-        self.prompt_column, self.seed = prompt_column, seed
+        self.reduction, self.seed = reduction, seed
         # room for the response inside the positions the models were built for
-        max_seq_len = min(m.config.max_seq_len for m in self.models.values())
-        self.keep = max(1, min(max_prompt_len, max_seq_len - self.e.max_new_tokens))
+        self.max_prompt_tokens = min(m.config.max_seq_len for m in self.models.values()) - self.e.max_new_tokens
         self.reward_fn = load_reward_fn(self.e.reward_fn)
 
     def _decode(self, model: nn.Module, prompts: list[Tensor], generator: torch.Generator) -> Tensor:
@@ -168,36 +145,41 @@ class PolicyReferenceGenerator(_TwoModels):
             return beam_search(model, prompts, e.max_new_tokens, e.beams, temperature=e.temperature or 1.0, **kwargs)
         return generate(model, prompts, e.max_new_tokens, temperature=e.temperature, generator=generator, **kwargs)
 
-    def _split(self, out: Tensor) -> list[Tensor]:
+    def _split(self, out: Tensor) -> list[np.ndarray]:
         """(B, n) generated tokens -> each row cut after its first eos (kept: it is part of the response)."""
         eos, rows = self.tokenizer.eos_id, []
-        for row in out.cpu():
-            ends = (row == eos).nonzero()
-            rows.append(row[: int(ends[0]) + 1] if len(ends) else row)
+        for row in out.cpu().numpy():
+            ends = np.flatnonzero(row == eos)
+            rows.append(row[: ends[0] + 1] if len(ends) else row)
         return rows
 
-    def _text(self, tokens: Tensor) -> str:
+    def _text(self, tokens) -> str:
         tok = self.tokenizer
-        return tok.decode([t for t in tokens.tolist() if t not in (tok.eos_id, tok.pad_id, tok.bos_id)])
+        return tok.decode([int(t) for t in tokens if t not in (tok.eos_id, tok.pad_id, tok.bos_id)])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        tok = self.tokenizer
-        texts = [str(p) for p in batch[self.prompt_column]]
-        prompts = [torch.tensor([tok.bos_id, *tok.encode(t)][-self.keep :], dtype=torch.long) for t in texts]
+        prompts = fit_prompt_rows(list(batch["prompt"]), self.max_prompt_tokens, self.tokenizer.bos_id)
+        texts = [self._text(p) for p in prompts]
         # seeded by the batch's content, so samples do not depend on which actor got the batch; the same seed for
         # both models (common random numbers): identical models give identical samples
         seed = self.seed + zlib.crc32("\n".join(texts).encode())
-        device_prompts = [p.to(self.device) for p in prompts]
+        device_prompts = [torch.as_tensor(p, dtype=torch.long, device=self.device) for p in prompts]
         out: dict[str, Any] = {"prompt": np.asarray(texts, dtype=object)}
-        responses: dict[str, list[Tensor]] = {}
+        responses: dict[str, list[np.ndarray]] = {}
         for name, model in self.models.items():
             generator = torch.Generator(self.device).manual_seed(seed)
             responses[name] = self._split(self._decode(model, device_prompts, generator))
             out[f"{name}_response"] = np.asarray([self._text(r) for r in responses[name]], dtype=object)
             out[f"{name}_len"] = np.asarray([len(r) for r in responses[name]], dtype=np.int64)
-        for source in MODELS:  # every response under every model: the KL estimate needs the cross terms
-            for scorer, logps in self._logps(prompts, responses[source]).items():
-                out[f"{source}_logp_{scorer}"] = logps
+        # every response under every model (the KL estimate needs the cross terms): the two responses of a prompt
+        # as a pair, scored like training pairs
+        pairs = {"prompt": prompts, "chosen": responses["policy"], "rejected": responses["reference"]}
+        tensors = {k: v.to(self.device) for k, v in collate_preferences(pairs, pad_id=0).items()}
+        with torch.inference_mode():
+            for scorer, model in self.models.items():
+                policy_logps, reference_logps = score_batch(model, tensors).sequence(self.reduction)
+                out[f"policy_logp_{scorer}"] = policy_logps.double().cpu().numpy()
+                out[f"reference_logp_{scorer}"] = reference_logps.double().cpu().numpy()
         if self.reward_fn is not None:
             for name in MODELS:
                 rewards = self.reward_fn(list(texts), list(out[f"{name}_response"]))
@@ -206,36 +188,12 @@ class PolicyReferenceGenerator(_TwoModels):
         return out
 
 
-class PreferenceScorer(_TwoModels):
-    """Ray Data callable class: tokenized preference pairs -> log-probs of chosen and rejected under both models."""
-
-    def __init__(
-        self, policy_checkpoint: str, reference_checkpoint: str, *, tokenizer: str, device: str, reduction: str
-    ):
-        super().__init__(policy_checkpoint, reference_checkpoint, tokenizer, device)
-        self.reduction = reduction
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        tensors = collate_preferences(batch, pad_id=0)  # pad id irrelevant: masks come from the lengths
-        size, width = tensors["chosen"].shape
-        seqs = torch.cat((tensors["chosen"], tensors["rejected"])).to(self.device)
-        prompt_len = tensors["prompt_len"].repeat(2).to(self.device)
-        response_len = torch.cat((tensors["chosen_len"], tensors["rejected_len"])).to(self.device)
-        mask = response_mask_from_lengths(width, prompt_len, response_len)
-        out = {}
-        with torch.inference_mode():
-            for name, model in self.models.items():
-                logps = sequence_logps(model, seqs, mask, self.reduction).double().cpu().numpy()
-                out[f"chosen_logp_{name}"], out[f"rejected_logp_{name}"] = logps[:size], logps[size:]
-        return out
-
-
 # ------------------------------------------------------------------------------------------------ run
 
 
 def _pool_kwargs(config: Config) -> dict[str, Any]:
     e = config.eval
-    # fractional CPUs: a pool of 1-CPU actors on a 2-CPU machine starves the read tasks and hangs (RAY-FACTS)
+    # fractional CPUs: a pool of 1-CPU actors on a 2-CPU machine starves the read tasks and hangs
     # one task in flight per actor: a second batch goes to an idle actor instead of queueing behind the first
     return dict(
         compute=ray.data.ActorPoolStrategy(size=e.concurrency, max_tasks_in_flight_per_actor=1),
@@ -262,16 +220,15 @@ def generate_samples(
 ) -> pd.DataFrame:
     """One row per prompt: prompt, `{policy,reference}_response`, `_len`, `_logp_{policy,reference}`, `_reward`.
 
-    `prompts_ds` has a string prompt column (`data.columns["prompt"]`, default `prompt`), e.g.
-    `ray.data.read_parquet(val_path)`; the first `eval.num_prompts` rows are used, in the dataset's order.
+    `prompts_ds` has a `prompt` column of token rows, encoded as in training: the validation split of
+    `read_preferences` (or `read_prompts` of a file); the first `eval.num_prompts` rows are used, in order.
     """
     e = config.eval
     _check_eval_config(e)
     load_reward_fn(e.reward_fn)  # fail here, in one line, rather than inside every actor
-    column = config.data.columns.get("prompt", "prompt")
-    if column not in prompts_ds.columns():
-        raise UserError(f"eval: the prompts dataset has no column {column!r} (columns: {prompts_ds.columns()})")
-    prompts_ds = prompts_ds.select_columns([column]).limit(e.num_prompts)
+    if "prompt" not in prompts_ds.columns():
+        raise UserError(f"eval: the prompts dataset has no 'prompt' column (columns: {prompts_ds.columns()})")
+    prompts_ds = prompts_ds.select_columns(["prompt"]).limit(e.num_prompts)
     samples = _spread(prompts_ds, e.concurrency).map_batches(
         PolicyReferenceGenerator,
         fn_constructor_kwargs=dict(
@@ -280,8 +237,7 @@ def generate_samples(
             tokenizer=config.data.tokenizer,
             device="cuda" if e.num_gpus else "cpu",
             eval_config=dataclasses.asdict(e),
-            prompt_column=column,
-            max_prompt_len=config.data.max_prompt_len,
+            reduction=default_reduction(config.dpo.loss_type, config.dpo.reduction),
             seed=config.train.seed,
         ),
         batch_size=e.batch_size,
@@ -294,23 +250,23 @@ def generate_samples(
 def score_preferences(
     config: Config, *, policy_checkpoint: str, reference_checkpoint: str, preference_ds: ray.data.Dataset
 ) -> pd.DataFrame:
-    """`chosen_logp_{policy,reference}`, `rejected_logp_{policy,reference}` for each row of a `read_preferences`
-    dataset (token rows `chosen`, `rejected`, `prompt_len`, `chosen_len`, `rejected_len`)."""
+    """`{policy,reference}_{chosen,rejected}_logp` for each row of a `read_preferences` dataset."""
     e = config.eval
-    scored = _spread(preference_ds, e.concurrency).map_batches(
-        PreferenceScorer,
-        fn_constructor_kwargs=dict(
-            policy_checkpoint=check_checkpoint("eval: policy checkpoint", policy_checkpoint),
-            reference_checkpoint=check_checkpoint("eval: reference checkpoint", reference_checkpoint),
-            tokenizer=config.data.tokenizer,
-            device="cuda" if e.num_gpus else "cpu",
-            reduction=default_reduction(config.dpo.loss_type, config.dpo.reduction),
-        ),
+    models = {
+        "policy": check_checkpoint("eval: policy checkpoint", policy_checkpoint),
+        "reference": check_checkpoint("eval: reference checkpoint", reference_checkpoint),
+    }
+    scored = score_pairs_pool(
+        preference_ds,
+        models,
+        reduction=default_reduction(config.dpo.loss_type, config.dpo.reduction),
+        prefix_sharing=config.dpo.prefix_sharing,
         batch_size=e.batch_size,
-        batch_format="numpy",
-        **_pool_kwargs(config),
+        concurrency=e.concurrency,
+        num_gpus=e.num_gpus,
     )
-    return _start_pool_first(scored).to_pandas()
+    columns = [f"{m}_{side}_logp" for m in models for side in ("chosen", "rejected")]
+    return scored.select_columns(columns).to_pandas()
 
 
 def aggregate(samples: pd.DataFrame, pairs: pd.DataFrame | None, *, beta: float) -> dict[str, float]:
@@ -333,8 +289,8 @@ def aggregate(samples: pd.DataFrame, pairs: pd.DataFrame | None, *, beta: float)
         metrics["eval/reward/reference"] = float(reference.mean())
         metrics["eval/win_rate"] = float(((policy > reference) + 0.5 * (policy == reference)).mean())
     if pairs is not None and len(pairs):
-        chosen = beta * (col(pairs, "chosen_logp_policy") - col(pairs, "chosen_logp_reference"))
-        rejected = beta * (col(pairs, "rejected_logp_policy") - col(pairs, "rejected_logp_reference"))
+        chosen = beta * (col(pairs, "policy_chosen_logp") - col(pairs, "reference_chosen_logp"))
+        rejected = beta * (col(pairs, "policy_rejected_logp") - col(pairs, "reference_rejected_logp"))
         metrics["eval/num_pairs"] = float(len(pairs))
         metrics["eval/implicit_reward_accuracy"] = float((chosen > rejected).mean())
         metrics["eval/implicit_reward_margin"] = float((chosen - rejected).mean())

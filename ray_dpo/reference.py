@@ -1,10 +1,10 @@
-"""Stage 2 (optional): reference log-probs as dataset columns, computed by an actor pool.
+"""Pair scoring on an actor pool: sequence log-probs of chosen and rejected responses under one or more models.
 
-`add_reference_logps(dataset, checkpoint_or_model, ...)` adds `ref_chosen_logp` and `ref_rejected_logp`
-(float32) to every row of a `read_preferences` dataset, so training workers hold only the policy model
-(`DPO(..., precomputed_reference=True)`). The model is loaded ONCE per actor (a callable class in
-`map_batches`), from a checkpoint directory (`checkpoint.load_model`) or from an `nn.Module` passed in
-(pickled into each actor).
+`score_pairs_pool(dataset, {"ref": checkpoint}, ...)` adds `<name>_chosen_logp` and `<name>_rejected_logp` to every
+row of a `read_preferences` dataset. Two stages use it: the optional reference pass (`add_reference_logps`: columns
+`ref_chosen_logp`, `ref_rejected_logp`, so training workers hold only the policy, `dpo.reference=precomputed`) and
+evaluation (policy and reference on held-out pairs, for the implicit-reward accuracy). Each actor loads its models
+ONCE (a callable class in `map_batches`); the scoring itself is `ray_dpo.dpo.score_batch`, the trainer's.
 """
 
 from __future__ import annotations
@@ -20,76 +20,80 @@ from torch import nn
 
 from ray_dpo.checkpoint import load_model
 from ray_dpo.data import collate_preferences
-from ray_dpo.dpo import response_mask_from_lengths, sequence_logps
+from ray_dpo.dpo import score_batch
 from ray_dpo.errors import UserError
 
+Model = str | os.PathLike | nn.Module  # a checkpoint directory or a module (pickled into each actor)
 
-class ReferenceScorer:
-    """Ray Data callable class: one model per actor, scores chosen and rejected in one forward pass."""
 
-    def __init__(self, checkpoint_or_model: str | os.PathLike | nn.Module, reduction: str, device: str):
-        if isinstance(checkpoint_or_model, nn.Module):
-            model = checkpoint_or_model
-        else:
-            model = load_model(checkpoint_or_model, device=device)
-        self.model = model.to(device).eval().requires_grad_(False)
-        self.reduction, self.device = reduction, device
+class PairScorer:
+    """Ray Data callable class: `{name: model}`, loaded once per actor; adds `<name>_{chosen,rejected}_logp`."""
+
+    def __init__(self, models: dict[str, Model], *, reduction: str, prefix_sharing: bool, device: str):
+        self.device = torch.device(device)
+        self.models = {
+            name: (m if isinstance(m, nn.Module) else load_model(m, device=self.device))
+            .to(self.device)
+            .eval()
+            .requires_grad_(False)
+            for name, m in models.items()
+        }
+        self.reduction, self.prefix_sharing = reduction, prefix_sharing
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # pad id 0 is a valid id for any vocabulary; padding is right of every scored token, so under a causal
-        # model its value cannot change the result (the mask comes from the lengths, not from pad_id).
-        tensors = collate_preferences(batch, pad_id=0)
-        size, width = tensors["chosen"].shape
-        seqs = torch.cat((tensors["chosen"], tensors["rejected"])).to(self.device)
-        prompt_len = tensors["prompt_len"].repeat(2).to(self.device)
-        response_len = torch.cat((tensors["chosen_len"], tensors["rejected_len"])).to(self.device)
-        mask = response_mask_from_lengths(width, prompt_len, response_len)
+        # model its value cannot change the result (the masks come from the lengths, not from pad_id)
+        tensors = {k: v.to(self.device) for k, v in collate_preferences(batch, pad_id=0).items()}
         with torch.inference_mode():
-            logps = sequence_logps(self.model, seqs, mask, self.reduction).float().cpu().numpy()
-        batch["ref_chosen_logp"] = logps[:size]
-        batch["ref_rejected_logp"] = logps[size:]
+            for name, model in self.models.items():
+                scored = score_batch(model, tensors, prefix_sharing=self.prefix_sharing)
+                chosen, rejected = scored.sequence(self.reduction)
+                batch[f"{name}_chosen_logp"] = chosen.float().cpu().numpy()
+                batch[f"{name}_rejected_logp"] = rejected.float().cpu().numpy()
         return batch
 
 
-def add_reference_logps(
+def score_pairs_pool(
     dataset: ray.data.Dataset,
-    checkpoint_or_model: str | os.PathLike | nn.Module,
+    models: dict[str, Model],
     *,
+    reduction: str = "sum",
+    prefix_sharing: bool = False,
     batch_size: int = 32,
     concurrency: int = 1,
     num_gpus: float = 0,
-    reduction: str = "sum",
     num_cpus: float | None = None,
-) -> ray.data.Dataset:
-    """Return `dataset` with `ref_chosen_logp`, `ref_rejected_logp` (float32) columns, MATERIALIZED.
-
-    concurrency: actors in the pool (`ActorPoolStrategy(size=concurrency)`). num_gpus: per actor (> 0 puts
-    the model on cuda). num_cpus: per actor; default 0.5 on CPU so a 2-CPU machine still has room for other
-    Ray tasks (a pool of 1-CPU actors on 2 CPUs can hang, see RAY-FACTS), 1 with a GPU.
-    reduction: "sum" (DPO paper) or "mean"; must match the trainer's `DPO(reduction=...)`.
-    Materialized because the pass is expensive and must not rerun each epoch; row order is kept.
-    """
+) -> MaterializedDataset:
+    """`dataset` with `<name>_chosen_logp`, `<name>_rejected_logp` (float32) for each model, MATERIALIZED, row order
+    kept. concurrency: actors in the pool; num_gpus per actor (> 0 puts the models on cuda); num_cpus per actor,
+    default 0.5 on CPU so a 2-CPU machine keeps room for the read tasks (a pool of 1-CPU actors there can hang).
+    reduction must match the trainer's (`ray_dpo.dpo.default_reduction`)."""
     if reduction not in ("sum", "mean"):
         raise UserError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     if concurrency < 1 or batch_size < 1:
         raise UserError(f"concurrency and batch_size must be >= 1, got {concurrency} and {batch_size}")
-    if not isinstance(checkpoint_or_model, nn.Module):
-        path = Path(checkpoint_or_model)
-        if "://" not in str(checkpoint_or_model) and not path.is_dir():
-            raise UserError(f"reference checkpoint: {path} is not a directory")
-    if num_cpus is None:
-        num_cpus = 1.0 if num_gpus else 0.5
-    device = "cuda" if num_gpus else "cpu"
+    for name, model in models.items():
+        if not isinstance(model, nn.Module) and "://" not in str(model) and not Path(model).is_dir():
+            raise UserError(f"{name} checkpoint: {model} is not a directory")
     if concurrency > 1 and isinstance(dataset, MaterializedDataset) and dataset.num_blocks() < concurrency:
         dataset = dataset.repartition(concurrency)  # one block feeds one actor: give every actor work
     scored = dataset.map_batches(
-        ReferenceScorer,
-        fn_constructor_kwargs=dict(checkpoint_or_model=checkpoint_or_model, reduction=reduction, device=device),
+        PairScorer,
+        fn_constructor_kwargs=dict(
+            models=models, reduction=reduction, prefix_sharing=prefix_sharing, device="cuda" if num_gpus else "cpu"
+        ),
         compute=ray.data.ActorPoolStrategy(size=concurrency),
         batch_size=batch_size,
         batch_format="numpy",
-        num_cpus=num_cpus,
+        num_cpus=num_cpus if num_cpus is not None else (1.0 if num_gpus else 0.5),
         num_gpus=num_gpus,
     )
     scored.context.execution_options.preserve_order = True  # keep a bucketed order intact
     return scored.materialize()
+
+
+def add_reference_logps(
+    dataset: ray.data.Dataset, reference: Model, *, reduction: str = "sum", **pool
+) -> MaterializedDataset:
+    """`dataset` + `ref_chosen_logp`, `ref_rejected_logp` (the training batch contract's names)."""
+    return score_pairs_pool(dataset, {"ref": reference}, reduction=reduction, **pool)

@@ -10,7 +10,7 @@ warm start / reference checkpoint, the eval prompts; trials get the materialized
 Everything lives under `<output_dir>/sweeps/<tune.name>/`: `reference/` (starting weights), `tune/` (Tune's
 experiment state: `Tuner.restore` continues it), `train/<name>-<trial id>/` (each trial's Ray Train run and
 checkpoints), `trials/<trial id>.jsonl` (every Tune result, written by the driver), `results.csv`,
-`best_config.yaml`, `plots/`, `parent_run_id`. MLflow: one parent run per sweep, one nested run per trial.
+`best_config.yaml`, `plots/`, `mlflow_run_id`. MLflow: one parent run per sweep, one nested run per trial.
 """
 
 from __future__ import annotations
@@ -28,17 +28,8 @@ from typing import Any
 import ray
 from ray import tune
 
-from ray_dpo import tracking
+from ray_dpo import recipe, tracking
 from ray_dpo.config import Config, ConfigError, config_from_dict, flatten, save_config
-from ray_dpo.pipeline import (
-    load_data,
-    precompute_reference,
-    resolve_paths,
-    start_ray,
-    starting_weights,
-    validate,
-    write_synthetic,
-)
 
 logger = logging.getLogger(__name__)
 FAIL_ENV = "RAY_DPO_SWEEP_FAIL"  # "trial_index:marker_path": that trial raises once (interrupt/restore tests)
@@ -82,42 +73,43 @@ class SweepResult:
 def run_sweep(config: Config, *, address: str | None = None, tracking_uri: str | None = None) -> SweepResult:
     """Run (or resume: same `tune.name`) the sweep described by `config.tune`; log everything to MLflow.
 
-    Cheap checks come first, before anything is written or Ray starts (when it is not running yet, a local Ray or
-    `address` is started). Trials that errored or were interrupted are retried by calling this again.
+    Checks come first, before anything is written or Ray starts (`ray_dpo.recipe.open_run`). Trials that errored or
+    were interrupted are retried by calling this again.
     """
     # ---- setup: checks (nothing written), then the shared work, once
-    config = resolve_paths(copy.deepcopy(config))
-    tokenizer = validate(config)
     space = search_space(config)
     _check_tune(config)
-    uri = tracking_uri or tracking.resolve_tracking_uri(config.tracking.uri, config.output_dir)
-    tracking.check_tracking_uri(uri)
-    if not ray.is_initialized():
-        start_ray(address, uri)
-    sweep_dir = Path(config.output_dir) / "sweeps" / config.tune.name
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(config)
     # the SFT warm start (a Ray Train run named `<run_name>-sft`) and every trial's run live under the sweep dir
+    sweep_dir = Path(config.output_dir) / "sweeps" / config.tune.name
     config.train.run_name, config.train.storage_path = config.tune.name, str(sweep_dir / "train")
-    if config.data.synthetic == "sort":
-        write_synthetic(config)
-    parent_run_id = _parent_run(config, sweep_dir, uri)
-    train_ds, val_ds = load_data(config, tokenizer, uri, parent_run_id)
-    reference = starting_weights(config, tokenizer, sweep_dir, uri, parent_run_id)
-    if config.dpo.reference == "precomputed" and not config.dpo.reference_free:
-        train_ds, val_ds = precompute_reference(config, [train_ds, val_ds], reference)
-    prompts_ds = _eval_prompts(config) if config.eval.enabled else None
+    with recipe.open_run(config, address=address, kind="sweep", tracking_uri=tracking_uri) as run:
+        result = _sweep(run, space)
+        run.status = "FAILED" if result.status_counts["errored"] + result.status_counts["unfinished"] else "FINISHED"
+    return result
+
+
+def _sweep(run: recipe.Run, space: dict[str, Any]) -> SweepResult:
+    config, sweep_dir, uri, parent_run_id = run.config, run.run_dir, run.tracking_uri, run.run_id
+    train_ds, val_ds = recipe.load_data(run)
+    reference = recipe.starting_weights(run)
+    if config.dpo.reference == "precomputed":
+        train_ds, val_ds = recipe.precompute_reference(run, [train_ds, val_ds], reference)
+    # held-out prompts: the validation split's rows, limited and materialized once here (a read task per trial would
+    # need a CPU while the trials' eval actors hold theirs)
+    prompts_ds = val_ds.limit(config.eval.num_prompts).materialize() if config.eval.enabled else None
     total_steps = config.train.max_steps or config.train.epochs * (train_ds.count() // config.train.batch_size)
     shared = {
         "config": config.to_dict(),
         "reference": reference,
         "tracking_uri": uri,
         "parent_run_id": parent_run_id,
-        "pad_id": tokenizer.pad_id,
+        "pad_id": run.tokenizer.pad_id,
         "total_steps": total_steps,
         "runs": _known_runs(sweep_dir),  # a restarted trial keeps its MLflow run
         "fail": os.environ.get(FAIL_ENV),
     }
-    # An empty head bundle + one bundle for the trial's own tasks: Tune refuses tasks a trial launches (train.py's
+    # An empty head bundle + one bundle for the trial's own tasks: Tune refuses tasks a trial launches (the trainer's
     # row-numbering tasks) unless a bundle other than the trial actor's has room for them. Train workers and Ray
     # Data (SPREAD) schedule outside this placement group.
     trainable = tune.with_resources(
@@ -248,31 +240,6 @@ def _fit_concurrency(config: Config) -> None:
             room + 1,
         )
         t.max_concurrent_trials = fits
-
-
-def _parent_run(config: Config, sweep_dir: Path, uri: str) -> str:
-    """The sweep's MLflow run: created once, reused when the same sweep name is re-run (resume)."""
-    marker = sweep_dir / "parent_run_id"
-    if marker.is_file():
-        return marker.read_text().strip()
-    run_id = tracking.start_run(
-        uri,
-        experiment=config.tracking.experiment,
-        run_name=config.tune.name,
-        params=flatten(config.to_dict()),
-        tags={"ray_dpo.sweep": config.tune.name, "ray_dpo.kind": "sweep"},
-    )
-    marker.write_text(run_id + "\n")
-    tracking.log_artifact(uri, run_id, save_config(config, sweep_dir / "config.yaml"))
-    return run_id
-
-
-def _eval_prompts(config: Config) -> ray.data.Dataset:
-    """Held-out prompts read once here and materialized: a read task per trial would need a whole CPU while the
-    trials' eval actors hold theirs, and can starve on 2 CPUs (RAY-FACTS)."""
-    column = config.data.columns.get("prompt", "prompt")
-    prompts = ray.data.read_parquet(config.data.val_path or config.data.train_path).select_columns([column])
-    return prompts.limit(config.eval.num_prompts).materialize()
 
 
 def _tune_config(config: Config, total_steps: int) -> tune.TuneConfig:
@@ -448,8 +415,6 @@ def _save(config: Config, grid, sweep_dir: Path, uri: str, parent_run_id: str) -
         tracking.set_tags(uri, parent_run_id, {"best_trial_id": best_trial_id})
         tracking.log_metrics(uri, parent_run_id, {f"best/{k}": v for k, v in best_metrics.items()})
     counts = {s: int((table["status"] == s).sum()) for s in ("completed", "early_stopped", "errored", "unfinished")}
-    incomplete = counts["errored"] + counts["unfinished"]
-    tracking.end_run(uri, parent_run_id, "FAILED" if incomplete else "FINISHED")
     return SweepResult(
         sweep_dir=sweep_dir,
         parent_run_id=parent_run_id,

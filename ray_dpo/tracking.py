@@ -1,4 +1,5 @@
-"""MLflow tracking: the only module of ray-dpo that imports mlflow.
+"""MLflow tracking: runs, params, metrics, artifacts and tables (with `ray_dpo.serving`, the only modules that import
+mlflow).
 
 One run per align job, logged from the driver / Ray Train rank 0 only. Every call takes the tracking URI and
 builds its own `MlflowClient(tracking_uri=uri)`: no global MLflow state, so the same functions work in the driver,
@@ -8,9 +9,9 @@ in a Ray Train worker and inside a Tune trial (each a different process with a d
     check_tracking_uri(uri)                       # before training: one-line TrackingError if unusable
     run_id = start_run(uri, experiment="ray-dpo", run_name="demo", params=cfg.to_dict())
     log_metrics(uri, run_id, {"train/loss": 0.69}, step=1)
-    model_uri = register_model(uri, run_id, checkpoint_dir, "ray-dpo-policy")
     end_run(uri, run_id)
-    model, tokenizer = load_registered_model(model_uri, uri)
+
+Packaging the policy as an MLflow model (register, download, serve) is `ray_dpo.serving`.
 
 mlflow is imported inside the functions: it costs seconds to import and `resolve_tracking_uri` /
 `check_tracking_uri` run before anything else in a pipeline (and must stay cheap there).
@@ -35,14 +36,9 @@ from ray_dpo.errors import UserError
 if TYPE_CHECKING:
     import pandas
 
-    from ray_dpo.model import TransformerLM
-    from ray_dpo.tokenizer import ByteTokenizer, HFTokenizer
-
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 PARENT_RUN_TAG = "mlflow.parentRunId"  # what the MLflow UI uses to nest runs (Tune trials under a sweep)
 EARLY_STOPPED_TAG = "ray_dpo.early_stopped"
-POLICY_FILES = ("model.safetensors", "model_config.json", "tokenizer.json")  # what a served policy needs
-POLICY_ARTIFACT = "policy"  # key of the checkpoint files inside the logged MLflow model
 HEALTH_TIMEOUT_S = 3.0
 # MLflow's store limits (mlflow.utils.validation): params and tags per log_batch, metrics per log_batch.
 _PARAMS_PER_BATCH = 100
@@ -59,7 +55,7 @@ class TrackingError(UserError):
         super().__init__(" ".join(str(message).split()))  # one line, whatever the cause text holds
 
 
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
     return text if len(text) <= 300 else text[:297] + "..."
 
@@ -140,7 +136,7 @@ def _check_server(uri: str) -> None:
     except (urllib.error.URLError, OSError, ValueError) as err:
         reason = err.reason if isinstance(err, urllib.error.URLError) else err
         raise TrackingError(
-            f"tracking: MLflow server {uri} is unreachable (GET /health: {_one_line(reason)}); "
+            f"tracking: MLflow server {uri} is unreachable (GET /health: {one_line(reason)}); "
             f"start it or set {TRACKING_URI_ENV} / tracking.uri"
         ) from None
     if status != 200:
@@ -180,10 +176,10 @@ def _check_tcp(uri: str, default_port: int) -> None:
         socket.create_connection((host, port), timeout=HEALTH_TIMEOUT_S).close()
     except OSError as err:
         safe = uri.replace(f":{parts.password}@", ":***@") if parts.password else uri
-        raise TrackingError(f"tracking: database {safe} is unreachable at {host}:{port} ({_one_line(err)})") from None
+        raise TrackingError(f"tracking: database {safe} is unreachable at {host}:{port} ({one_line(err)})") from None
 
 
-def _client(uri: str):
+def client(uri: str):
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -203,17 +199,17 @@ def get_or_create_experiment(uri: str, name: str) -> str:
     """
     from mlflow.exceptions import MlflowException
 
-    client = _client(uri)
-    experiment = client.get_experiment_by_name(name)
+    mlflow_client = client(uri)
+    experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is None:
         root = sqlite_artifact_root(uri)
         try:
-            return client.create_experiment(name, artifact_location=root.as_uri() if root else None)
+            return mlflow_client.create_experiment(name, artifact_location=root.as_uri() if root else None)
         except MlflowException as err:
             # Another process (a parallel Tune trial) created it between our lookup and create.
-            experiment = client.get_experiment_by_name(name)
+            experiment = mlflow_client.get_experiment_by_name(name)
             if experiment is None:
-                raise TrackingError(f"tracking: cannot create experiment {name!r} in {uri}: {_one_line(err)}") from None
+                raise TrackingError(f"tracking: cannot create experiment {name!r} in {uri}: {one_line(err)}") from None
     if experiment.lifecycle_stage == "deleted":
         raise TrackingError(
             f"tracking: experiment {name!r} in {uri} is deleted; restore it (mlflow experiments restore "
@@ -235,18 +231,18 @@ def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
 
     flat = flatten(dict(params))
     items = [Param(str(key), _param_value(value)) for key, value in flat.items()]
-    client = _client(uri)
+    mlflow_client = client(uri)
     for start in range(0, len(items), _PARAMS_PER_BATCH):
-        client.log_batch(run_id, params=items[start : start + _PARAMS_PER_BATCH])
+        mlflow_client.log_batch(run_id, params=items[start : start + _PARAMS_PER_BATCH])
 
 
 def set_tags(uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
     from mlflow.entities import RunTag
 
     items = [RunTag(str(key), _param_value(value)) for key, value in tags.items()]
-    client = _client(uri)
+    mlflow_client = client(uri)
     for start in range(0, len(items), _PARAMS_PER_BATCH):
-        client.log_batch(run_id, tags=items[start : start + _PARAMS_PER_BATCH])
+        mlflow_client.log_batch(run_id, tags=items[start : start + _PARAMS_PER_BATCH])
 
 
 def start_run(
@@ -266,7 +262,7 @@ def start_run(
     if parent_run_id is not None:
         all_tags[PARENT_RUN_TAG] = parent_run_id
     experiment_id = get_or_create_experiment(uri, experiment)
-    run = _client(uri).create_run(experiment_id, tags=all_tags, run_name=run_name)
+    run = client(uri).create_run(experiment_id, tags=all_tags, run_name=run_name)
     run_id = run.info.run_id
     if params:
         log_params(uri, run_id, params)
@@ -284,15 +280,15 @@ def resume_run(uri: str, run_id: str, *, experiment: str, params: Mapping[str, A
 
     from ray_dpo.config import flatten
 
-    client = _client(uri)
+    mlflow_client = client(uri)
     try:
-        run = client.get_run(run_id)
-        wanted = client.get_experiment_by_name(experiment)
+        run = mlflow_client.get_run(run_id)
+        wanted = mlflow_client.get_experiment_by_name(experiment)
     except MlflowException:
         return False
     if run.info.lifecycle_stage != "active" or wanted is None or run.info.experiment_id != wanted.experiment_id:
         return False
-    client.update_run(run_id, status="RUNNING")
+    mlflow_client.update_run(run_id, status="RUNNING")
     new = {key: _param_value(value) for key, value in flatten(dict(params or {})).items()}
     old = run.data.params
     log_params(uri, run_id, {key: value for key, value in new.items() if key not in old})
@@ -306,16 +302,16 @@ def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int |
 
     timestamp = int(time.time() * 1000)
     items = [Metric(str(key), float(value), timestamp, int(step or 0)) for key, value in metrics.items()]
-    client = _client(uri)
+    mlflow_client = client(uri)
     for start in range(0, len(items), _METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=items[start : start + _METRICS_PER_BATCH])
+        mlflow_client.log_batch(run_id, metrics=items[start : start + _METRICS_PER_BATCH])
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     """Mark the run terminated: FINISHED, FAILED or KILLED (an early-stopped trial: FINISHED + `mark_early_stopped`)."""
     if status not in _RUN_STATUSES:
         raise TrackingError(f"tracking: run status must be one of {list(_RUN_STATUSES)}, got {status!r}")
-    _client(uri).set_terminated(run_id, status=status)
+    client(uri).set_terminated(run_id, status=status)
 
 
 def mark_early_stopped(uri: str, run_id: str, reason: str = "scheduler") -> None:
@@ -331,27 +327,27 @@ def mark_early_stopped(uri: str, run_id: str, reason: str = "scheduler") -> None
 def log_artifact(uri: str, run_id: str, local_path: str | Path, artifact_path: str | None = None) -> None:
     """Upload a file, or a directory's contents, under `artifact_path` of the run."""
     path = Path(local_path)
-    client = _client(uri)
+    mlflow_client = client(uri)
     if path.is_dir():
-        client.log_artifacts(run_id, str(path), artifact_path)
+        mlflow_client.log_artifacts(run_id, str(path), artifact_path)
     elif path.is_file():
-        client.log_artifact(run_id, str(path), artifact_path)
+        mlflow_client.log_artifact(run_id, str(path), artifact_path)
     else:
         raise TrackingError(f"tracking: cannot log artifact {path}: no such file or directory")
 
 
 def log_dict(uri: str, run_id: str, obj: Any, artifact_file: str) -> None:
     """JSON or YAML (by the extension of `artifact_file`)."""
-    _client(uri).log_dict(run_id, obj, artifact_file)
+    client(uri).log_dict(run_id, obj, artifact_file)
 
 
 def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
-    _client(uri).log_text(run_id, text, artifact_file)
+    client(uri).log_text(run_id, text, artifact_file)
 
 
 def log_table(uri: str, run_id: str, data: dict[str, list] | pandas.DataFrame, artifact_file: str) -> None:
     """A table artifact (`.json`), shown in the UI's evaluation view; read back with `load_table`."""
-    _client(uri).log_table(run_id, data, artifact_file)
+    client(uri).log_table(run_id, data, artifact_file)
 
 
 def load_table(uri: str, run_id: str, artifact_file: str) -> pandas.DataFrame:
@@ -364,10 +360,10 @@ def load_table(uri: str, run_id: str, artifact_file: str) -> pandas.DataFrame:
 
     with tempfile.TemporaryDirectory(prefix="ray-dpo-table-") as tmp:
         try:
-            local = _client(uri).download_artifacts(run_id, artifact_file, tmp)
+            local = client(uri).download_artifacts(run_id, artifact_file, tmp)
         except Exception as err:  # MlflowException or OSError from the artifact store
             raise TrackingError(
-                f"tracking: cannot read table {artifact_file} of run {run_id} in {uri}: {_one_line(err)}"
+                f"tracking: cannot read table {artifact_file} of run {run_id} in {uri}: {one_line(err)}"
             ) from None
         if artifact_file.endswith(".parquet"):
             return pd.read_parquet(local)
@@ -380,256 +376,3 @@ def download_artifacts(uri: str, run_id: str, artifact_path: str, dst_path: str 
     return Path(
         _download(run_id=run_id, artifact_path=artifact_path, dst_path=dst_path, tracking_uri=uri, registry_uri=uri)
     )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The policy as an MLflow model
-# ---------------------------------------------------------------------------------------------------------------
-
-# "Models from code": MLflow stores this file in the model and runs it on load, so nothing is pickled (the
-# weights are safetensors, the class comes from the installed ray-dpo package).
-_MODEL_CODE = """\
-import mlflow
-
-from ray_dpo.tracking import make_policy_pyfunc
-
-mlflow.models.set_model(make_policy_pyfunc())
-"""
-
-
-def greedy_continuations(
-    model: TransformerLM, tokenizer: ByteTokenizer | HFTokenizer, prompts: list[str], max_new_tokens: int
-) -> list[str]:
-    """Greedy continuation of each prompt (bos + prompt, as in training) until eos or `max_new_tokens`.
-
-    What the registered pyfunc's `predict` serves. Prompt + continuation fit the model's `max_seq_len` (its RoPE
-    tables and KV cache): at most `max_seq_len - 1` new tokens, prompts keep their last tokens.
-    """
-    import torch
-
-    from ray_dpo.generate import generate
-
-    max_new_tokens = max(1, min(int(max_new_tokens), model.config.max_seq_len - 1))
-    keep = model.config.max_seq_len - max_new_tokens
-    encoded = [torch.tensor([tokenizer.bos_id, *tokenizer.encode(p)][-keep:], dtype=torch.long) for p in prompts]
-    if not encoded:
-        return []
-    model.eval()
-    with torch.no_grad():
-        out = generate(
-            model, encoded, max_new_tokens, temperature=0.0, eos_token=tokenizer.eos_id, pad_id=tokenizer.pad_id
-        )
-    texts = []
-    for row in out.tolist():
-        if tokenizer.eos_id in row:
-            row = row[: row.index(tokenizer.eos_id)]
-        texts.append(tokenizer.decode([t for t in row if t != tokenizer.pad_id]))
-    return texts
-
-
-def _as_prompts(model_input: Any) -> list[str]:
-    """pyfunc hands a list of strings over as a one-column DataFrame; also accept a `prompt` column or a string."""
-    if isinstance(model_input, str):
-        return [model_input]
-    if hasattr(model_input, "columns"):  # pandas.DataFrame
-        column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
-        model_input = model_input[column]
-    return [str(item) for item in list(model_input)]
-
-
-def make_policy_pyfunc():
-    """A `mlflow.pyfunc.PythonModel` serving the policy: list of prompts -> list of greedy continuations.
-
-    Built in a function so `import ray_dpo.tracking` does not import mlflow.
-    """
-    import mlflow.pyfunc
-
-    class PolicyModel(mlflow.pyfunc.PythonModel):
-        def load_context(self, context) -> None:
-            from ray_dpo.checkpoint import load_model
-            from ray_dpo.tokenizer import load_tokenizer
-
-            policy_dir = context.artifacts[POLICY_ARTIFACT]
-            self.model = load_model(policy_dir).eval()
-            self.tokenizer = load_tokenizer(policy_dir)
-            self.max_new_tokens = int((context.model_config or {}).get("max_new_tokens", 64))
-
-        # No type hints on purpose: MLflow would derive the signature from them and drop the params schema.
-        def predict(self, context, model_input, params=None):
-            max_new = int((params or {}).get("max_new_tokens", self.max_new_tokens))
-            return greedy_continuations(self.model, self.tokenizer, _as_prompts(model_input), max_new)
-
-    # MLflow warns about the missing type hints (once per process, its own filter): they are missing on purpose.
-    return PolicyModel()
-
-
-def _stage_policy(checkpoint_dir: Path, into: Path) -> Path:
-    """Copy only what serving needs (no optimizer state) into `into/policy`; the tokenizer spec defaults to bytes."""
-    import shutil
-
-    policy = into / POLICY_ARTIFACT
-    policy.mkdir(parents=True)
-    for name in POLICY_FILES:
-        source = checkpoint_dir / name
-        if source.is_file():
-            shutil.copy2(source, policy / name)
-        elif name == "tokenizer.json":
-            (policy / name).write_text(json.dumps({"type": "byte"}))  # a checkpoint saved without its tokenizer
-        else:
-            raise TrackingError(f"tracking: cannot register {checkpoint_dir}: {name} is missing")
-    return policy
-
-
-def _pip_requirements() -> list[str]:
-    # Explicit, so MLflow does not load the model in a subprocess to infer them (slow, and it would miss ray-dpo).
-    from importlib.metadata import PackageNotFoundError, version
-
-    requirements = []
-    for package in ("mlflow", "torch", "safetensors", "einops", "numpy", "pyyaml", "ray-dpo"):
-        try:
-            requirements.append(f"{package}=={version(package).split('+')[0]}")
-        except PackageNotFoundError:
-            requirements.append(package)
-    return requirements
-
-
-def register_model(
-    uri: str,
-    run_id: str,
-    checkpoint_dir: str | Path,
-    name: str | None,
-    *,
-    max_new_tokens: int = 64,
-    await_registration_s: int = 60,
-) -> str:
-    """Log the checkpoint's policy as an MLflow pyfunc model of `run_id` and register it as `name`.
-
-    MLflow 3 layout: a LoggedModel (`models:/<model_id>`, listed under the run's outputs and the experiment's
-    Models tab) holding `artifacts/policy/{model.safetensors, model_config.json, tokenizer.json}`. Built with the
-    client API, not `mlflow.pyfunc.log_model`, which only works against the global tracking URI and active run.
-    Returns `models:/<name>/<version>`, or `models:/<model_id>` when `name` is None.
-    """
-    import warnings
-
-    import mlflow.pyfunc
-    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
-    from mlflow.exceptions import MlflowException
-    from mlflow.models import Model, infer_signature
-
-    checkpoint_dir = Path(checkpoint_dir)
-    if not checkpoint_dir.is_dir():
-        raise TrackingError(f"tracking: cannot register {checkpoint_dir}: not a directory")
-    client = _client(uri)
-    run = client.get_run(run_id)
-    logged = client.create_logged_model(
-        run.info.experiment_id, name=POLICY_ARTIFACT, source_run_id=run_id, model_type="ray-dpo-policy"
-    )
-    try:
-        with tempfile.TemporaryDirectory(prefix="ray-dpo-model-") as tmp:
-            tmp_path = Path(tmp)
-            policy = _stage_policy(checkpoint_dir, tmp_path / "stage")
-            code = tmp_path / "ray_dpo_policy_model.py"
-            code.write_text(_MODEL_CODE)
-            local = tmp_path / "model"
-            # Explicit signature: one inferred from type hints has no params schema, so `max_new_tokens` passed
-            # to predict(..., params=...) would be dropped. An input example would only re-run predict: not given.
-            signature = infer_signature(["a prompt"], ["a response"], params={"max_new_tokens": max_new_tokens})
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*input example was not provided")
-                mlflow.pyfunc.save_model(
-                    str(local),
-                    python_model=str(code),
-                    artifacts={POLICY_ARTIFACT: str(policy)},
-                    model_config={"max_new_tokens": max_new_tokens},
-                    signature=signature,
-                    pip_requirements=_pip_requirements(),
-                    mlflow_model=Model(
-                        artifact_path=logged.artifact_location,
-                        model_uuid=logged.model_id,
-                        run_id=run_id,
-                        model_id=logged.model_id,
-                    ),
-                )
-            client.log_model_artifacts(logged.model_id, str(local))
-        client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
-        client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
-    except BaseException:
-        client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
-        raise
-    if name is None:
-        return f"models:/{logged.model_id}"
-    try:
-        client.create_registered_model(name)
-    except MlflowException as err:
-        if err.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise TrackingError(f"tracking: cannot register model {name!r} in {uri}: {_one_line(err)}") from None
-    version = client.create_model_version(
-        name,
-        # The storage location, not `models:/<model_id>`: the SQL registry resolves the latter through the GLOBAL
-        # tracking URI (an MLflow TODO), i.e. ./mlflow.db rather than `uri`.
-        source=logged.artifact_location,
-        run_id=run_id,
-        model_id=logged.model_id,
-        await_creation_for=await_registration_s,
-    )
-    return f"models:/{name}/{version.version}"
-
-
-def download_model(model_uri: str, tracking_uri: str, dst_path: str | Path | None = None) -> Path:
-    """Download an MLflow model (`models:/name/version`, `models:/name@alias`, `models:/<model_id>`, `runs:/...`).
-
-    `models:/` URIs are resolved here with a client bound to `tracking_uri`: MLflow's own resolver
-    (`ModelsArtifactRepository`) looks them up in the GLOBAL registry URI, ignoring the one it is given.
-    """
-    from mlflow.artifacts import download_artifacts as _download
-    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
-    from mlflow.store.artifact.utils.models import get_model_name_and_version
-
-    try:
-        artifact_uri = model_uri
-        if ModelsArtifactRepository.is_models_uri(model_uri):
-            client = _client(tracking_uri)
-            base, sub_path = ModelsArtifactRepository.split_models_uri(model_uri)
-            found = get_model_name_and_version(client, base)
-            if len(found) == 1:  # models:/<model_id>
-                artifact_uri = client.get_logged_model(found[0]).artifact_location
-            else:
-                artifact_uri = client.get_model_version_download_uri(*found)
-            if sub_path:
-                artifact_uri = artifact_uri.rstrip("/") + "/" + sub_path
-        local = _download(artifact_uri=artifact_uri, dst_path=dst_path, tracking_uri=tracking_uri)
-    except Exception as err:  # MlflowException, or an OSError from the artifact store
-        raise TrackingError(f"tracking: cannot download {model_uri} from {tracking_uri}: {_one_line(err)}") from None
-    return Path(local)
-
-
-def _find_policy_dir(local: Path) -> Path:
-    for candidate in (local, local / "artifacts" / POLICY_ARTIFACT, local / POLICY_ARTIFACT):
-        if (candidate / POLICY_FILES[0]).is_file():
-            return candidate
-    raise TrackingError(f"tracking: {local} holds no {POLICY_FILES[0]} (not a ray-dpo policy model)")
-
-
-def load_registered_model(
-    model_uri: str, tracking_uri: str, device: str = "cpu"
-) -> tuple[TransformerLM, ByteTokenizer | HFTokenizer]:
-    """Download `model_uri` and rebuild our `TransformerLM` (safetensors, never pickle) and its tokenizer."""
-    from ray_dpo.checkpoint import load_model
-    from ray_dpo.tokenizer import load_tokenizer
-
-    with tempfile.TemporaryDirectory(prefix="ray-dpo-download-") as tmp:
-        policy = _find_policy_dir(download_model(model_uri, tracking_uri, tmp))
-        model = load_model(policy, device=device).eval()
-        tokenizer = load_tokenizer(policy)  # both load fully into memory: the download can go
-    return model, tokenizer
-
-
-def load_pyfunc(model_uri: str, tracking_uri: str, dst_path: str | Path | None = None):
-    """`mlflow.pyfunc.load_model` for a model in `tracking_uri` (downloaded first: the fluent loader only knows the
-    global URI). Keep `dst_path` while the model is in use when given; otherwise a fresh temporary directory is used.
-    """
-    import mlflow.pyfunc
-
-    if dst_path is None:
-        dst_path = tempfile.mkdtemp(prefix="ray-dpo-pyfunc-")
-    return mlflow.pyfunc.load_model(str(download_model(model_uri, tracking_uri, dst_path)))

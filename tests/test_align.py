@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ray_dpo.errors import UserError
-from ray_dpo.pipeline import find_user_error
+from ray_dpo.errors import UserError, find_user_error
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -33,20 +32,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_align_end_to_end_tiny(tmp_path):
+def test_align_end_to_end_tiny(ray_session, tmp_path):
     """Exit 0 (with prefix sharing and bf16 on); ONE MLflow run with params, sft/train/val metrics over steps, the
-    final checkpoint as artifacts and a registered model that loads back with the same logits as the checkpoint."""
+    final checkpoint as artifacts and a registered model that loads back with the same logits as the checkpoint.
+    Only `data.train_path` + `data.val_fraction` are set: evaluation samples exactly the held-out rows."""
     from mlflow import MlflowClient
 
     from ray_dpo.checkpoint import load_model
-    from ray_dpo.tracking import load_registered_model
+    from ray_dpo.data import read_preferences, split_train_val
+    from ray_dpo.demo import write_sort_task
+    from ray_dpo.evaluate import SAMPLES_TABLE
+    from ray_dpo.serving import load_registered_model
+    from ray_dpo.tokenizer import ByteTokenizer
+    from ray_dpo.tracking import load_table
 
+    files = write_sort_task(tmp_path / "sort", rows=160, seed=0)
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     env |= {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     script = str(ROOT / "pipelines" / "align.py")
     cmd = [sys.executable, script, "--config", TINY, "output_dir=out", "train.storage_path=out/ray"]
     cmd += ["dpo.prefix_sharing=true", "train.precision=bf16"]  # the speed switches, through DDP workers
+    cmd += ["data.synthetic=null", f"data.train_path={files['train']}", "data.val_fraction=0.25"]
+    cmd += [f"sft.path={files['sft']}", "eval.enabled=true", "eval.num_prompts=1000", "eval.max_new_tokens=8"]
     # run from tmp_path with RELATIVE output paths: they must reach the Ray workers (which chdir) as absolute
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -71,6 +79,15 @@ def test_align_end_to_end_tiny(tmp_path):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints/final")}
     assert {"checkpoints/final/model.safetensors", "checkpoints/final/state.json"} <= artifacts
     assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+    # held out: the evaluated prompts are exactly the validation split's, none of the rows trained on
+    tok = ByteTokenizer()
+    pairs, _ = read_preferences(files["train"], tokenizer=tok, max_len=64, max_prompt_len=32)
+    train_rows, val_rows = split_train_val(pairs, 0.25, seed=0)
+    prompt_texts = lambda ds: {tok.decode(row["prompt"]) for row in ds.take_all()}
+    samples = load_table(uri, run.info.run_id, SAMPLES_TABLE)
+    assert sorted(samples["prompt"]) == sorted(prompt_texts(val_rows)) and len(samples) == 40
+    assert not set(samples["prompt"]) & prompt_texts(train_rows)
 
     policy, tokenizer = load_registered_model(model_uri, uri)
     expected = load_model(checkpoint).eval()

@@ -35,6 +35,11 @@ def test_yaml_file_then_overrides_win(tmp_path):
         ("model.heads=3", "config: model.dim=256 must split into 3 heads"),
         ("train=3", "config: train must be a mapping"),
         ("train.lr", "not of the form section.key=value"),
+        (
+            "dpo.reference_free=true",
+            "config: dpo.reference_free was replaced by dpo.reference (live | precomputed | none)",
+        ),
+        ("dpo.reference=frozen", "config: dpo.reference must be one of ['live', 'precomputed', 'none']"),
     ],
 )
 def test_bad_keys_and_values_name_the_key(override, message):

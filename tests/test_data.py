@@ -33,7 +33,7 @@ def trl_reference(prompt: str, chosen: str, rejected: str, max_len: int, max_pro
             p = [BOS] + p[1:][len(p) - max_prompt_len :]
         room = max_len - len(p)
         c, r = c[:room], r[:room]
-    return p + c, p + r, len(p), len(c), len(r)
+    return p, c, r
 
 
 def rows_of(ds):
@@ -41,18 +41,18 @@ def rows_of(ds):
 
 
 def test_collate_pads_to_the_batch_longest_row():
-    batch = {
-        "chosen": np.array([np.array([1, 2, 3]), np.array([4, 5])], dtype=object),
-        "rejected": np.array([np.array([1, 2, 3, 9, 9]), np.array([4, 6])], dtype=object),
-        "prompt_len": np.array([2, 1]),
-        "chosen_len": np.array([1, 1]),
-        "rejected_len": np.array([3, 1]),
+    batch = {  # the prompt is stored once; responses alone
+        "prompt": np.array([np.array([1, 2], np.int32), np.array([4], np.int32)], dtype=object),
+        "chosen": np.array([np.array([3], np.int32), np.array([5], np.int32)], dtype=object),
+        "rejected": np.array([np.array([3, 9, 9], np.int32), np.array([6], np.int32)], dtype=object),
         "ref_chosen_logp": np.array([-1.0, -2.0]),
     }
     out = collate_preferences(batch, pad_id=PAD)
     assert out["chosen"].tolist() == [[1, 2, 3, PAD, PAD], [4, 5, PAD, PAD, PAD]]
     assert out["rejected"].tolist() == [[1, 2, 3, 9, 9], [4, 6, PAD, PAD, PAD]]
+    assert out["prompt_len"].tolist() == [2, 1] and out["chosen_len"].tolist() == [1, 1]
     assert out["prompt_len"].dtype == torch.int64 and out["rejected_len"].tolist() == [3, 1]
+    assert out["chosen"].dtype == torch.int64
     assert out["ref_chosen_logp"].dtype == torch.float32 and "ref_rejected_logp" not in out
 
 
@@ -75,10 +75,10 @@ def test_hh_train_accounting_roundtrip_truncation_and_padding(ray_session):
     assert stats.as_dict()["data/dropped/empty"] == 3 and stats.as_dict()["data/rows_out"] == ds.count() == 1809
     kept = [row for i, row in enumerate(source) if i not in blank]
     non_ascii = 0
+    assert [str(t) for t in ds.schema().types] == ["list<item: int32>"] * 3  # int32 tokens, the prompt once
     for row, want in zip(rows_of(ds), kept, strict=True):
-        p, c, r = int(row["prompt_len"]), int(row["chosen_len"]), int(row["rejected_len"])
-        assert row["chosen"][0] == BOS and row["chosen"][p + c - 1] == EOS and row["rejected"][p + r - 1] == EOS
-        got = (TOK.decode(row["chosen"][1:p]), TOK.decode(row["chosen"][p:]), TOK.decode(row["rejected"][p:]))
+        assert row["prompt"][0] == BOS and row["chosen"][-1] == EOS and row["rejected"][-1] == EOS
+        got = (TOK.decode(row["prompt"][1:]), TOK.decode(row["chosen"]), TOK.decode(row["rejected"]))
         assert got == (want["prompt"], want["chosen"], want["rejected"])
         non_ascii += any(not s.isascii() for s in got)
     assert non_ascii > 100  # typographic quotes and bullets went through bytes and back
@@ -91,17 +91,17 @@ def test_hh_train_accounting_roundtrip_truncation_and_padding(ray_session):
     expected = [trl_reference(w["prompt"], w["chosen"], w["rejected"], max_len, max_prompt_len) for w in kept]
     cut_prompts = 0
     for row, want, src in zip(rows_of(ds), expected, kept, strict=True):
-        got = (list(row["chosen"]), list(row["rejected"]), row["prompt_len"], row["chosen_len"], row["rejected_len"])
+        got = (list(row["prompt"]), list(row["chosen"]), list(row["rejected"]))
         assert got == tuple(want)
-        prompt_bytes = bytes(row["chosen"][1 : row["prompt_len"]])
+        prompt_bytes = bytes(row["prompt"][1:])
         assert src["prompt"].encode().endswith(prompt_bytes)
-        assert len(row["chosen"]) <= max_len and len(row["rejected"]) <= max_len
+        assert len(row["prompt"]) + max(len(row["chosen"]), len(row["rejected"])) <= max_len
         if len(prompt_bytes) < len(src["prompt"].encode()):  # a cut prompt keeps exactly max_prompt_len tokens
-            assert row["prompt_len"] == max_prompt_len
+            assert len(row["prompt"]) == max_prompt_len
             cut_prompts += 1
     assert cut_prompts > 100
     n_truncated = sum(
-        (w[2], w[3], w[4])
+        tuple(map(len, w))
         != (len(s["prompt"].encode()) + 1, len(s["chosen"].encode()) + 1, len(s["rejected"].encode()) + 1)
         for w, s in zip(expected, kept, strict=True)
     )
@@ -211,9 +211,9 @@ def test_bad_files_one_line_errors_and_skip_counts(ray_session, tmp_path):
         read_preferences(ids, columns=names, **cfg)
     ds, stats = read_preferences(ids, columns=names, on_bad_row="skip", **cfg)
     assert stats.dropped["bad_token"] == 1 and stats.rows_out == 2
-    assert [(list(r["chosen"]), list(r["rejected"]), r["prompt_len"]) for r in rows_of(ds)] == [
-        ([5, 6, 7, 1, EOS], [5, 6, 7, 10, EOS], 3),
-        ([9, 9, 4, EOS], [9, 9, 12, EOS], 2),
+    assert [(list(r["prompt"]), list(r["chosen"]), list(r["rejected"])) for r in rows_of(ds)] == [
+        ([5, 6, 7], [1, EOS], [10, EOS]),
+        ([9, 9], [4, EOS], [12, EOS]),
     ]
     with pytest.raises(DataError, match="missing column 'prompt'.*columns="):
         read_preferences(ids, **cfg)
@@ -222,7 +222,8 @@ def test_bad_files_one_line_errors_and_skip_counts(ray_session, tmp_path):
 def padded_fraction(ds, batch_size=8):
     padded = total = 0
     for b in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        lens = np.concatenate([b["prompt_len"] + b["chosen_len"], b["prompt_len"] + b["rejected_len"]])
+        p, c, r = ([len(x) for x in b[k]] for k in ("prompt", "chosen", "rejected"))
+        lens = np.concatenate([np.add(p, c), np.add(p, r)])
         total += lens.max() * len(lens)
         padded += lens.max() * len(lens) - lens.sum()
     return padded / total
@@ -232,7 +233,7 @@ def test_split_is_deterministic_and_bucketing_cuts_padding(ray_session):
     ds, _ = read_preferences(HH_TEST, tokenizer=TOK, max_len=512, max_prompt_len=256, on_bad_row="skip")
 
     def key(row):
-        return (tuple(row["chosen"]), tuple(row["rejected"]))
+        return (tuple(row["prompt"]), tuple(row["chosen"]), tuple(row["rejected"]))
 
     everything = sorted(map(key, ds.take_all()))
     train, val = split_train_val(ds, 0.1, seed=0)
@@ -249,5 +250,5 @@ def test_split_is_deterministic_and_bucketing_cuts_padding(ray_session):
     assert sorted(map(key, bucketed.take_all())) == everything  # same rows, new order
     assert [key(r) for r in bucket_by_length(ds, window=64, seed=0).take_all()] == [key(r) for r in bucketed.take_all()]
     assert padded_fraction(bucketed) < 0.7 * padded_fraction(ds)  # 0.30 -> 0.18 measured
-    lengths = [max(r["chosen_len"], r["rejected_len"]) + r["prompt_len"] for r in bucketed.take_all()]
+    lengths = [max(len(r["chosen"]), len(r["rejected"])) + len(r["prompt"]) for r in bucketed.take_all()]
     assert lengths != sorted(lengths)  # windows are shuffled: not one global sort

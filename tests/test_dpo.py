@@ -99,7 +99,7 @@ def test_token_alignment_scores_exactly_the_response():
     got = sequence_logps(FixedLogits(logits), seq, mask)
     assert got.item() == pytest.approx(expected, abs=1e-12)
 
-    dpo = DPO(FixedLogits(logits), pad_id=0, reference_free=True)
+    dpo = DPO(FixedLogits(logits), pad_id=0, reference="none")
     dpo(seq, seq, prompt_mask=prompt_mask)
     assert dpo.last_metrics["logps/chosen"].item() == pytest.approx(expected, abs=1e-12)
 
@@ -166,7 +166,7 @@ def test_precomputed_reference_equals_live_reference_and_mean_reduction():
         live_loss = live(chosen, rejected, prompt_mask=prompt_mask)
         ref_c = sequence_logps(live.ref_model, chosen, response_mask(chosen, prompt_mask), reduction)
         ref_r = sequence_logps(live.ref_model, rejected, response_mask(rejected, prompt_mask), reduction)
-        pre = DPO(live.policy_model, beta=0.5, pad_id=0, reduction=reduction, precomputed_reference=True)
+        pre = DPO(live.policy_model, beta=0.5, pad_id=0, reduction=reduction, reference="precomputed")
         assert pre.ref_model is None
         pre_loss = pre(chosen, rejected, prompt_mask=prompt_mask, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r)
         torch.testing.assert_close(pre_loss, live_loss)

@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 import ray
 import torch
@@ -59,10 +60,16 @@ def _encode(prompt: str) -> torch.Tensor:
     return torch.tensor([TOK.bos_id, *TOK.encode(prompt)])
 
 
+def _prompts_ds(prompts: list[str]) -> ray.data.Dataset:
+    """Prompt token rows, as the validation split of `read_preferences` holds them."""
+    tokens = pa.array([_encode(p).tolist() for p in prompts], pa.list_(pa.int32()))
+    return ray.data.from_arrow(pa.table({"prompt": tokens}))
+
+
 def test_actor_pool_with_two_actors_equals_direct_greedy_generate(ray_session, tmp_path):
     policy_dir, reference_dir = _checkpoint(tmp_path, "policy", 1), _checkpoint(tmp_path, "reference", 2)
     config = _config(concurrency=2)
-    prompts_ds = ray.data.from_items([{"prompt": p} for p in PROMPTS])
+    prompts_ds = _prompts_ds(PROMPTS)
 
     samples = generate_samples(
         config, policy_checkpoint=policy_dir, reference_checkpoint=reference_dir, prompts_ds=prompts_ds
@@ -103,9 +110,10 @@ def _dpo_steps(reference_dir: str, steps: int) -> TransformerLM:
     pad = lambda rows: torch.tensor([r + [TOK.pad_id] * (width - len(r)) for r in rows])
     prompt_len = torch.tensor([len(p) for p in prompts])
     response_len = torch.tensor([len(c) - len(p) for c, p in zip(chosen, prompts, strict=True)])
-    mask = response_mask_from_lengths(width, prompt_len, response_len)
+    batch = dict(chosen=pad(chosen), rejected=pad(rejected), prompt_len=prompt_len)
+    batch |= dict(chosen_len=response_len, rejected_len=response_len)
     for _ in range(steps):
-        loss, _ = dpo.loss_and_metrics(pad(chosen), pad(rejected), mask, mask)
+        loss, _ = dpo.batch_loss(batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -118,7 +126,7 @@ def test_kl_is_zero_for_identical_models_and_positive_after_training(ray_session
     reference_dir = _checkpoint(tmp_path, "reference", 3)
     # sampling at temperature 1: the KL estimate is the unbiased Monte-Carlo one here
     config = _config(temperature=1.0, concurrency=1, batch_size=8)
-    prompts_ds = ray.data.from_items([{"prompt": p} for p in PROMPTS])
+    prompts_ds = _prompts_ds(PROMPTS)
 
     same = generate_samples(
         config, policy_checkpoint=reference_dir, reference_checkpoint=reference_dir, prompts_ds=prompts_ds
@@ -139,7 +147,7 @@ def test_kl_is_zero_for_identical_models_and_positive_after_training(ray_session
         run_id=run_id,
     )
     assert metrics["eval/kl_seq"] > 0.3 and metrics["eval/kl_token"] > 0.03, metrics  # 0.58 / 0.096 at 20 steps
-    logged = tracking._client(mlflow_uri).get_run(run_id).data.metrics
+    logged = tracking.client(mlflow_uri).get_run(run_id).data.metrics
     assert logged["eval/kl_seq"] == pytest.approx(metrics["eval/kl_seq"])
     table = tracking.load_table(mlflow_uri, run_id, SAMPLES_TABLE)
     assert len(table) == len(PROMPTS) and ACTOR_COLUMN not in table.columns
@@ -161,10 +169,10 @@ def test_aggregate_win_rate_ties_count_half_and_implicit_reward_accuracy():
     )
     pairs = pd.DataFrame(
         {
-            "chosen_logp_policy": [-1.0, -5.0, -2.0],
-            "chosen_logp_reference": [-2.0, -4.0, -2.0],  # chosen log-ratios 1, -1, 0
-            "rejected_logp_policy": [-3.0, -3.0, -2.0],
-            "rejected_logp_reference": [-2.0, -4.0, -2.0],  # rejected log-ratios -1, 1, 0 (a tie is not a win)
+            "policy_chosen_logp": [-1.0, -5.0, -2.0],
+            "reference_chosen_logp": [-2.0, -4.0, -2.0],  # chosen log-ratios 1, -1, 0
+            "policy_rejected_logp": [-3.0, -3.0, -2.0],
+            "reference_rejected_logp": [-2.0, -4.0, -2.0],  # rejected log-ratios -1, 1, 0 (a tie is not a win)
         }
     )
     m = aggregate(samples, pairs, beta=0.5)
@@ -210,7 +218,7 @@ def test_evaluate_pipeline_standalone_logs_a_run_and_fails_in_one_line(ray_sessi
     out = capsys.readouterr().out
     assert "eval reward:      reference" in out and "on 64 held-out pairs" in out
     uri = f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
-    (run,) = tracking._client(uri).search_runs([tracking.get_or_create_experiment(uri, "ray-dpo-demo")])
+    (run,) = tracking.client(uri).search_runs([tracking.get_or_create_experiment(uri, "ray-dpo-demo")])
     assert run.info.status == "FINISHED" and run.data.metrics["eval/num_prompts"] == 12
     assert run.data.params["eval.policy_checkpoint"] == policy_dir
 

@@ -127,7 +127,7 @@ def _batch(seed):
     return dict(chosen=chosen, rejected=rejected, prompt_len=p, chosen_len=c, rejected_len=r)
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"rpo_alpha": 0.5, "loss_type": "ipo"}, {"reference_free": True}])
+@pytest.mark.parametrize("kwargs", [{}, {"rpo_alpha": 0.5, "loss_type": "ipo"}, {"reference": "none"}])
 def test_dpo_batch_loss_metrics_and_grads_match(kwargs):
     batch = _batch(11)
     policy = tiny_model(11)
@@ -151,8 +151,8 @@ def test_dpo_batch_loss_metrics_and_grads_match(kwargs):
 def test_precomputed_reference_from_batch_is_used():
     batch = _batch(3) | {"ref_chosen_logp": torch.randn(6), "ref_rejected_logp": torch.randn(6)}
     model = tiny_model(3)
-    plain = DPO(model, pad_id=PAD, precomputed_reference=True).batch_loss(batch)
-    shared = DPO(model, pad_id=PAD, precomputed_reference=True, prefix_sharing=True).batch_loss(batch)
+    plain = DPO(model, pad_id=PAD, reference="precomputed").batch_loss(batch)
+    shared = DPO(model, pad_id=PAD, reference="precomputed", prefix_sharing=True).batch_loss(batch)
     torch.testing.assert_close(shared[0], plain[0], **TOL)
     torch.testing.assert_close(shared[1]["rewards/margins"], plain[1]["rewards/margins"], **TOL)
 

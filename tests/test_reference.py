@@ -14,10 +14,8 @@ from ray_dpo.tokenizer import ByteTokenizer
 
 def direct_logp(model, row, side):
     """One row, unpadded, no Ray: the reference the actor pool must reproduce."""
-    seq = torch.as_tensor(np.asarray(row[side]), dtype=torch.int64)[None]
-    mask = response_mask_from_lengths(
-        seq.shape[1], torch.tensor([row["prompt_len"]]), torch.tensor([row[f"{side}_len"]])
-    )
+    seq = torch.as_tensor(np.concatenate([row["prompt"], row[side]]), dtype=torch.int64)[None]
+    mask = response_mask_from_lengths(seq.shape[1], torch.tensor([len(row["prompt"])]), torch.tensor([len(row[side])]))
     with torch.no_grad():
         return float(sequence_logps(model, seq, mask, "sum")[0])
 
@@ -31,7 +29,7 @@ def test_actor_pool_reference_logps_equal_direct(ray_session, tmp_path):
     rows = ds.take_all()
 
     # From a checkpoint directory, two actors (each loads the model once); order of rows is kept.
-    scored = add_reference_logps(ds, tmp_path / "ref", batch_size=16, concurrency=2)
+    scored = add_reference_logps(ds, str(tmp_path / "ref"), batch_size=16, concurrency=2)
     out = scored.take_all()
     assert len(out) == len(rows) and scored.schema().names[-2:] == ["ref_chosen_logp", "ref_rejected_logp"]
     for side in ("chosen", "rejected"):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import stop_process_group
 
-from ray_dpo import tracking
+from ray_dpo import serving, tracking
 from ray_dpo.checkpoint import save_model
 from ray_dpo.config import Config, flatten
 from ray_dpo.model import ModelConfig, TransformerLM
@@ -181,15 +181,15 @@ def test_sqlite_round_trip(mlflow_uri, tmp_path, empty_cwd, monkeypatch):
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID")
 
     # the policy as a registered MLflow model: same logits through our loader, same text through pyfunc
-    model_uri = tracking.register_model(mlflow_uri, run_id, checkpoint, "ray-dpo-policy")
+    model_uri = serving.register_model(mlflow_uri, run_id, checkpoint, "ray-dpo-policy")
     assert model_uri == "models:/ray-dpo-policy/1"
-    loaded, tokenizer = tracking.load_registered_model(model_uri, mlflow_uri)
+    loaded, tokenizer = serving.load_registered_model(model_uri, mlflow_uri)
     tokens = torch.randint(0, 256, (2, 12))
     with torch.no_grad():
         assert torch.equal(model(tokens), loaded(tokens))
     assert tokenizer == ByteTokenizer()
     expected = [_greedy_by_hand(model, tokenizer, prompt, 6) for prompt in ["hi", "sort: 3 1 2"]]
-    pyfunc = tracking.load_pyfunc(model_uri, mlflow_uri, tmp_path / "pyfunc")
+    pyfunc = serving.load_pyfunc(model_uri, mlflow_uri, tmp_path / "pyfunc")
     assert pyfunc.predict(["hi", "sort: 3 1 2"], params={"max_new_tokens": 6}) == expected
     assert pyfunc.predict(pandas.DataFrame({"prompt": ["hi"]}), params={"max_new_tokens": 6}) == expected[:1]
     # a long prompt with the default 64 new tokens still fits the 64-token model (prompt cut from the left)
@@ -198,10 +198,10 @@ def test_sqlite_round_trip(mlflow_uri, tmp_path, empty_cwd, monkeypatch):
     assert not any(p.name in ("optimizer.pt", "python_model.pkl") for p in served)  # only the policy, no pickle
 
     # registering again makes version 2; the run lists its logged model; None skips the registry
-    assert tracking.register_model(mlflow_uri, run_id, checkpoint, "ray-dpo-policy") == "models:/ray-dpo-policy/2"
-    unregistered = tracking.register_model(mlflow_uri, run_id, checkpoint, None)
+    assert serving.register_model(mlflow_uri, run_id, checkpoint, "ray-dpo-policy") == "models:/ray-dpo-policy/2"
+    unregistered = serving.register_model(mlflow_uri, run_id, checkpoint, None)
     assert unregistered.startswith("models:/m-")
-    again, _ = tracking.load_registered_model(unregistered, mlflow_uri)
+    again, _ = serving.load_registered_model(unregistered, mlflow_uri)
     assert torch.equal(model(tokens), again(tokens))
     assert len(client.get_run(run_id).outputs.model_outputs) == 3
 
@@ -223,7 +223,7 @@ def test_sqlite_round_trip(mlflow_uri, tmp_path, empty_cwd, monkeypatch):
     with pytest.raises(TrackingError, match="no such file"):
         tracking.log_artifact(mlflow_uri, run_id, tmp_path / "missing.txt")
     with pytest.raises(TrackingError, match="models:/nope/1"):
-        tracking.load_registered_model("models:/nope/1", mlflow_uri)
+        serving.load_registered_model("models:/nope/1", mlflow_uri)
 
     assert list(empty_cwd.iterdir()) == []  # nothing went to ./mlflow.db or ./mlruns (no global MLflow state)
 
@@ -312,7 +312,7 @@ def test_server_round_trip(mlflow_server, tmp_path, empty_cwd):
     tracking.log_artifact(uri, run_id, note)
     checkpoint = tmp_path / "ckpt"
     model = _tiny_checkpoint(checkpoint)
-    model_uri = tracking.register_model(uri, run_id, checkpoint, "policy-over-http")
+    model_uri = serving.register_model(uri, run_id, checkpoint, "policy-over-http")
     tracking.end_run(uri, run_id)
 
     client = MlflowClient(tracking_uri=uri)
@@ -324,7 +324,7 @@ def test_server_round_trip(mlflow_server, tmp_path, empty_cwd):
     stored = list((root / "artifacts").rglob("config.yaml"))  # landed in --artifacts-destination
     assert len(stored) == 1 and stored[0].read_text() == note.read_text()
 
-    loaded, _ = tracking.load_registered_model(model_uri, uri)
+    loaded, _ = serving.load_registered_model(model_uri, uri)
     tokens = torch.randint(0, 256, (1, 10))
     with torch.no_grad():
         assert torch.equal(model(tokens), loaded(tokens))

@@ -20,15 +20,14 @@ PAD = ByteTokenizer.pad_id
 
 
 def _pairs(n: int, seed: int, ref_logp: list[float] | None = None) -> list[dict]:
-    """Preference rows of the data contract: [bos, prompt, response] token ids and lengths."""
+    """Preference rows of the data contract: [bos, prompt] and the two responses, token ids."""
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n):
         p, c, r = (int(x) for x in rng.integers(2, 6, size=3))
         prompt = [257, *rng.integers(97, 123, size=p - 1).tolist()]
-        chosen = prompt + rng.integers(97, 123, size=c).tolist()
-        rejected = prompt + rng.integers(97, 123, size=r).tolist()
-        row = {"chosen": chosen, "rejected": rejected, "prompt_len": p, "chosen_len": c, "rejected_len": r}
+        chosen, rejected = rng.integers(97, 123, size=c).tolist(), rng.integers(97, 123, size=r).tolist()
+        row = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
         if ref_logp is not None:
             row.update(ref_chosen_logp=ref_logp[i], ref_rejected_logp=-10.0)
         rows.append(row)

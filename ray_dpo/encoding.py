@@ -1,0 +1,171 @@
+"""How text becomes token rows: the one encoding contract of every stage (data, SFT, evaluation, the served model).
+
+    prompt    [bos] + prompt tokens          (text; pre-tokenized prompts are taken as they are)
+    response  response tokens + [eos]        (text and pre-tokenized alike)
+
+Truncation keeps the END of a prompt (the latest turns of a dialogue) and always its first `head` tokens (bos), then
+cuts responses to the room left: TRL's `keep_end`. A response that was cut loses its eos: it did not end there.
+
+Everything here is vectorised over a batch of rows held as flat arrays (`Ragged`: values + row offsets), so the
+data stage encodes millions of rows without a Python loop; a single prompt (`encode_prompt`, what evaluation and
+serving use) is the same code on a batch of one. No torch, no Ray.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ray_dpo.tokenizer import ByteTokenizer
+
+TOKEN_TYPE = pa.int32()  # every vocabulary we meet fits; half the memory of int64 rows
+
+
+@dataclass
+class Ragged:
+    """Rows of tokens as one flat array: row i is `values[offsets[i]:offsets[i + 1]]`."""
+
+    values: np.ndarray  # int64
+    offsets: np.ndarray  # int64, len = rows + 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @classmethod
+    def from_lengths(cls, values: np.ndarray, lengths: np.ndarray) -> Ragged:
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return cls(values, offsets)
+
+    @classmethod
+    def from_rows(cls, rows: list) -> Ragged:
+        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+        values = np.concatenate([np.asarray(r, dtype=np.int64) for r in rows]) if len(rows) else np.zeros(0, np.int64)
+        return cls.from_lengths(values.astype(np.int64, copy=False), lengths)
+
+    def to_arrow(self) -> pa.ListArray:
+        return pa.ListArray.from_arrays(pa.array(self.offsets.astype(np.int32)), pa.array(self.values, TOKEN_TYPE))
+
+    def rows(self) -> list[np.ndarray]:
+        return [self.values[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:], strict=True)]
+
+
+def segment_index(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Flat indices of the concatenated segments [starts[i], starts[i] + lengths[i])."""
+    total = int(lengths.sum())
+    out_starts = np.cumsum(lengths) - lengths
+    return np.arange(total, dtype=np.int64) + np.repeat(starts - out_starts, lengths)
+
+
+def segment_sums(x: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Per-row sums of a flat array given row offsets (empty rows sum to 0)."""
+    cum = np.zeros(len(x) + 1, dtype=x.dtype)
+    np.cumsum(x, out=cum[1:])
+    return cum[offsets[1:]] - cum[offsets[:-1]]
+
+
+def _gather(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Ragged:
+    """Rows built from per-row segments: parts[k] = (source values, start per row, length per row), in row order."""
+    sources = [np.asarray(src, dtype=np.int64) for src, _, _ in parts]
+    bases = np.cumsum([0, *map(len, sources)])[:-1]
+    starts = np.stack([start + base for (_, start, _), base in zip(parts, bases, strict=True)], axis=1).ravel()
+    lengths = np.stack([length for _, _, length in parts], axis=1).ravel()
+    values = np.concatenate(sources)[segment_index(starts, lengths)]
+    return Ragged.from_lengths(values, np.sum([length for _, _, length in parts], axis=0))
+
+
+# ------------------------------------------------------------------------------------------------ text -> tokens
+
+
+def tokenize(column: pa.Array | pa.ChunkedArray, tokenizer) -> Ragged:
+    """Token ids of a string or `list<int>` column, no specials added; null rows give empty rows."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+        lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        return Ragged.from_lengths(arr.flatten().to_numpy(zero_copy_only=False).astype(np.int64), lengths)
+    if isinstance(tokenizer, ByteTokenizer):
+        # Byte-level ids ARE the UTF-8 bytes Arrow already holds: read its buffers, no Python per row.
+        arr = arr.cast(pa.large_string())
+        offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + len(arr) + 1]
+        data = arr.buffers()[2]
+        raw = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, np.uint8)
+        lengths = np.diff(offsets)
+        if arr.null_count:
+            lengths = np.where(arr.is_null().to_numpy(zero_copy_only=False), 0, lengths)
+        return Ragged.from_lengths(raw[segment_index(offsets[:-1], lengths)].astype(np.int64), lengths)
+    return Ragged.from_rows(tokenizer.encode_batch(pc.fill_null(arr, "").to_pylist()))
+
+
+def prompt_head(column_type: pa.DataType) -> int:
+    """Leading tokens every encoded prompt of this column type starts with, kept by truncation: 1 (bos) for text."""
+    return 0 if pa.types.is_list(column_type) or pa.types.is_large_list(column_type) else 1
+
+
+def encode_prompts(column: pa.Array | pa.ChunkedArray, tokenizer) -> Ragged:
+    """[bos] + tokens for text prompts; pre-tokenized prompts as they are (your tokenizer chose their specials)."""
+    tokens = tokenize(column, tokenizer)
+    if not prompt_head(column.type):
+        return tokens
+    n = len(tokens.lengths)
+    bos = (np.array([tokenizer.bos_id]), np.zeros(n, np.int64), np.ones(n, np.int64))
+    return _gather([bos, (tokens.values, tokens.offsets[:-1], tokens.lengths)])
+
+
+def encode_responses(column: pa.Array | pa.ChunkedArray, tokenizer) -> Ragged:
+    """tokens + [eos], for text and pre-tokenized responses alike: both input kinds end responses the same way."""
+    tokens = tokenize(column, tokenizer)
+    n = len(tokens.lengths)
+    eos = (np.array([tokenizer.eos_id]), np.zeros(n, np.int64), np.ones(n, np.int64))
+    return _gather([(tokens.values, tokens.offsets[:-1], tokens.lengths), eos])
+
+
+# ------------------------------------------------------------------------------------------------ truncation
+
+
+def fit_lengths(
+    prompt_len: np.ndarray, response_lens: list[np.ndarray], *, max_len: int, max_prompt_len: int, head: int
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Kept lengths under TRL's keep_end rule: a row whose prompt + longest response exceeds `max_len` keeps at
+    most `max_prompt_len` prompt tokens (its `head` and its end), then each response is cut to the room left.
+    A kept response length of 0 means the row cannot fit."""
+    longest = np.max(response_lens, axis=0) if response_lens else np.zeros_like(prompt_len)
+    too_long = prompt_len + longest > max_len
+    kept_prompt = np.where(too_long, np.minimum(prompt_len, max(max_prompt_len, head)), prompt_len)
+    room = np.maximum(max_len - kept_prompt, 0)
+    return kept_prompt, [np.minimum(lengths, room) for lengths in response_lens]
+
+
+def keep_prompt_end(prompts: Ragged, keep: np.ndarray, head: int | np.ndarray) -> Ragged:
+    """Each prompt cut to `keep` tokens: its first `head` tokens, then its last `keep - head`."""
+    keep = np.minimum(keep, prompts.lengths)
+    head = np.minimum(head, keep)
+    return _gather(
+        [
+            (prompts.values, prompts.offsets[:-1], head),
+            (prompts.values, prompts.offsets[1:] - (keep - head), keep - head),
+        ]
+    )
+
+
+def keep_start(rows: Ragged, keep: np.ndarray) -> Ragged:
+    """Each row cut to its first `keep` tokens."""
+    return _gather([(rows.values, rows.offsets[:-1], np.minimum(keep, rows.lengths))])
+
+
+def encode_prompt(tokenizer, prompt: str, max_tokens: int) -> list[int]:
+    """One text prompt as the model saw prompts in training, its end kept to fit `max_tokens` (generation room)."""
+    tokens = encode_prompts(pa.array([prompt], pa.string()), tokenizer)
+    return fit_prompt_rows(tokens.rows(), max_tokens, tokenizer.bos_id)[0].tolist()
+
+
+def fit_prompt_rows(prompts: list, max_tokens: int, bos_id: int) -> list[np.ndarray]:
+    """Already-encoded prompts cut to `max_tokens` (the room generation leaves), keeping a leading bos and the end."""
+    rows = Ragged.from_rows(prompts)
+    nonempty = rows.lengths > 0
+    head = np.zeros(len(nonempty), dtype=np.int64)
+    head[nonempty] = rows.values[rows.offsets[:-1][nonempty]] == bos_id
+    return keep_prompt_end(rows, np.minimum(rows.lengths, max(max_tokens, 1)), head).rows()

@@ -1,0 +1,363 @@
+"""The recipe: one owner of a run's lifecycle, and the stages every pipeline composes.
+
+    with open_run(config, address=args.address) as run:   # checks -> Ray -> MLflow run (created or resumed)
+        result = align(run)                                # data -> (SFT) -> (reference pass) -> train -> eval
+
+`open_run`: checks that write nothing (config, data paths, checkpoint, tokenizer, tracking URI), then Ray (local, or
+`--address` / `RAY_ADDRESS`; an already running Ray is used as it is), synthetic data when asked for, and the
+MLflow run: created, or resumed when the same name ran before (its id is kept in the run directory), the config
+logged as an artifact; FINISHED at the end, FAILED on any error. `pipelines/align.py`, `pipelines/sweep.py` (via
+`ray_dpo.sweep.run_sweep`) and `pipelines/evaluate.py` all go through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import glob
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ray_dpo import tracking
+from ray_dpo.config import Config, ConfigError, flatten, save_config
+from ray_dpo.dpo import default_reduction
+from ray_dpo.errors import UserError
+from ray_dpo.tokenizer import Tokenizer, load_tokenizer
+
+RunKind = Literal["align", "sweep", "eval"]
+RUN_ID_FILE = "mlflow_run_id"
+
+
+@dataclass
+class Run:
+    """An open run: what every stage needs."""
+
+    config: Config  # paths made absolute
+    tokenizer: Tokenizer
+    tracking_uri: str
+    run_id: str  # the MLflow run the stages log into
+    run_dir: Path  # driver-local: the run's config.yaml, MLflow run id, starting weights
+    status: str = "FINISHED"  # how the MLflow run ends when no error escaped (a sweep with failed trials: FAILED)
+
+
+# ------------------------------------------------------------------------------------- checks (nothing written)
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _absolute(path: str | None) -> str | None:
+    return path if path is None or _is_uri(path) else str(Path(path).expanduser().resolve())
+
+
+def resolve_paths(config: Config) -> Config:
+    """A copy with absolute local paths: Ray workers chdir into their session dir and `ray job submit` runs
+    elsewhere."""
+    c = copy.deepcopy(config)
+    c.output_dir = _absolute(c.output_dir)
+    c.train.storage_path = _absolute(c.train.storage_path)
+    c.data.train_path, c.data.val_path = _absolute(c.data.train_path), _absolute(c.data.val_path)
+    c.sft.path, c.train.init_checkpoint = _absolute(c.sft.path), _absolute(c.train.init_checkpoint)
+    if c.data.tokenizer != "byte":
+        c.data.tokenizer = _absolute(c.data.tokenizer)
+    return c
+
+
+def _check_exists(key: str, path: str | None) -> None:
+    if path is None or _is_uri(path):
+        return  # remote paths are checked by the reader
+    if not (os.path.exists(path) or glob.glob(path)):
+        raise ConfigError(f"config: {key}: no such file or directory: {path}")
+
+
+def check_config(config: Config) -> Tokenizer:
+    """Cheap checks: data paths, checkpoint, tokenizer, vocabulary. Returns the tokenizer."""
+    c = config
+    if c.data.synthetic not in (None, "sort"):
+        raise ConfigError(f"config: data.synthetic must be 'sort' or null, got {c.data.synthetic!r}")
+    if c.data.train_path is None and c.data.synthetic is None:
+        raise ConfigError("config: data.train_path is required (or data.synthetic=sort for the demo task)")
+    for key, path in (("data.train_path", c.data.train_path), ("data.val_path", c.data.val_path)):
+        _check_exists(key, path)
+    _check_exists("sft.path", c.sft.path)
+    if c.train.init_checkpoint is not None:
+        _check_exists("train.init_checkpoint", str(Path(c.train.init_checkpoint) / "model.safetensors"))
+    try:
+        tokenizer = load_tokenizer(c.data.tokenizer)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"config: data.tokenizer: {err}") from None
+    vocab = c.model.vocab_size
+    if c.train.init_checkpoint is None and vocab < tokenizer.vocab_size:
+        raise ConfigError(f"config: model.vocab_size={vocab} < the tokenizer's {tokenizer.vocab_size} tokens")
+    if c.data.max_len > c.model.max_seq_len:
+        raise ConfigError(f"config: data.max_len={c.data.max_len} exceeds model.max_seq_len={c.model.max_seq_len}")
+    if not 1 <= c.data.max_prompt_len <= c.data.max_len:
+        raise ConfigError(
+            f"config: need 1 <= data.max_prompt_len <= data.max_len, got {c.data.max_prompt_len} and {c.data.max_len}"
+        )
+    return tokenizer
+
+
+# ------------------------------------------------------------------------------------------------- lifecycle
+
+
+def start_ray(address: str | None, tracking_uri: str) -> None:
+    """Start (or join) Ray; workers get the tracking URI through the runtime env. A running Ray is used as is."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {} if os.environ.get(tracking.TRACKING_URI_ENV) == tracking_uri else {tracking.TRACKING_URI_ENV: tracking_uri}
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        address = "local"  # never attach by surprise to another `ray start` on this machine
+    ray.init(address=address, runtime_env={"env_vars": env} if env else None)
+
+
+def write_synthetic(config: Config) -> None:
+    """`data.synthetic=sort`: write the demo task and use it wherever the config leaves a path unset."""
+    from ray_dpo.demo import write_sort_task
+
+    paths = write_sort_task(
+        Path(config.output_dir) / "data" / "sort", rows=config.data.synthetic_rows, seed=config.data.seed
+    )
+    config.data.train_path = config.data.train_path or paths["train"]
+    config.data.val_path = config.data.val_path or paths["val"]
+    config.sft.path = config.sft.path or paths["sft"]
+
+
+def _run_identity(config: Config, kind: RunKind) -> tuple[Path, str, dict[str, str]]:
+    """(run directory, MLflow run name, tags) of a run kind."""
+    out = Path(config.output_dir)
+    name = config.tracking.run_name or config.train.run_name
+    if kind == "sweep":
+        return out / "sweeps" / config.tune.name, config.tune.name, {"ray_dpo.kind": "sweep", "ray_dpo.sweep": name}
+    if kind == "eval":
+        return out / "runs" / f"{config.train.run_name}-eval", f"{name}-eval", {"ray_dpo.kind": "eval"}
+    return out / "runs" / config.train.run_name, name, {"ray_dpo.kind": "align"}
+
+
+@contextlib.contextmanager
+def open_run(
+    config: Config,
+    *,
+    address: str | None = None,
+    kind: RunKind = "align",
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> Iterator[Run]:
+    """Check, start Ray, open the MLflow run; close it FINISHED (or `run.status`), or FAILED on an error.
+
+    `run_id`: log into this existing run and leave it open afterwards (`pipelines/evaluate.py --run-id`).
+    align and sweep runs resume their MLflow run when the same `train.run_name` / `tune.name` ran before; an eval
+    run is new each time. `params` are logged besides the flattened config.
+    """
+    config = resolve_paths(config)
+    tokenizer = check_config(config)
+    uri = tracking_uri or tracking.resolve_tracking_uri(config.tracking.uri, config.output_dir)
+    tracking.check_tracking_uri(uri)
+    # ---- from here on things start and are written
+    start_ray(address, uri)
+    run_dir, run_name, tags = _run_identity(config, kind)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if config.data.synthetic == "sort":
+        write_synthetic(config)
+    all_params = {**flatten(config.to_dict()), **(params or {})}
+    owned = run_id is None
+    if owned:
+        run_id = _open_mlflow_run(config, kind, run_dir, run_name, tags, uri, all_params)
+    run = Run(config=config, tokenizer=tokenizer, tracking_uri=uri, run_id=run_id, run_dir=run_dir)
+    try:
+        tracking.log_artifact(uri, run_id, save_config(config, run_dir / "config.yaml"))
+        yield run
+    except BaseException:
+        if owned:
+            tracking.end_run(uri, run_id, "FAILED")
+        raise
+    if owned:
+        tracking.end_run(uri, run_id, run.status)
+
+
+def _open_mlflow_run(config, kind, run_dir, run_name, tags, uri, params) -> str:
+    experiment = config.tracking.experiment
+    id_file = run_dir / RUN_ID_FILE  # a re-run of the same name logs into the same MLflow run
+    if kind != "eval" and id_file.exists():
+        run_id = id_file.read_text().strip()
+        if tracking.resume_run(uri, run_id, experiment=experiment, params=params):
+            return run_id
+    run_id = tracking.start_run(uri, experiment=experiment, run_name=run_name, params=params, tags=tags)
+    id_file.write_text(run_id)
+    return run_id
+
+
+# ------------------------------------------------------------------------------------------------- stages
+
+
+def load_data(run: Run):
+    """Tokenized train / val datasets; training order shuffled (seeded) unless length bucketing orders it.
+    Validation is `data.val_path`, else the `data.val_fraction` held out of the training file."""
+    from ray_dpo.data import bucket_by_length, read_preferences, split_train_val
+
+    d = run.config.data
+    kwargs = dict(
+        tokenizer=run.tokenizer,
+        max_len=d.max_len,
+        max_prompt_len=d.max_prompt_len,
+        columns=d.columns or None,
+        on_bad_row=d.on_bad_row,
+    )
+    train_ds, stats = read_preferences(d.train_path, **kwargs)
+    all_stats = {"train": stats.as_dict()}
+    if d.val_path:
+        val_ds, val_stats = read_preferences(d.val_path, **kwargs)
+        all_stats["val"] = val_stats.as_dict()
+    else:
+        train_ds, val_ds = split_train_val(train_ds, d.val_fraction, d.seed)
+    if d.length_bucket_window > 0:
+        train_ds = bucket_by_length(train_ds, d.length_bucket_window, seed=d.seed)
+    else:
+        train_ds = train_ds.random_shuffle(seed=d.seed).materialize()
+    all_stats["train"]["rows_used"], all_stats["val_rows"] = train_ds.count(), val_ds.count()
+    tracking.log_dict(run.tracking_uri, run.run_id, all_stats, "data/stats.json")
+    return train_ds, val_ds
+
+
+def starting_weights(run: Run) -> str:
+    """The checkpoint both the policy and the reference start from (SFT result, init checkpoint, or a seeded
+    fresh init), saved once with the tokenizer under the run dir: every rank loads the same reference from it,
+    and a re-run of the same run name reuses it."""
+    from ray_dpo.checkpoint import load_model, save_model
+    from ray_dpo.model import TransformerLM
+
+    config, reference = run.config, run.run_dir / "reference"
+    if (reference / "model.safetensors").is_file():
+        return str(reference)
+    if config.train.init_checkpoint is not None:
+        model = load_model(config.train.init_checkpoint)
+    else:
+        torch.manual_seed(config.train.seed)
+        model = TransformerLM(config.model)
+    if config.sft.path is not None:
+        from ray_dpo.data import read_sft
+        from ray_dpo.train import train_sft
+
+        start = save_model(run.run_dir / "sft-init", model, run.tokenizer)
+        sft_ds, _ = read_sft(
+            config.sft.path,
+            tokenizer=run.tokenizer,
+            max_len=config.data.max_len,
+            max_prompt_len=config.data.max_prompt_len,
+            prompt_column=config.sft.prompt_column,
+            response_column=config.sft.response_column,
+            on_bad_row=config.data.on_bad_row,
+        )
+        result = train_sft(
+            config,
+            sft_ds,
+            init_checkpoint=str(start),
+            run_id=run.run_id,
+            tracking_uri=run.tracking_uri,
+            pad_id=run.tokenizer.pad_id,
+        )
+        model = load_model(result.checkpoint)
+    save_model(reference, model, run.tokenizer)
+    return str(reference)
+
+
+def precompute_reference(run: Run, datasets: list, reference: str) -> list:
+    """`dpo.reference=precomputed`: reference log-probs as columns of every dataset (one actor-pool pass)."""
+    from ray_dpo.reference import add_reference_logps
+
+    d = run.config.dpo
+    reduction = default_reduction(d.loss_type, d.reduction)
+    return [add_reference_logps(ds, reference, reduction=reduction, prefix_sharing=d.prefix_sharing) for ds in datasets]
+
+
+def evaluate_policy(run: Run, policy: str, reference: str, prompts_ds, pairs_ds) -> dict[str, float]:
+    """Policy vs reference on held-out prompts (the `prompt` token rows of `prompts_ds`) and pairs; logged."""
+    from ray_dpo.evaluate import evaluate
+
+    return evaluate(
+        run.config,
+        policy_checkpoint=policy,
+        reference_checkpoint=reference,
+        prompts_ds=prompts_ds,
+        preference_ds=pairs_ds,
+        tracking_uri=run.tracking_uri,
+        run_id=run.run_id,
+    )
+
+
+@dataclass
+class AlignResult:
+    run_id: str
+    tracking_uri: str
+    checkpoint: str
+    steps: int
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    model_uri: str | None = None
+
+
+def align(run: Run) -> AlignResult:
+    """The align recipe: data -> starting weights (SFT) -> (reference pass) -> DPO training -> evaluation on the
+    validation split (rows the policy never trained on) -> the final checkpoint and the registered model."""
+    from ray_dpo.train import train_dpo
+
+    config, uri = run.config, run.tracking_uri
+    train_ds, val_ds = load_data(run)
+    reference = starting_weights(run)
+    if config.dpo.reference == "precomputed":
+        train_ds, val_ds = precompute_reference(run, [train_ds, val_ds], reference)
+    trained = train_dpo(
+        config,
+        train_ds,
+        val_ds,
+        run_id=run.run_id,
+        tracking_uri=uri,
+        init_checkpoint=reference,
+        reference_checkpoint=reference,
+        pad_id=run.tokenizer.pad_id,
+    )
+    tracking.log_artifact(uri, run.run_id, trained.checkpoint, "checkpoints/final")
+    result = AlignResult(run.run_id, uri, trained.checkpoint, trained.steps)
+    if config.eval.enabled:
+        result.eval_metrics = evaluate_policy(run, trained.checkpoint, reference, val_ds, val_ds)
+    if config.tracking.registered_model:
+        from ray_dpo.serving import register_model
+
+        result.model_uri = register_model(uri, run.run_id, trained.checkpoint, config.tracking.registered_model)
+    return result
+
+
+def evaluate_checkpoints(
+    run: Run, checkpoint: str, reference: str, *, prompts_path: str | None = None, pairs_path: str | None = None
+) -> dict[str, float]:
+    """Evaluate a policy checkpoint against a reference (`pipelines/evaluate.py`). Prompts and pairs default to the
+    config's validation split (`data.val_path`, or the `data.val_fraction` held out of `data.train_path`)."""
+    from ray_dpo.data import read_preferences, read_prompts
+
+    c = run.config
+    if pairs_path is not None:
+        pairs, _ = read_preferences(
+            _absolute(pairs_path),
+            tokenizer=run.tokenizer,
+            max_len=c.data.max_len,
+            max_prompt_len=c.data.max_prompt_len,
+            columns=c.data.columns or None,
+            on_bad_row=c.data.on_bad_row,
+        )
+    elif c.data.train_path or c.data.val_path:
+        _, pairs = load_data(run)
+    else:
+        raise UserError("evaluate: no held-out data: pass --pairs FILE.parquet or set data.val_path")
+    prompts = pairs
+    if prompts_path is not None:
+        column = c.data.columns.get("prompt", "prompt")
+        prompts = read_prompts(_absolute(prompts_path), tokenizer=run.tokenizer, column=column)
+    return evaluate_policy(run, checkpoint, reference, prompts, pairs)

@@ -1,0 +1,111 @@
+"""What a training worker optimises: a `Task` turns collated rows into (loss sum, metric sums, count, tokens).
+
+Two tasks run on the same loop (`ray_dpo.train.loop`): `dpo` (the preference loss of `ray_dpo.dpo.DPO`) and `sft`
+(NLL of response tokens, the warm start that becomes the reference: the DPO paper's "Preferred-FT").
+Sums, not means: the loop divides by the count of the GLOBAL batch, so the loss does not depend on how rows are
+split over workers and micro-batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ray_dpo.checkpoint import load_model
+from ray_dpo.dpo import DPO, model_logits, response_mask_from_lengths, token_logps
+
+if TYPE_CHECKING:
+    from ray_dpo.train.loop import WorkerSpec
+
+DPO_METRICS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
+
+
+@dataclass
+class Task:
+    """`collate` numpy rows -> tensors; `count(batch)` the units a batch holds (pairs for DPO, response tokens for
+    SFT); `score(batch, training)` -> (loss_sum, metric_sums, count, tokens processed), sums over those units."""
+
+    collate: Callable[[dict[str, np.ndarray]], dict[str, Tensor]]
+    count: Callable[[dict[str, Tensor]], float]
+    score: Callable[[dict[str, Tensor], bool], tuple[Tensor, dict[str, Tensor], float, float]]
+    metric_names: tuple[str, ...]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)  # DDP
+
+
+def dpo_task(spec: WorkerSpec, model: nn.Module, device: torch.device) -> Task:
+    from ray_dpo.data import PreferenceCollateFn  # imported on the worker: ray_dpo.data pulls in Ray Data
+
+    d = spec.config.dpo
+    reference = None
+    if d.reference == "live":  # identical on every rank: it comes from one checkpoint
+        reference = load_model(spec.reference_checkpoint, device).eval().requires_grad_(False)
+    kwargs = dict(
+        beta=d.beta,
+        pad_id=spec.pad_id,
+        loss_type=d.loss_type,
+        label_smoothing=d.label_smoothing,
+        rpo_alpha=d.rpo_alpha,
+        reference=d.reference,
+        ref_model=reference,
+        reduction=d.reduction,
+        prefix_sharing=d.prefix_sharing,
+    )
+    # validation runs the unwrapped module: ranks may hold different numbers of val rows, DDP hooks would hang
+    train_dpo, val_dpo = DPO(model, **kwargs), DPO(_unwrap(model), **kwargs)
+
+    def score(batch: dict[str, Tensor], training: bool):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss, metrics = (train_dpo if training else val_dpo).batch_loss(batch)
+        n = batch["chosen"].shape[0]
+        tokens = (2 * batch["prompt_len"] + batch["chosen_len"] + batch["rejected_len"]).sum().item()
+        return loss * n, {k: metrics[k] * n for k in DPO_METRICS}, float(n), float(tokens)
+
+    return Task(
+        collate=PreferenceCollateFn(spec.pad_id),
+        count=lambda batch: float(batch["chosen"].shape[0]),
+        score=score,
+        metric_names=DPO_METRICS,
+    )
+
+
+def _sft_mask(batch: dict[str, Tensor]) -> Tensor:
+    tokens = batch["tokens"]
+    return response_mask_from_lengths(tokens.shape[1], batch["prompt_len"], batch["response_len"])[:, 1:]
+
+
+def sft_task(spec: WorkerSpec, model: nn.Module, device: torch.device) -> Task:
+    from ray_dpo.data import SFTCollateFn
+
+    def score(batch: dict[str, Tensor], training: bool):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        tokens, mask = batch["tokens"], _sft_mask(batch)
+        logps = token_logps(model_logits(model if training else _unwrap(model), tokens[:, :-1]), tokens[:, 1:])
+        nll_sum = -logps.masked_fill(~mask, 0.0).sum()
+        processed = (batch["prompt_len"] + batch["response_len"]).sum().item()
+        return nll_sum, {"loss": nll_sum.detach()}, float(mask.sum().item()), float(processed)
+
+    return Task(
+        collate=SFTCollateFn(spec.pad_id),
+        count=lambda batch: float(_sft_mask(batch).sum().item()),  # normalise by GLOBAL response tokens
+        score=score,
+        metric_names=("loss",),
+    )
+
+
+TASKS: dict[str, Callable[[WorkerSpec, nn.Module, torch.device], Task]] = {"dpo": dpo_task, "sft": sft_task}
