@@ -25,10 +25,14 @@ def save_model(
     directory.mkdir(parents=True, exist_ok=True)
     model = getattr(model, "module", model)  # unwrap DDP
     _save_weights(model, str(directory / WEIGHTS_FILE))  # handles tied embeddings
-    (directory / CONFIG_FILE).write_text(json.dumps(asdict(model.config), indent=2))
+    save_model_config(directory, model.config)
     if tokenizer is not None:
         tokenizer.save(directory)
     return directory
+
+
+def save_model_config(directory: str | Path, config: ModelConfig) -> None:
+    (Path(directory) / CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2))
 
 
 def load_model_config(directory: str | Path) -> ModelConfig:
@@ -53,23 +57,26 @@ OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
 
 
-def save_training_state(directory: str | Path, optimizer_state: dict, state: dict) -> Path:
-    """Write `optimizer.pt` (optimizer + LR-schedule state dicts: tensors and plain types only) and `state.json`.
+def save_training_state(directory: str | Path, optimizer_state: dict | None, state: dict) -> Path:
+    """Write `state.json` and, when given, `optimizer.pt` (optimizer + LR-schedule state dicts: tensors and plain
+    types only; sharded checkpoints keep theirs elsewhere).
 
     `state` is JSON: step, epoch, epoch_step (optimizer steps into that epoch: the data position), seed.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    torch.save(optimizer_state, directory / OPTIMIZER_FILE)
+    if optimizer_state is not None:
+        torch.save(optimizer_state, directory / OPTIMIZER_FILE)
     (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
     return directory
 
 
-def load_training_state(directory: str | Path) -> tuple[dict, dict]:
-    """`(optimizer_state, state)` from `save_training_state`; `optimizer.pt` is read with `weights_only=True`."""
+def load_training_state(directory: str | Path) -> tuple[dict | None, dict]:
+    """`(optimizer_state or None, state)` from `save_training_state`; `optimizer.pt` is read with
+    `weights_only=True`."""
     directory = Path(directory)
-    for name in (OPTIMIZER_FILE, STATE_FILE):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"checkpoint: {directory / name} not found")
-    optimizer_state = torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    if not (directory / STATE_FILE).is_file():
+        raise FileNotFoundError(f"checkpoint: {directory / STATE_FILE} not found")
+    optimizer = directory / OPTIMIZER_FILE
+    optimizer_state = torch.load(optimizer, map_location="cpu", weights_only=True) if optimizer.is_file() else None
     return optimizer_state, json.loads((directory / STATE_FILE).read_text())

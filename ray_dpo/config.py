@@ -67,6 +67,9 @@ class SFTConfig:
 class TrainConfig:
     num_workers: int = 2  # Ray Train workers (DDP ranks)
     use_gpu: bool = False  # one GPU per worker (NCCL) instead of CPU (gloo)
+    # ddp: every worker holds the whole model; fsdp: FSDP2, parameters, gradients and optimizer state sharded over
+    # the workers (for models that do not fit one GPU), sharded checkpoints
+    strategy: Literal["ddp", "fsdp"] = "ddp"
     cpus_per_worker: float = 0.5  # logical CPUs reserved per worker (fractional leaves room for Ray Data)
     init_checkpoint: str | None = None  # checkpoint dir to start from (its model config wins over `model`)
     batch_size: int = 8  # GLOBAL pairs per optimizer step (split across workers and accumulation)
@@ -84,7 +87,7 @@ class TrainConfig:
     log_every: int = 10  # log train/* metrics to MLflow every this many steps (and at the end)
     eval_every: int = 50  # validation every this many steps (and at the end)
     checkpoint_every: int = 100  # checkpoint every this many steps (and at the end)
-    num_to_keep: int = 2  # checkpoints kept on storage
+    num_to_keep: int = 2  # checkpoints kept on storage (plus, briefly, the one being uploaded)
     max_failures: int = 1  # worker-group restarts from the latest checkpoint before giving up
     run_name: str = "ray-dpo"  # Ray Train run name: re-running with the same name resumes
     storage_path: str = "outputs/ray"  # checkpoints and run state (local dir, NFS or s3://)

@@ -34,6 +34,8 @@ read on the error path and nothing on the happy path, and no Ray error log ever 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import json
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -82,6 +84,7 @@ class DataStats:
     rows_out: int
     dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REASONS, 0))
     truncated: int = 0
+    digest: str = ""  # of the files read (paths, sizes, row counts): changes when the data does
 
     def as_dict(self) -> dict[str, int]:
         """Flat metrics for MLflow: `data/rows_in`, `data/rows_out`, `data/truncated`, `data/dropped/<reason>`."""
@@ -100,6 +103,7 @@ class _Plan:
     files: list[str]
     rows: list[int]
     names: dict[str, str]  # our field -> file column, in field order (prompt first)
+    digest: str = ""
 
 
 def _split_uri(path: str) -> tuple[pafs.FileSystem, str]:
@@ -191,7 +195,9 @@ def _plan(paths, names: dict[str, str], hint: str) -> _Plan:
         rows.append(pf.metadata.num_rows)
     if sum(rows) == 0:
         raise DataError(f"{', '.join(files[:3])}{' ...' if len(files) > 3 else ''}: no rows to read")
-    return _Plan(filesystem, files, rows, names)
+    sizes = [info.size for info in filesystem.get_file_info(files)]
+    digest = hashlib.sha256(json.dumps([files, sizes, rows, names]).encode()).hexdigest()
+    return _Plan(filesystem, files, rows, names, digest)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -394,6 +400,7 @@ def _read(paths, names, hint, tokenizer, max_len, max_prompt_len, on_bad_row) ->
         rows_out=int(counts[_OK] + counts[_TRUNCATED]),
         dropped={reason: int(counts[2 + i]) for i, reason in enumerate(REASONS)},
         truncated=int(counts[_TRUNCATED]),
+        digest=plan.digest,
     )
     if stats.rows_in != stats.rows_out + sum(stats.dropped.values()):  # Parquet footers vs rows seen
         raise DataError(f"{plan.files[0]}: footers announce {stats.rows_in} rows but {int(counts.sum())} were read")

@@ -45,10 +45,10 @@ import numpy as np
 import pandas as pd
 import ray
 import torch
+from ray.train import Checkpoint
 from torch import Tensor, nn
 
-from ray_dpo import tracking
-from ray_dpo.checkpoint import load_model
+from ray_dpo import models, tracking
 from ray_dpo.config import Config, EvalConfig
 from ray_dpo.data import collate_preferences
 from ray_dpo.dpo import default_reduction, score_batch
@@ -56,7 +56,6 @@ from ray_dpo.encoding import fit_prompt_rows
 from ray_dpo.errors import UserError
 from ray_dpo.generate import beam_search, generate
 from ray_dpo.reference import score_pairs_pool
-from ray_dpo.tokenizer import TOKENIZER_FILE, load_tokenizer
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 SAMPLES_TABLE = "eval/samples.json"
@@ -97,8 +96,11 @@ def _check_eval_config(e: EvalConfig) -> None:
         )
 
 
-def check_checkpoint(key: str, path: str | os.PathLike) -> str:
-    """The absolute checkpoint directory, or a UserError naming `key` when it holds no model."""
+def check_checkpoint(key: str, path: str | os.PathLike | Checkpoint) -> str | Checkpoint:
+    """The absolute local checkpoint directory, or a UserError naming `key` when it holds no model. Checkpoints
+    in storage (a `ray.train.Checkpoint` or a URI) are opened by the actors."""
+    if isinstance(path, Checkpoint) or "://" in str(path):
+        return path
     path = Path(path).expanduser().resolve()  # actors run in Ray's session directory
     if not (path / "model.safetensors").is_file():
         raise UserError(f"{key}: {path} is not a checkpoint directory (no model.safetensors)")
@@ -114,8 +116,8 @@ class PolicyReferenceGenerator:
 
     def __init__(
         self,
-        policy_checkpoint: str,
-        reference_checkpoint: str,
+        policy_checkpoint: str | Checkpoint,
+        reference_checkpoint: str | Checkpoint,
         *,
         tokenizer: str,
         device: str,
@@ -124,13 +126,12 @@ class PolicyReferenceGenerator:
         seed: int,
     ):
         self.device = torch.device(device)
-        self.models: dict[str, nn.Module] = {
-            name: load_model(path, device=self.device).eval().requires_grad_(False)
-            for name, path in zip(MODELS, (policy_checkpoint, reference_checkpoint), strict=True)
-        }
         # the checkpoint's own tokenizer wins: it is the one the policy was trained with
-        has_own = (Path(policy_checkpoint) / TOKENIZER_FILE).is_file()
-        self.tokenizer = load_tokenizer(policy_checkpoint if has_own else tokenizer)
+        policy, self.tokenizer = models.load_with_tokenizer(policy_checkpoint, tokenizer, self.device)
+        reference = models.load(reference_checkpoint, self.device)
+        self.models: dict[str, nn.Module] = {
+            name: model.eval().requires_grad_(False) for name, model in zip(MODELS, (policy, reference), strict=True)
+        }
         self.e = EvalConfig(**eval_config)
         self.reduction, self.seed = reduction, seed
         # room for the response inside the positions the models were built for
@@ -216,7 +217,11 @@ def _start_pool_first(dataset: ray.data.Dataset) -> ray.data.Dataset:
 
 
 def generate_samples(
-    config: Config, *, policy_checkpoint: str, reference_checkpoint: str, prompts_ds: ray.data.Dataset
+    config: Config,
+    *,
+    policy_checkpoint: str | Checkpoint,
+    reference_checkpoint: str | Checkpoint,
+    prompts_ds: ray.data.Dataset,
 ) -> pd.DataFrame:
     """One row per prompt: prompt, `{policy,reference}_response`, `_len`, `_logp_{policy,reference}`, `_reward`.
 
@@ -248,7 +253,11 @@ def generate_samples(
 
 
 def score_preferences(
-    config: Config, *, policy_checkpoint: str, reference_checkpoint: str, preference_ds: ray.data.Dataset
+    config: Config,
+    *,
+    policy_checkpoint: str | Checkpoint,
+    reference_checkpoint: str | Checkpoint,
+    preference_ds: ray.data.Dataset,
 ) -> pd.DataFrame:
     """`{policy,reference}_{chosen,rejected}_logp` for each row of a `read_preferences` dataset."""
     e = config.eval
@@ -369,8 +378,8 @@ def format_summary(metrics: dict[str, float]) -> str:
 def evaluate(
     config: Config,
     *,
-    policy_checkpoint: str,
-    reference_checkpoint: str,
+    policy_checkpoint: str | Checkpoint,
+    reference_checkpoint: str | Checkpoint,
     prompts_ds: ray.data.Dataset,
     preference_ds: ray.data.Dataset | None,
     tracking_uri: str | None,
@@ -387,3 +396,19 @@ def evaluate(
     if tracking_uri is not None and run_id is not None:
         log_results(tracking_uri, run_id, metrics, samples)
     return metrics
+
+
+def mean_and_se(values: np.ndarray, groups: np.ndarray) -> tuple[float, float]:
+    """Mean of per-sample `values` and its standard error, with samples of one prompt (`groups`) as one unit:
+    several samples of a prompt are not independent of each other, prompts are."""
+    keys, index = np.unique(groups, return_inverse=True)
+    per_group = np.bincount(index, weights=values) / np.bincount(index)
+    if len(keys) < 2:
+        return float(per_group.mean()), float("nan")
+    return float(per_group.mean()), float(per_group.std(ddof=1) / np.sqrt(len(keys)))
+
+
+def kl_estimate(logp_policy: np.ndarray, logp_reference: np.ndarray, groups: np.ndarray) -> tuple[float, float]:
+    """KL(policy || reference) from responses SAMPLED from the policy (temperature 1, no filter): the mean of
+    log pi(y|x) - log ref(y|x) is an unbiased estimate; returns (estimate, standard error)."""
+    return mean_and_se(np.asarray(logp_policy, np.float64) - np.asarray(logp_reference, np.float64), groups)

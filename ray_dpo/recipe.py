@@ -22,14 +22,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from ray.train import Checkpoint
 
-from ray_dpo import tracking
+from ray_dpo import storage, tracking
 from ray_dpo.config import Config, ConfigError, flatten, save_config
 from ray_dpo.dpo import default_reduction
 from ray_dpo.errors import UserError
 from ray_dpo.tokenizer import Tokenizer, load_tokenizer
 
 RunKind = Literal["align", "sweep", "eval"]
+WEIGHTS = "model.safetensors"
 RUN_ID_FILE = "mlflow_run_id"
 
 
@@ -107,25 +109,30 @@ def check_config(config: Config) -> Tokenizer:
 # ------------------------------------------------------------------------------------------------- lifecycle
 
 
-def start_ray(address: str | None, tracking_uri: str) -> None:
-    """Start (or join) Ray; workers get the tracking URI through the runtime env. A running Ray is used as is."""
+def start_ray(address: str | None) -> None:
+    """Start (or join) Ray. A running Ray is used as is. Workers need no tracking settings: the driver logs."""
     import ray
 
     if ray.is_initialized():
         return
-    env = {} if os.environ.get(tracking.TRACKING_URI_ENV) == tracking_uri else {tracking.TRACKING_URI_ENV: tracking_uri}
     if address is None and not os.environ.get("RAY_ADDRESS"):
         address = "local"  # never attach by surprise to another `ray start` on this machine
-    ray.init(address=address, runtime_env={"env_vars": env} if env else None)
+    ray.init(address=address)
 
 
-def write_synthetic(config: Config) -> None:
-    """`data.synthetic=sort`: write the demo task and use it wherever the config leaves a path unset."""
+def staged(config: Config, *parts: str) -> tuple[str, ...]:
+    """Where a run stages what every node reads: `<train.storage_path>/<train.run_name>/staged/<parts>`."""
+    return (config.train.run_name, "staged", *parts)
+
+
+def write_synthetic(config: Config, run_dir: Path) -> None:
+    """`data.synthetic=sort`: write the demo task, stage it in the run's storage (read tasks run on any node) and
+    use it wherever the config leaves a path unset."""
     from ray_dpo.demo import write_sort_task
 
-    paths = write_sort_task(
-        Path(config.output_dir) / "data" / "sort", rows=config.data.synthetic_rows, seed=config.data.seed
-    )
+    local = write_sort_task(run_dir / "data" / "sort", rows=config.data.synthetic_rows, seed=config.data.seed)
+    files = storage.stage_directory(run_dir / "data" / "sort", config.train.storage_path, *staged(config, "sort"))
+    paths = {k: storage.uri(files.filesystem, f"{files.path}/{Path(v).name}") for k, v in local.items()}
     config.data.train_path = config.data.train_path or paths["train"]
     config.data.val_path = config.data.val_path or paths["val"]
     config.sft.path = config.sft.path or paths["sft"]
@@ -163,11 +170,15 @@ def open_run(
     uri = tracking_uri or tracking.resolve_tracking_uri(config.tracking.uri, config.output_dir)
     tracking.check_tracking_uri(uri)
     # ---- from here on things start and are written
-    start_ray(address, uri)
+    start_ray(address)
+    c = config  # every path a worker, actor or trial opens must be visible from every node
+    keys = {"train.storage_path": c.train.storage_path, "data.train_path": c.data.train_path}
+    keys |= {"data.val_path": c.data.val_path, "sft.path": c.sft.path, "train.init_checkpoint": c.train.init_checkpoint}
+    storage.check_shared(keys)
     run_dir, run_name, tags = _run_identity(config, kind)
     run_dir.mkdir(parents=True, exist_ok=True)
     if config.data.synthetic == "sort":
-        write_synthetic(config)
+        write_synthetic(config, run_dir)
     all_params = {**flatten(config.to_dict()), **(params or {})}
     owned = run_id is None
     if owned:
@@ -228,18 +239,20 @@ def load_data(run: Run):
     return train_ds, val_ds
 
 
-def starting_weights(run: Run) -> str:
-    """The checkpoint both the policy and the reference start from (SFT result, init checkpoint, or a seeded
-    fresh init), saved once with the tokenizer under the run dir: every rank loads the same reference from it,
-    and a re-run of the same run name reuses it."""
-    from ray_dpo.checkpoint import load_model, save_model
+def starting_weights(run: Run) -> Checkpoint:
+    """The checkpoint both the policy and the reference start from (SFT result, init checkpoint, or a seeded fresh
+    init), saved once with the tokenizer and staged in the run's storage: every rank and actor loads the same
+    reference from it, on any node, and a re-run of the same run name reuses it."""
+    from ray_dpo import models
+    from ray_dpo.checkpoint import save_model
     from ray_dpo.model import TransformerLM
 
-    config, reference = run.config, run.run_dir / "reference"
-    if (reference / "model.safetensors").is_file():
-        return str(reference)
+    config = run.config
+    found = storage.find_directory(config.train.storage_path, *staged(config, "reference"), required=WEIGHTS)
+    if found is not None:
+        return found
     if config.train.init_checkpoint is not None:
-        model = load_model(config.train.init_checkpoint)
+        model = models.load(config.train.init_checkpoint)
     else:
         torch.manual_seed(config.train.seed)
         model = TransformerLM(config.model)
@@ -247,7 +260,10 @@ def starting_weights(run: Run) -> str:
         from ray_dpo.data import read_sft
         from ray_dpo.train import train_sft
 
-        start = save_model(run.run_dir / "sft-init", model, run.tokenizer)
+        save_model(run.run_dir / "sft-init", model, run.tokenizer)
+        start = storage.stage_directory(
+            run.run_dir / "sft-init", config.train.storage_path, *staged(config, "sft-init")
+        )
         sft_ds, _ = read_sft(
             config.sft.path,
             tokenizer=run.tokenizer,
@@ -260,17 +276,17 @@ def starting_weights(run: Run) -> str:
         result = train_sft(
             config,
             sft_ds,
-            init_checkpoint=str(start),
+            init_checkpoint=start,
             run_id=run.run_id,
             tracking_uri=run.tracking_uri,
             pad_id=run.tokenizer.pad_id,
         )
-        model = load_model(result.checkpoint)
-    save_model(reference, model, run.tokenizer)
-    return str(reference)
+        model = models.load(result.checkpoint)
+    save_model(run.run_dir / "reference", model, run.tokenizer)
+    return storage.stage_directory(run.run_dir / "reference", config.train.storage_path, *staged(config, "reference"))
 
 
-def precompute_reference(run: Run, datasets: list, reference: str) -> list:
+def precompute_reference(run: Run, datasets: list, reference: Checkpoint) -> list:
     """`dpo.reference=precomputed`: reference log-probs as columns of every dataset (one actor-pool pass)."""
     from ray_dpo.reference import add_reference_logps
 
@@ -279,7 +295,9 @@ def precompute_reference(run: Run, datasets: list, reference: str) -> list:
     return [add_reference_logps(ds, reference, reduction=reduction, prefix_sharing=d.prefix_sharing) for ds in datasets]
 
 
-def evaluate_policy(run: Run, policy: str, reference: str, prompts_ds, pairs_ds) -> dict[str, float]:
+def evaluate_policy(
+    run: Run, policy: str | Checkpoint, reference: str | Checkpoint, prompts_ds, pairs_ds
+) -> dict[str, float]:
     """Policy vs reference on held-out prompts (the `prompt` token rows of `prompts_ds`) and pairs; logged."""
     from ray_dpo.evaluate import evaluate
 
@@ -298,7 +316,7 @@ def evaluate_policy(run: Run, policy: str, reference: str, prompts_ds, pairs_ds)
 class AlignResult:
     run_id: str
     tracking_uri: str
-    checkpoint: str
+    checkpoint: str  # URI of the final checkpoint in storage
     steps: int
     eval_metrics: dict[str, float] = field(default_factory=dict)
     model_uri: str | None = None
@@ -324,14 +342,17 @@ def align(run: Run) -> AlignResult:
         reference_checkpoint=reference,
         pad_id=run.tokenizer.pad_id,
     )
-    tracking.log_artifact(uri, run.run_id, trained.checkpoint, "checkpoints/final")
-    result = AlignResult(run.run_id, uri, trained.checkpoint, trained.steps)
+    with storage.local_directory(trained.checkpoint) as final:
+        tracking.log_artifact(uri, run.run_id, final, "checkpoints/final")
+        if config.tracking.registered_model:
+            from ray_dpo.serving import register_model
+
+            model_uri = register_model(uri, run.run_id, final, config.tracking.registered_model)
+    result = AlignResult(run.run_id, uri, trained.uri, trained.steps)
     if config.eval.enabled:
         result.eval_metrics = evaluate_policy(run, trained.checkpoint, reference, val_ds, val_ds)
     if config.tracking.registered_model:
-        from ray_dpo.serving import register_model
-
-        result.model_uri = register_model(uri, run.run_id, trained.checkpoint, config.tracking.registered_model)
+        result.model_uri = model_uri
     return result
 
 

@@ -16,14 +16,15 @@ import numpy as np
 import ray
 import torch
 from ray.data.dataset import MaterializedDataset
+from ray.train import Checkpoint
 from torch import nn
 
-from ray_dpo.checkpoint import load_model
+from ray_dpo import models as loader
 from ray_dpo.data import collate_preferences
 from ray_dpo.dpo import score_batch
 from ray_dpo.errors import UserError
 
-Model = str | os.PathLike | nn.Module  # a checkpoint directory or a module (pickled into each actor)
+Model = str | os.PathLike | Checkpoint | nn.Module  # a checkpoint (directory, URI, staged) or a module (pickled)
 
 
 class PairScorer:
@@ -32,7 +33,7 @@ class PairScorer:
     def __init__(self, models: dict[str, Model], *, reduction: str, prefix_sharing: bool, device: str):
         self.device = torch.device(device)
         self.models = {
-            name: (m if isinstance(m, nn.Module) else load_model(m, device=self.device))
+            name: (m if isinstance(m, nn.Module) else loader.load(m, self.device))
             .to(self.device)
             .eval()
             .requires_grad_(False)
@@ -73,7 +74,8 @@ def score_pairs_pool(
     if concurrency < 1 or batch_size < 1:
         raise UserError(f"concurrency and batch_size must be >= 1, got {concurrency} and {batch_size}")
     for name, model in models.items():
-        if not isinstance(model, nn.Module) and "://" not in str(model) and not Path(model).is_dir():
+        local = isinstance(model, (str, os.PathLike)) and not isinstance(model, Checkpoint)  # Checkpoint is PathLike
+        if local and "://" not in str(model) and not Path(model).is_dir():
             raise UserError(f"{name} checkpoint: {model} is not a directory")
     if concurrency > 1 and isinstance(dataset, MaterializedDataset) and dataset.num_blocks() < concurrency:
         dataset = dataset.repartition(concurrency)  # one block feeds one actor: give every actor work

@@ -318,7 +318,7 @@ def _trial(
             )
         )
     tracking.end_run(uri, run_id)
-    tune.report({**final, DONE_KEY: 1.0, RUN_ID_KEY: run_id, "checkpoint_path": result.checkpoint})
+    tune.report({**final, DONE_KEY: 1.0, RUN_ID_KEY: run_id, "checkpoint_path": result.uri})
 
 
 def _maybe_fail(spec: str | None, trial_id: str) -> None:

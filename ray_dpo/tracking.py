@@ -376,3 +376,32 @@ def download_artifacts(uri: str, run_id: str, artifact_path: str, dst_path: str 
     return Path(
         _download(run_id=run_id, artifact_path=artifact_path, dst_path=dst_path, tracking_uri=uri, registry_uri=uri)
     )
+
+
+def last_steps(uri: str, run_id: str) -> dict[str, int]:
+    """The last logged step of every metric of a run: what a resumed job must not log again."""
+    mlflow_client = client(uri)
+    keys = mlflow_client.get_run(run_id).data.metrics
+    return {key: max(m.step for m in mlflow_client.get_metric_history(run_id, key)) for key in keys}
+
+
+def log_dataset(uri: str, run_id: str, *, name: str, source: str, digest: str, context: str) -> None:
+    """A run input ("Datasets" panel of the UI): where the data came from and a digest of its content."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    dataset = MetaDataset(resolve_dataset_source(source), name=name, digest=digest[:36])
+    tags = [InputTag("mlflow.data.context", context)]
+    client(uri).log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])
+
+
+def start_system_metrics(uri: str, run_id: str, sampling_interval_s: float = 10.0):
+    """CPU, memory, disk, network (and GPU with pynvml) as `system/*` metrics of the run until `.finish()`."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(
+        run_id, sampling_interval=sampling_interval_s, resume_logging=True, tracking_uri=uri
+    )
+    monitor.start()
+    return monitor

@@ -2,8 +2,13 @@
 
 import os
 import signal
+import socket
 import subprocess
+import sys
 import tempfile
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -49,3 +54,73 @@ def stop_process_group(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=10)
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free TCP ports on 127.0.0.1."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def wait_for_http(url: str, within_s: float, process: subprocess.Popen, log: Path) -> None:
+    """Poll `url` until it answers 200; fail the test (with the log's tail) if the process dies or time runs out."""
+    deadline = time.monotonic() + within_s
+    while True:
+        if process.poll() is not None:
+            pytest.fail(
+                f"{process.args[0]} exited with {process.returncode}: {log.read_text(errors='replace')[-2000:]}"
+            )
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{url} not answering after {within_s} s: {log.read_text(errors='replace')[-2000:]}")
+        time.sleep(0.5)
+
+
+SERVER_HEALTHY_WITHIN_S = 120  # ~10 s on an idle machine; the shared 2-CPU box has taken 30 s
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` (SQLite backend, proxied artifacts) on a free loopback port; stopped afterwards."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    (port,) = free_ports(1)
+    log_path = root / "server.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("mlflow")),
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{root / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(root / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: teardown stops the server and its worker processes
+        )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{uri}/health", SERVER_HEALTHY_WITHIN_S, process, log_path)
+        yield uri, root
+    finally:
+        stop_process_group(process)

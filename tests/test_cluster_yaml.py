@@ -76,6 +76,13 @@ def test_gpu_workers_autoscale_and_head_is_cpu(config):
         assert 0 <= node_type["min_workers"] < node_type["max_workers"] <= config["max_workers"]
 
 
+def test_a_multi_gpu_node_type_for_fsdp_and_s3_storage_in_the_usage(config):
+    gpus = [t["resources"].get("GPU", 0) for t in config["available_node_types"].values()]
+    assert max(gpus) >= 8, "a node type with 8 GPUs (FSDP across them)"
+    text = CLUSTER_YAML.read_text()
+    assert "train.strategy=fsdp" in text and "train.storage_path=s3://" in text
+
+
 def test_setup_installs_this_package_with_the_local_ray_and_mlflow_versions(config):
     assert config["file_mounts"]["~/ray-dpo"] == "."  # `ray up` from the repo root copies the source
     commands = " ".join(config["setup_commands"])

@@ -5,13 +5,11 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pandas
 import pytest
 import torch
-from conftest import stop_process_group
 
 from ray_dpo import serving, tracking
 from ray_dpo.checkpoint import save_model
@@ -19,8 +17,6 @@ from ray_dpo.config import Config, flatten
 from ray_dpo.model import ModelConfig, TransformerLM
 from ray_dpo.tokenizer import ByteTokenizer
 from ray_dpo.tracking import TrackingError
-
-SERVER_HEALTHY_WITHIN_S = 120  # ~10 s on an idle machine; the shared 2-CPU box has taken 30 s
 
 
 def _free_port() -> int:
@@ -248,55 +244,6 @@ def test_log_metrics_from_a_ray_worker_process(ray_session, mlflow_uri):
 # --------------------------------------------------------------------------------------------------------------
 # One real `mlflow server` on 127.0.0.1
 # --------------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """`mlflow server` with a SQLite backend and proxied artifacts, on a free loopback port; stopped afterwards."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    log = open(root / "server.log", "wb")  # closed in teardown
-    mlflow_cli = Path(sys.executable).with_name("mlflow")
-    process = subprocess.Popen(
-        [
-            str(mlflow_cli),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: teardown stops the server and its worker processes
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + SERVER_HEALTHY_WITHIN_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(
-                    f"mlflow server exited with {process.returncode}: {(root / 'server.log').read_text()[-2000:]}"
-                )
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not healthy after {SERVER_HEALTHY_WITHIN_S} s")
-            time.sleep(0.5)
-        yield uri, root
-    finally:
-        stop_process_group(process)
-        log.close()
 
 
 def test_server_round_trip(mlflow_server, tmp_path, empty_cwd):

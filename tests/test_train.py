@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from ray_dpo.checkpoint import load_model, load_training_state, save_model
+from ray_dpo import models
+from ray_dpo.checkpoint import load_training_state, save_model
 from ray_dpo.config import load_config
 from ray_dpo.model import TransformerLM
+from ray_dpo.storage import local_directory
 from ray_dpo.tokenizer import ByteTokenizer
 from ray_dpo.train import FAIL_ENV, TrainingDivergedError, lr_factor, train_dpo
 
@@ -58,8 +60,8 @@ def init_checkpoint(tmp_path) -> str:
     return str(save_model(tmp_path / "init", TransformerLM(config.model), ByteTokenizer()))
 
 
-def _weights(checkpoint: str) -> dict[str, torch.Tensor]:
-    return load_model(checkpoint).state_dict()
+def _weights(checkpoint) -> dict[str, torch.Tensor]:
+    return models.load(checkpoint).state_dict()
 
 
 def test_lr_schedule_warmup_then_cosine_to_min():
@@ -69,30 +71,36 @@ def test_lr_schedule_warmup_then_cosine_to_min():
     assert all(f(s) > f(s + 1) for s in range(2, 10))
 
 
-def test_ddp_two_workers_with_failure_match_one_worker(ray_session, tmp_path, init_checkpoint, monkeypatch):
+def test_ddp_two_workers_killed_after_a_checkpoint_lose_nothing(ray_session, tmp_path, init_checkpoint, monkeypatch):
     """2 workers (grad_accum 1) vs 1 worker (grad_accum 2) on the same global batches: same weights after 6 steps
-    over 2 epochs. The 2-worker run loses rank 1 at step 5 (max_failures=1): Ray restarts the group, it resumes
-    from the step-4 checkpoint (mid-epoch: skips 1 global batch) and finishes. A re-run with the same run name
-    resumes from the final checkpoint and has nothing left to do."""
+    over 2 epochs. The 2-worker run loses rank 1 at the start of step 5, right after step 4's checkpoint is
+    complete in storage: inside the window where Ray's controller has not registered it. The restarted group
+    resumes from step 4 anyway (found in storage, mid-epoch: its shard is sliced, 8 rows never read), every
+    metric step is logged to MLflow once, and a re-run with the same run name has nothing left to do."""
+    from ray_dpo import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     train_ds = ray_session.data.from_items(_pairs(24, seed=1))  # 3 global batches per epoch
     val_ds = ray_session.data.from_items(_pairs(5, seed=2))  # odd size: ranks hold 3 and 2 rows
-    common = dict(run_id=None, tracking_uri=None, init_checkpoint=init_checkpoint, pad_id=PAD)
-    common["reference_checkpoint"] = init_checkpoint
+    common = dict(init_checkpoint=init_checkpoint, reference_checkpoint=init_checkpoint, pad_id=PAD)
     one = _config(tmp_path, "train.num_workers=1", "train.grad_accum=2", "train.epochs=2", "train.run_name=one")
     single = train_dpo(one, train_ds, val_ds, **common)
+    assert single.rows_read == 24, "each epoch reads its rows once"
 
     marker = tmp_path / "failed-once"
     monkeypatch.setenv(FAIL_ENV, f"4:1:{marker}")
     two = _config(tmp_path, "train.num_workers=2", "train.epochs=2", "train.max_failures=1", "train.run_name=two")
-    ddp = train_dpo(two, train_ds, val_ds, **common)
+    two.train.log_every = 1
+    run_id = tracking.start_run(uri, experiment="train-test", run_name="two")
+    ddp = train_dpo(two, train_ds, val_ds, run_id=run_id, tracking_uri=uri, **common)
 
     assert marker.exists(), "the injected worker failure did not happen"
     assert single.steps == ddp.steps == 6
-    _, state = load_training_state(ddp.checkpoint)
+    with local_directory(ddp.checkpoint) as final:
+        _, state = load_training_state(final)
     assert state["step"] == 6 and state["epoch"] == 2 and state["epoch_step"] == 0
-    # the restarted group continued from step 4's checkpoint, not from scratch (the injected failure waits 6 s
-    # so that Ray's controller, polling every 2 s, has registered it; step 2's would be fine too)
-    assert ddp.resumed_from in (2, 4)
+    assert ddp.resumed_from == 4, "the restarted group resumes from the last checkpoint, registered or not"
+    assert ddp.rows_read == 16, "resumed mid-epoch: the 8 rows of step 4 are sliced off, not read"
     w1, w2, w0 = _weights(single.checkpoint), _weights(ddp.checkpoint), _weights(init_checkpoint)
     assert max((w1[k] - w0[k]).abs().max().item() for k in w0) > 1e-3  # training moved the weights
     for name in w1:
@@ -100,12 +108,31 @@ def test_ddp_two_workers_with_failure_match_one_worker(ray_session, tmp_path, in
     for key in ("train/loss", "val/loss", "val/rewards/accuracies"):
         assert math.isfinite(single.metrics[key])
         assert ddp.metrics[key] == pytest.approx(single.metrics[key], abs=1e-4), key
+    kept = sorted(p.name for p in (tmp_path / "ray" / "two").glob("checkpoint_step_*"))
+    assert len(kept) <= two.train.num_to_keep and "checkpoint_step_00000006" in kept, kept
+    history = lambda key: [m.step for m in tracking.client(uri).get_metric_history(run_id, key)]
+    assert history("train/loss") == [1, 2, 3, 4, 5, 6], "no step logged twice after the restart"
+    assert history("val/loss") == [2, 4, 6]
+
+    # FSDP2 (sharded parameters, gradients, optimizer state; sharded checkpoints), rank 0 killed the same way:
+    # resumed from its sharded step-4 checkpoint, the same weights as the uninterrupted single worker
+    monkeypatch.setenv(FAIL_ENV, f"4:0:{tmp_path / 'fsdp-failed-once'}")
+    fsdp_config = _config(
+        tmp_path, "train.num_workers=2", "train.epochs=2", "train.run_name=fsdp", "train.strategy=fsdp"
+    )
+    fsdp = train_dpo(fsdp_config, train_ds, val_ds, **common)
+    assert (tmp_path / "fsdp-failed-once").exists() and fsdp.resumed_from == 4 and fsdp.steps == 6
+    assert (tmp_path / "ray" / "fsdp" / "checkpoint_step_00000006" / "__1_0.distcp").is_file(), "rank 1 wrote its shard"
+    w3 = _weights(fsdp.checkpoint)
+    for name in w1:
+        torch.testing.assert_close(w3[name], w1[name], atol=1e-5, rtol=0, msg=name)
 
     monkeypatch.delenv(FAIL_ENV)
-    again = train_dpo(two, train_ds, val_ds, **common)
+    again = train_dpo(two, train_ds, val_ds, run_id=run_id, tracking_uri=uri, **common)
     assert again.steps == 6 and again.resumed_from == 6
     for name in w2:
         torch.testing.assert_close(_weights(again.checkpoint)[name], w2[name], atol=0, rtol=0)
+    assert history("train/loss") == [1, 2, 3, 4, 5, 6]
 
 
 def test_nan_loss_stops_before_checkpoint_is_overwritten(ray_session, tmp_path, init_checkpoint):
@@ -127,6 +154,6 @@ def test_nan_loss_stops_before_checkpoint_is_overwritten(ray_session, tmp_path, 
             reference_checkpoint=None, pad_id=PAD,
         )  # fmt: skip
     assert "\n" not in str(err.value)
-    states = (tmp_path / "ray" / "nan").glob("checkpoint_*/state.json")
+    states = (tmp_path / "ray" / "nan").glob("checkpoint_step_*/state.json")
     steps = [json.loads(state.read_text())["step"] for state in states]
     assert max(steps) == 2

@@ -1,32 +1,39 @@
 """Driver side of training: build and fit ONE `TorchTrainer` (N DDP workers) for DPO or the SFT warm start.
 
-    result = train_dpo(config, train_ds, val_ds, run_id=..., tracking_uri=..., init_checkpoint=ckpt,
-                       reference_checkpoint=ckpt, pad_id=tok.pad_id)   # -> TrainResult(checkpoint, steps, ...)
+    result = train_dpo(config, train_ds, val_ds, init_checkpoint=ckpt, reference_checkpoint=ckpt,
+                       pad_id=tok.pad_id, tracking_uri=uri, run_id=run_id)   # -> TrainResult(checkpoint, steps, ...)
 
-`RunConfig(name=train.run_name, storage_path=train.storage_path)`: re-running the same name resumes from the
-latest checkpoint; `FailureConfig(max_failures)` restarts a failed worker group from it. The workers run
-`ray_dpo.train.loop.train_loop` over a typed `WorkerSpec`.
+`RunConfig(name=<run name>, storage_path=train.storage_path)`: re-running the same name resumes from the latest
+checkpoint (`ray_dpo.train.checkpoints`: also one Ray had not registered yet); `FailureConfig(max_failures)`
+restarts a failed worker group from it. Rows are dealt to ranks once, here (`ray_dpo.train.shards`). Workers
+report metrics; a `UserCallback` on the controller relays them to this process, which logs them to MLflow (never a
+step twice) and shows progress: workers never talk to MLflow, so a SQLite store on the driver's disk works on a
+cluster too.
 """
 
 from __future__ import annotations
 
-import functools
+import math
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-import pyarrow as pa
 import ray
 import ray.train
 import ray.train.torch
+from ray.train import Checkpoint
+from ray.util.queue import Empty, Queue
 
+from ray_dpo import storage, tracking
 from ray_dpo.config import Config
 from ray_dpo.errors import UserError
+from ray_dpo.train import checkpoints
 from ray_dpo.train.loop import FAIL_ENV, WorkerSpec, train_loop
+from ray_dpo.train.shards import deal
 
-ROW = "_row"  # global row index column added before fit: fixes which rows form each global batch
+Progress = Callable[[dict[str, Any]], None]  # called with each report of rank 0 (`step`, `total_steps`, metrics)
 
 
 class TrainingDivergedError(UserError):
@@ -35,10 +42,15 @@ class TrainingDivergedError(UserError):
 
 @dataclass
 class TrainResult:
-    checkpoint: str  # final checkpoint directory (model.safetensors, optimizer.pt, state.json, ...)
+    checkpoint: Checkpoint  # final checkpoint (model.safetensors, optimizer.pt, state.json, ...) in storage
     steps: int  # optimizer steps done in total (including those before a resume)
     metrics: dict[str, float]  # last train/* and val/* metrics
     resumed_from: int = 0  # step of the checkpoint the last worker group started from (0 = fresh start)
+    rows_read: int = 0  # training rows all ranks read in the last epoch (= rows used: each rank reads its own)
+
+    @property
+    def uri(self) -> str:
+        return storage.checkpoint_uri(self.checkpoint)
 
 
 def train_dpo(
@@ -46,11 +58,12 @@ def train_dpo(
     train_ds: ray.data.Dataset,
     val_ds: ray.data.Dataset | None,
     *,
-    run_id: str | None,
-    tracking_uri: str | None,
-    init_checkpoint: str,
-    reference_checkpoint: str | None,
+    init_checkpoint: str | Checkpoint,
+    reference_checkpoint: str | Checkpoint | None,
     pad_id: int,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+    progress: Progress | None = None,
     callbacks: list[ray.train.UserCallback] | None = None,  # e.g. Tune's TuneReportCallback in a sweep trial
 ) -> TrainResult:
     """DPO on `train.num_workers` DDP workers starting from `init_checkpoint`, against the reference of
@@ -74,9 +87,9 @@ def train_dpo(
         lr=t.lr,
         init_checkpoint=init_checkpoint,
         reference_checkpoint=reference_checkpoint if mode == "live" else None,
-        run_id=run_id,
-        tracking_uri=tracking_uri,
         pad_id=pad_id,
+        mlflow_run=(tracking_uri, run_id),
+        progress=progress,
         callbacks=callbacks,
     )
 
@@ -85,10 +98,11 @@ def train_sft(
     config: Config,
     sft_ds: ray.data.Dataset,
     *,
-    init_checkpoint: str,
-    run_id: str | None,
-    tracking_uri: str | None,
+    init_checkpoint: str | Checkpoint,
     pad_id: int,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+    progress: Progress | None = None,
 ) -> TrainResult:
     """SFT for `sft.epochs` at `sft.lr`, global batch `sft.batch_size`; metrics `sft/*`. Ray run `<run_name>-sft`
     (re-running resumes it like DPO). The loss is the mean NLL over every response token of the GLOBAL batch."""
@@ -104,9 +118,9 @@ def train_sft(
         lr=s.lr,
         init_checkpoint=init_checkpoint,
         reference_checkpoint=None,
-        run_id=run_id,
-        tracking_uri=tracking_uri,
         pad_id=pad_id,
+        mlflow_run=(tracking_uri, run_id),
+        progress=progress,
     )
 
 
@@ -120,13 +134,14 @@ def _fit(
     epochs: int,
     max_steps: int | None,
     lr: float,
-    init_checkpoint: str,
-    reference_checkpoint: str | None,
-    run_id: str | None,
-    tracking_uri: str | None,
+    init_checkpoint: str | Checkpoint,
+    reference_checkpoint: str | Checkpoint | None,
     pad_id: int,
+    mlflow_run: tuple[str | None, str | None],
+    progress: Progress | None,
     callbacks: list[ray.train.UserCallback] | None = None,
 ) -> TrainResult:
+    # ---- setup: batch arithmetic, the per-rank shards, the worker spec
     t = config.train
     workers, accum = t.num_workers, t.grad_accum
     if batch_size % (workers * accum):
@@ -134,109 +149,134 @@ def _fit(
             f"config: train.batch_size={batch_size} must be a multiple of train.num_workers * train.grad_accum "
             f"= {workers * accum} (equal micro-batches on every worker)"
         )
-    datasets = {k: v for k, v in datasets.items() if v is not None}
     rows = datasets["train"].count()
     steps_per_epoch = rows // batch_size
     if steps_per_epoch == 0:
         raise UserError(f"config: batch size {batch_size} exceeds the {rows} training rows")
     micro = batch_size // (workers * accum)
+    shards = {"train": deal(datasets["train"], world=workers, block=micro, limit=steps_per_epoch * batch_size)}
+    if datasets.get("val") is not None:
+        # FSDP runs collectives in every forward: every rank must score as many batches (a few rows may go unused)
+        val_rows = datasets["val"].count()
+        equal = val_rows - val_rows % workers if t.strategy == "fsdp" else None
+        shards["val"] = deal(datasets["val"], world=workers, block=1, limit=equal)
+    prefix = "train" if task == "dpo" else task
     spec = WorkerSpec(
         task=task,
         config=config,
-        init_checkpoint=_abs(init_checkpoint),
-        reference_checkpoint=_abs(reference_checkpoint),
+        init_checkpoint=storage.as_checkpoint(init_checkpoint),
+        reference_checkpoint=None if reference_checkpoint is None else storage.as_checkpoint(reference_checkpoint),
         micro_batch=micro,
         steps_per_epoch=steps_per_epoch,
         total_steps=max_steps if max_steps is not None else epochs * steps_per_epoch,
         lr=lr,
         pad_id=pad_id,
-        metric_prefix="train" if task == "dpo" else task,
+        metric_prefix=prefix,
         val_prefix="val" if task == "dpo" else f"{task}_val",
         perf_key="perf/tokens_per_s" if task == "dpo" else f"perf/{task}_tokens_per_s",
-        run_id=run_id,
-        tracking_uri=tracking_uri,
         fail_at=os.environ.get(FAIL_ENV),
     )
-    datasets = {k: _with_row_index(v) for k, v in datasets.items()}
-    storage = t.storage_path if "://" in t.storage_path else _abs(t.storage_path)
+    relay = _Relay(mlflow_run, progress)
     trainer = ray.train.torch.TorchTrainer(
         train_loop,
-        train_loop_config={"spec": spec},
+        train_loop_config={"spec": spec, "shards": shards},
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
         ),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=storage,
+            storage_path=t.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-            callbacks=callbacks,
+            callbacks=[_QueueWriter(relay.queue), *(callbacks or [])],
         ),
-        datasets=datasets,
-        dataset_config=GlobalBatchShards({"train": micro, "val": 1}),
     )
-    result = trainer.fit()
+    # ---- run: fit in a thread; this thread logs and shows what the workers report
+    result = relay.run(trainer.fit)
+    # ---- result: the newest complete checkpoint in storage (Ray's registry may lag behind a crash)
     out = result.return_value or {}
     if out.get("error"):
         raise TrainingDivergedError(out["error"])
-    if result.checkpoint is None:
-        raise RuntimeError(f"train: run {name!r} finished without a checkpoint")
+    filesystem, root = storage.resolve(t.storage_path)
+    run_path = f"{root.rstrip('/')}/{name}"
+    final = checkpoints.newest_complete(filesystem, run_path)
+    if final is None:
+        raise RuntimeError(f"train: run {name!r} finished without a complete checkpoint")
+    # what Ray keeps is Ray's to prune (num_to_keep); a crash leftover it never registered is ours
+    registered = {c.path.rstrip("/").rsplit("/", 1)[-1] for c, _ in result.best_checkpoints or []}
+    checkpoints.prune_unregistered(filesystem, run_path, keep=registered)
     return TrainResult(
-        checkpoint=result.checkpoint.path,
+        checkpoint=Checkpoint(path=final.path, filesystem=filesystem),
         steps=out.get("steps", 0),
         metrics=out.get("metrics", {}),
         resumed_from=out.get("resumed_from", 0),
+        rows_read=out.get("rows_read", 0),
     )
 
 
-def _abs(path: str | None) -> str | None:
-    return None if path is None else str(Path(path).expanduser().resolve())
+class _Relay:
+    """Rank 0's reports, from the Train controller to this process through a queue actor (`_QueueWriter` puts them
+    there): logged to MLflow here, each (metric, step) once, also across worker-group restarts and re-runs; and shown
+    as progress."""
+
+    def __init__(self, tracking_target: tuple[str | None, str | None], progress: Progress | None):
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self.uri, self.run_id = tracking_target
+        self.progress = progress
+
+    def run(self, fit: Callable[[], ray.train.Result]) -> ray.train.Result:
+        logged = self._logged_steps()
+        outcome: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                outcome["result"] = fit()
+            except BaseException as err:  # re-raised in this thread
+                outcome["error"] = err
+
+        thread = threading.Thread(target=target, name="ray-dpo-fit", daemon=True)
+        thread.start()
+        try:
+            while thread.is_alive() or not self.queue.empty():
+                try:
+                    report = self.queue.get(timeout=0.2)
+                except Empty:
+                    continue
+                self._handle(report, logged)
+            thread.join()
+        finally:
+            self.queue.shutdown()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["result"]
+
+    def _logged_steps(self) -> dict[str, int]:
+        """The last step of each metric already in the MLflow run (a re-run or a restart must not log them again)."""
+        if not (self.uri and self.run_id):
+            return {}
+        return tracking.last_steps(self.uri, self.run_id)
+
+    def _handle(self, report: dict[str, Any], logged: dict[str, int]) -> None:
+        step = int(report.get("step", 0))
+        metrics = {
+            k: v
+            for k, v in report.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and "/" in k and math.isfinite(float(v))
+        }
+        fresh = {k: v for k, v in metrics.items() if step > logged.get(k, -1)}
+        if fresh and self.uri and self.run_id:
+            tracking.log_metrics(self.uri, self.run_id, fresh, step=step)
+        logged.update(dict.fromkeys(fresh, step))
+        if self.progress is not None:
+            self.progress(report)
 
 
-SHARD_TASK_CPUS = 0.25
+class _QueueWriter(ray.train.UserCallback):
+    """What the controller runs: put rank 0's metrics of every report on the queue."""
 
+    def __init__(self, queue: Queue):
+        self.queue = queue
 
-@ray.remote(num_cpus=SHARD_TASK_CPUS)
-def _num_rows(table: pa.Table) -> int:
-    return table.num_rows
-
-
-@ray.remote(num_cpus=SHARD_TASK_CPUS)
-def _add_row_index(table: pa.Table, start: int) -> pa.Table:
-    return table.append_column(ROW, pa.array(np.arange(start, start + table.num_rows, dtype=np.int64)))
-
-
-def _with_row_index(ds: ray.data.Dataset) -> ray.data.MaterializedDataset:
-    """Number the rows 0..n-1 in dataset order, block by block (Dataset.zip is deprecated)."""
-    blocks = ds.to_arrow_refs()
-    starts = np.cumsum([0, *ray.get([_num_rows.remote(b) for b in blocks])])
-    return ray.data.from_arrow_refs([_add_row_index.remote(b, int(s)) for b, s in zip(blocks, starts, strict=False)])
-
-
-def _owned(row: dict[str, Any], *, block: int, world: int, rank: int) -> bool:
-    return (row[ROW] // block) % world == rank
-
-
-class GlobalBatchShards(ray.train.DataConfig):
-    """Deterministic shards: rank r gets the blocks of `block[name]` consecutive rows numbered r, r+W, r+2W, ...
-
-    With block = micro-batch size every optimizer step sees the same global rows for any number of workers
-    (`streaming_split` hands blocks to whichever worker asks first), and a resumed run can skip exactly the
-    micro-batches it already trained on. Each rank filters the full row stream: fine for token-id rows.
-    """
-
-    def __init__(self, block: dict[str, int]):
-        super().__init__(datasets_to_split="all")
-        self.block = block
-
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        shards: list[dict[str, Any]] = [{} for _ in range(world_size)]
-        for name, ds in datasets.items():
-            for rank in range(world_size):
-                owned = functools.partial(_owned, block=self.block.get(name, 1), world=world_size, rank=rank)
-                # light per-row work: a whole CPU per task (Ray's default) can starve beside the trainer's workers
-                shard = ds.filter(owned, num_cpus=SHARD_TASK_CPUS).drop_columns([ROW], num_cpus=SHARD_TASK_CPUS)
-                shard.context.execution_options = self._resolve_execution_options(name)
-                shard.context.execution_options.preserve_order = True  # row order = global batch membership
-                shards[rank][name] = shard.iterator()
-        return shards
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint: Checkpoint | None) -> None:
+        if metrics:
+            self.queue.put(dict(metrics[0]))

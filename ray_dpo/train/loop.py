@@ -1,27 +1,27 @@
 """The per-worker training loop of a Ray Train `TorchTrainer`: setup, one global batch per step, validation,
-rank-0 MLflow logging, checkpoints and resume. What it trains comes from a `Task` (`ray_dpo.train.tasks`).
+reports, checkpoints and resume. What it trains comes from a `Task` (`ray_dpo.train.tasks`).
 
 Why the loss does not depend on the number of workers: every optimizer step consumes exactly one GLOBAL batch of
-`batch_size` rows. Rank r holds the micro-batches r, r+W, r+2W, ... of one fixed row order (the driver's sharding,
-`ray_dpo.train.driver`), so step s is always rows [s*G, (s+1)*G) whatever W and grad_accum are. Each micro-batch
-contributes `loss_sum * W / global_count` to the backward pass and DDP averages over W ranks: the gradient is the
-global mean.
+`batch_size` rows. Rank r holds the micro-batches r, r+W, r+2W, ... of one fixed row order (`ray_dpo.train.shards`),
+so step s is always rows [s*G, (s+1)*G) whatever W and grad_accum are. Each micro-batch contributes
+`loss_sum * W / global_count` to the backward pass and DDP averages over W ranks: the gradient is the global mean.
+
+Workers never log to MLflow: they `ray.train.report` each logged step (train metrics, validation, checkpoints) and the
+driver logs what rank 0 reported (`ray_dpo.train.driver`). All collectives run on the process group's device.
 
 Failure injection for tests: RAY_DPO_FAIL_AT="step:rank:/abs/marker" in the driver's env (see `maybe_fail`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
 import random
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,11 +31,24 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from ray.train import Checkpoint
 from torch import Tensor, nn
 
-from ray_dpo.checkpoint import load_model, load_training_state, save_model, save_training_state
+from ray_dpo.checkpoint import (
+    load_model,
+    load_model_config,
+    load_training_state,
+    save_model,
+    save_model_config,
+    save_training_state,
+)
 from ray_dpo.config import Config
+from ray_dpo.errors import UserError
+from ray_dpo.model import TransformerLM
+from ray_dpo.storage import local_directory
 from ray_dpo.tokenizer import TOKENIZER_FILE
+from ray_dpo.train import checkpoints, parallel
+from ray_dpo.train.shards import Shard, micro_batches
 from ray_dpo.train.tasks import TASKS, Task
 
 FAIL_ENV = "RAY_DPO_FAIL_AT"  # "step:rank:marker_path": that rank exits once at that step (failure-recovery tests)
@@ -47,8 +60,8 @@ class WorkerSpec:
 
     task: Literal["dpo", "sft"]
     config: Config
-    init_checkpoint: str  # weights (and tokenizer) the run starts from
-    reference_checkpoint: str | None  # the frozen reference (dpo.reference=live)
+    init_checkpoint: Checkpoint  # weights (and tokenizer) the run starts from, staged where every node reads
+    reference_checkpoint: Checkpoint | None  # the frozen reference (dpo.reference=live)
     micro_batch: int  # rows per micro-batch on one rank
     steps_per_epoch: int
     total_steps: int
@@ -57,8 +70,6 @@ class WorkerSpec:
     metric_prefix: str  # "train" (DPO) or "sft": train metrics are `<prefix>/loss`, ...
     val_prefix: str  # "val" or "sft_val"
     perf_key: str  # tokens/s metric name
-    run_id: str | None = None  # the MLflow run the driver created (rank 0 logs into it)
-    tracking_uri: str | None = None
     fail_at: str | None = None  # failure injection (FAIL_ENV)
 
 
@@ -86,16 +97,21 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def maybe_fail(spec: str | None, step: int, rank: int) -> None:
-    """Failure injection: exit this worker process once (a marker file records that it happened)."""
+def maybe_fail(spec: str | None, step: int, rank: int, run_path: tuple[Any, str]) -> None:
+    """Failure injection: this worker process dies once, at the start of `step`, right after the previous step's
+    checkpoint is complete in storage: inside the window where Ray may not have registered it yet."""
     if not spec:
         return
     fail_step, fail_rank, marker = spec.split(":", 2)
     if step == int(fail_step) and rank == int(fail_rank) and not os.path.exists(marker):
+        filesystem, path = run_path
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            newest = checkpoints.newest_complete(filesystem, path)
+            if newest is not None and newest.step >= step:
+                break
+            time.sleep(0.05)
         Path(marker).write_text(f"rank {rank} exited at step {step}\n")
-        # Ray registers a reported checkpoint when its controller next polls the workers (every 2 s): dying
-        # within that window would restart from an older one. Wait, as a real crash well after a checkpoint.
-        time.sleep(6)
         os._exit(1)
 
 
@@ -113,33 +129,55 @@ class _Worker:
     task: Task
     autocast: Callable[[], Any]
     state: dict[str, Any]  # step, epoch, epoch_step (optimizer steps into the epoch), metrics
+    tokenizer_json: bytes | None  # saved into every checkpoint
+    run_path: tuple[Any, str]  # (filesystem, path) of this run's checkpoints in storage
+    known_checkpoints: set[str]  # checkpoint directories Ray knows (or will): never pruned here
+    unsaved_reports: list[dict[str, Any]] = field(default_factory=list)  # reported since the last checkpoint
 
 
 def setup_worker(spec: WorkerSpec) -> _Worker:
-    """Model from the latest checkpoint (resume) or `init_checkpoint`, DDP, AdamW + warmup/cosine, the task."""
+    """Model from the checkpoint to resume from (Ray's latest, or a newer complete one in storage) or
+    `init_checkpoint`, distributed (DDP or FSDP), AdamW + warmup/cosine, the task."""
     t = spec.config.train
     ctx = ray.train.get_context()
     torch.set_num_threads(max(1, round(t.cpus_per_worker)))  # fractional CPUs: don't oversubscribe the cores
     device = ray.train.torch.get_device()
+    bf16 = _use_bf16(t, device)
     _seed_everything(t.seed)
-    state, optimizer_state = {"step": 0, "epoch": 0, "epoch_step": 0, "metrics": {}}, None
-    resume = ray.train.get_checkpoint()
-    if resume is not None:
-        with resume.as_directory() as directory:
-            model = load_model(directory)
+    run_storage = ctx.get_storage()
+    run_path = (run_storage.storage_filesystem, run_storage.experiment_fs_path)
+    resume = checkpoints.resume_checkpoint(ray.train.get_checkpoint(), *run_path)
+    state = {"step": 0, "epoch": 0, "epoch_step": 0, "metrics": {}}
+    with local_directory(resume or spec.init_checkpoint) as directory:
+        sharded = parallel.is_sharded(directory)
+        if sharded != (resume is not None and t.strategy == "fsdp"):
+            raise UserError(
+                f"train: checkpoint {directory} was written with train.strategy={'fsdp' if sharded else 'ddp'}; "
+                f"resume it with that strategy (or start a new train.run_name)"
+            )
+        model = TransformerLM(load_model_config(directory)) if sharded else load_model(directory)
+        tokenizer = Path(directory) / TOKENIZER_FILE
+        tokenizer_json = tokenizer.read_bytes() if tokenizer.is_file() else None
+        if t.compile:
+            model.compile()
+        model = parallel.distribute(model, t.strategy, device, bf16=bf16)
+        # fused: one kernel over all parameters, on CPU and CUDA alike (torch >= 2.4); FSDP's sharded (DTensor)
+        # parameters take the foreach implementation
+        fused = t.strategy == "ddp"
+        optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=t.weight_decay, fused=fused)
+        schedule = functools.partial(lr_factor, warmup=t.warmup_steps, total=spec.total_steps, min_ratio=t.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        if resume is not None:  # after distributing: optimizer state lands on the parameters' devices and shards
             optimizer_state, state = load_training_state(directory)
-    else:
-        model = load_model(spec.init_checkpoint)
-    if t.compile:
-        model.compile()
-    model = ray.train.torch.prepare_model(model)  # DDP (gloo on CPU, nccl on GPU); moves to device
-    # fused: one kernel over all parameters, on CPU and CUDA alike (torch >= 2.4)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=t.weight_decay, fused=True)
-    schedule = functools.partial(lr_factor, warmup=t.warmup_steps, total=spec.total_steps, min_ratio=t.min_lr_ratio)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    if optimizer_state is not None:  # after prepare_model: the state is cast to the parameters' device
-        optimizer.load_state_dict(optimizer_state["optimizer"])
-        scheduler.load_state_dict(optimizer_state["scheduler"])
+            if sharded:
+                parallel.load_sharded(directory, model, optimizer, scheduler)
+            else:
+                optimizer.load_state_dict(optimizer_state["optimizer"])
+                scheduler.load_state_dict(optimizer_state["scheduler"])
+    known = set()
+    if ctx.get_world_rank() == 0:
+        reported = ray.train.get_all_reported_checkpoints(ray.train.CheckpointConsistencyMode.COMMITTED)
+        known = {r.checkpoint.path.rstrip("/").rsplit("/", 1)[-1] for r in reported}
     return _Worker(
         spec=spec,
         rank=ctx.get_world_rank(),
@@ -149,8 +187,11 @@ def setup_worker(spec: WorkerSpec) -> _Worker:
         optimizer=optimizer,
         scheduler=scheduler,
         task=TASKS[spec.task](spec, model, device),
-        autocast=functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=_use_bf16(t, device)),
+        autocast=functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16),
         state=state,
+        tokenizer_json=tokenizer_json,
+        run_path=run_path,
+        known_checkpoints=known,
     )
 
 
@@ -164,51 +205,50 @@ def _use_bf16(train: Any, device: torch.device) -> bool:
     return True
 
 
-def train_step(w: _Worker, micro_batches: list[dict[str, Tensor]]) -> tuple[list[float], float, float]:
+def train_step(w: _Worker, batches: list[dict[str, Tensor]]) -> tuple[list[float], float, float]:
     """Forward/backward of one global batch -> (all-reduced metric sums + tokens, global count, grad norm).
 
     Each micro-batch backpropagates `loss_sum * W / global_count`; DDP averages over W ranks, so the gradient
     is the mean over the GLOBAL batch. Gradients are all-reduced once per step (no_sync on the others).
     """
-    task, model, accum = w.task, w.model, len(micro_batches)
-    global_count = all_reduce_sum(torch.tensor(float(sum(map(task.count, micro_batches)))), w.device).item()
+    task, model, accum = w.task, w.model, len(batches)
+    global_count = all_reduce_sum(torch.tensor(float(sum(map(task.count, batches)))), w.device).item()
     sums = torch.zeros(len(task.metric_names) + 1, dtype=torch.float64)
-    for i, batch in enumerate(micro_batches):
-        sync = i == accum - 1 or not hasattr(model, "no_sync")
-        with contextlib.nullcontext() if sync else model.no_sync(), w.autocast():
+    for i, batch in enumerate(batches):
+        with parallel.gradient_sync(model, i == accum - 1), w.autocast():
             loss_sum, metric_sums, _, tokens = task.score(batch, True)
             (loss_sum * w.world / global_count).backward()
         sums += torch.tensor([*(metric_sums[k].item() for k in task.metric_names), tokens], dtype=torch.float64)
-    clip = w.spec.config.train.grad_clip
-    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else math.inf).item()
+    grad_norm = parallel.grad_norm(model, w.spec.config.train.grad_clip)
     return all_reduce_sum(sums, w.device).tolist(), global_count, grad_norm
 
 
-def train_loop(loop_config: dict[str, WorkerSpec]) -> dict[str, Any]:
-    """The per-worker function: setup, then one global batch per step; validation, logging and checkpoints."""
-    spec = loop_config["spec"]
+def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """The per-worker function: setup, then one global batch per step; validation, reports and checkpoints."""
+    spec, shards = loop_config["spec"], loop_config["shards"]
     w = setup_worker(spec)
     t, state = spec.config.train, w.state
-    tracker = _Tracker(spec, w.rank)
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), _optional_shard("val")
-    resumed_from, metrics = state["step"], dict(state["metrics"])
+    train_shard: Shard = shards["train"][w.rank]
+    val_shard: Shard | None = shards["val"][w.rank] if "val" in shards else None
+    resumed_from, metrics, rows_read = state["step"], dict(state["metrics"]), 0
+    for report in state.get("reports", []):  # a crash may have lost them before the driver saw them: sent again,
+        ray.train.report(report)  # the driver logs each step once
     while state["step"] < spec.total_steps:
-        batches = iter(
-            train_shard.iter_torch_batches(batch_size=spec.micro_batch, collate_fn=w.task.collate, drop_last=True)
-        )
-        for _ in range(state["epoch_step"] * t.grad_accum):  # data position: skip what the checkpoint trained on
-            next(batches)
+        skip = state["epoch_step"] * t.grad_accum * spec.micro_batch  # data position: what the checkpoint trained on
+        batches = micro_batches(train_shard, spec.micro_batch, w.task.collate, skip_rows=skip)
+        rows_read = 0  # rows this rank reads in this epoch
         while state["epoch_step"] < spec.steps_per_epoch and state["step"] < spec.total_steps:
             step, started = state["step"], time.perf_counter()
-            maybe_fail(spec.fail_at, step, w.rank)
+            maybe_fail(spec.fail_at, step, w.rank, w.run_path)
             torch.manual_seed(t.seed + 1_000_003 * step + w.rank)  # dropout RNG: a function of (seed, step, rank)
             try:
-                micro_batches = [next(batches) for _ in range(t.grad_accum)]
+                step_batches = [next(batches) for _ in range(t.grad_accum)]
             except StopIteration:  # cannot happen: steps_per_epoch comes from the driver's row count
                 raise RuntimeError(
                     f"train: rank {w.rank} ran out of rows at step {step}, epoch {state['epoch']}"
                 ) from None
-            sums, count, grad_norm = train_step(w, micro_batches)
+            rows_read += sum(len(b["prompt_len"]) for b in step_batches)
+            sums, count, grad_norm = train_step(w, step_batches)
             loss = sums[0] / count
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # identical on every rank: all stop
                 return {
@@ -221,53 +261,47 @@ def train_loop(loop_config: dict[str, WorkerSpec]) -> dict[str, Any]:
             w.optimizer.step()
             w.scheduler.step()
             w.optimizer.zero_grad(set_to_none=True)
-            step += 1
-            state.update(step=step, epoch_step=state["epoch_step"] + 1)
+            state.update(step=step + 1, epoch_step=state["epoch_step"] + 1)
             p = spec.metric_prefix
-            metrics = {f"{p}/{k}": sums[i] / count for i, k in enumerate(w.task.metric_names)}
-            metrics.update({f"{p}/lr": lr, f"{p}/grad_norm": grad_norm})
-            metrics[spec.perf_key] = sums[-1] / (time.perf_counter() - started)
-            metrics = _after_step(w, metrics, val_shard, tracker)
+            fresh = {f"{p}/{k}": sums[i] / count for i, k in enumerate(w.task.metric_names)}
+            fresh.update({f"{p}/lr": lr, f"{p}/grad_norm": grad_norm})
+            fresh[spec.perf_key] = sums[-1] / (time.perf_counter() - started)
+            metrics = _after_step(w, fresh, val_shard)
             if state["epoch_step"] == 0:  # _after_step rolled over to the next epoch
                 break
-    return {"steps": state["step"], "metrics": metrics, "resumed_from": resumed_from}
+    rows_read = int(all_reduce_sum(torch.tensor(float(rows_read)), w.device).item())
+    return {"steps": state["step"], "metrics": metrics, "resumed_from": resumed_from, "rows_read": rows_read}
 
 
-def _after_step(w: _Worker, metrics: dict[str, float], val_shard, tracker: _Tracker) -> dict[str, float]:
-    """Log, validate, roll the epoch over, checkpoint or report. Returns the metrics kept for the result."""
+def _after_step(w: _Worker, fresh: dict[str, float], val_shard: Shard | None) -> dict[str, float]:
+    """Validate, roll the epoch over, report (with a checkpoint when due). Returns the metrics kept for the result.
+    A report carries only this step's metrics: the driver logs each once."""
     spec, t, state = w.spec, w.spec.config.train, w.state
     step, last = state["step"], state["step"] == spec.total_steps
-    if step % t.log_every == 0 or last:
-        tracker.log(metrics, step)
-    report = {}
+    report = fresh if step % t.log_every == 0 or last else {}
     if val_shard is not None and (step % t.eval_every == 0 or last):
-        report = validation_metrics(w, val_shard)
-        tracker.log(report, step)
-    metrics = {**state["metrics"], **metrics, **report}
-    state["metrics"] = metrics
+        report = {**report, **validation_metrics(w, val_shard)}
+    state["metrics"] = {**state["metrics"], **fresh, **report}
     if state["epoch_step"] == spec.steps_per_epoch:  # a checkpoint taken now resumes at the next epoch's start
         state.update(epoch=state["epoch"] + 1, epoch_step=0)
+    report = {**report, "step": step, "total_steps": spec.total_steps}
     if step % t.checkpoint_every == 0 or last:
-        save_checkpoint(w, {**metrics, "step": step})
-    elif report:
-        ray.train.report({**metrics, "step": step})  # lets Tune see validation between checkpoints
-    return metrics
+        # the reports since the last checkpoint travel with this one: a group that resumes from it sends them again
+        state["reports"], w.unsaved_reports = [*w.unsaved_reports, report], []
+        save_checkpoint(w, report)
+    elif len(report) > 2:  # something to log (every log_every steps and at validations)
+        ray.train.report(report)
+        w.unsaved_reports.append(report)
+    return state["metrics"]
 
 
-def _optional_shard(name: str):
-    try:
-        return ray.train.get_dataset_shard(name)
-    except (KeyError, ValueError):
-        return None
-
-
-def validation_metrics(w: _Worker, shard) -> dict[str, float]:
+def validation_metrics(w: _Worker, shard: Shard) -> dict[str, float]:
     """Metrics over the whole validation split: every rank scores its rows, sums and counts are all-reduced."""
-    task, module = w.task, getattr(w.model, "module", w.model)
+    task, module = w.task, parallel.unwrap(w.model)
     module.eval()
     sums = torch.zeros(len(task.metric_names) + 1, dtype=torch.float64)
     with torch.no_grad(), w.autocast():
-        for batch in shard.iter_torch_batches(batch_size=w.spec.micro_batch, collate_fn=task.collate):
+        for batch in micro_batches(shard, w.spec.micro_batch, task.collate, drop_last=False):
             _, metric_sums, count, _ = task.score(batch, False)
             sums += torch.tensor([*(metric_sums[k].item() for k in task.metric_names), count], dtype=torch.float64)
     module.train()
@@ -278,33 +312,41 @@ def validation_metrics(w: _Worker, shard) -> dict[str, float]:
 
 
 def save_checkpoint(w: _Worker, metrics: dict[str, float]) -> None:
-    """Rank 0 writes the checkpoint layout (docs/ARCHITECTURE.md) to a temp dir and reports it; every rank must
-    call `report`."""
-    if w.rank != 0:
-        ray.train.report(metrics, checkpoint=None)
+    """Write the checkpoint layout (docs/ARCHITECTURE.md) and a manifest to a temp dir and report it, uploaded
+    asynchronously under `checkpoint_step_<step>`: rank 0 alone with DDP, every rank its shard with FSDP (Ray merges
+    them into one directory). Every rank must call `report`. Then rank 0 prunes superseded checkpoints Ray never
+    registered (crash leftovers)."""
+    name = checkpoints.directory_name(w.state["step"])
+    sharded = w.spec.config.train.strategy == "fsdp"
+    if not sharded and w.rank != 0:
+        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
         return
     directory = Path(tempfile.mkdtemp(prefix="ray-dpo-ckpt-"))
-    try:
+    state = {**w.state, "seed": w.spec.config.train.seed}
+    if sharded:
+        parallel.save_sharded(directory, w.model, w.optimizer, w.scheduler)
+        final = parallel.full_state_dict(w.model) if w.state["step"] == w.spec.total_steps else None
+        if w.rank == 0:
+            save_model_config(directory, w.model.config)
+            if final is not None:  # the last checkpoint holds whole weights: what evaluation and export read
+                whole = TransformerLM(w.model.config)
+                whole.load_state_dict(final)
+                save_model(directory, whole)
+            save_training_state(directory, None, state)
+    else:
         save_model(directory, w.model)
-        tokenizer = Path(w.spec.init_checkpoint) / TOKENIZER_FILE
-        if tokenizer.is_file():
-            shutil.copy(tokenizer, directory / TOKENIZER_FILE)
         payload = {"optimizer": w.optimizer.state_dict(), "scheduler": w.scheduler.state_dict()}
-        save_training_state(directory, payload, {**w.state, "seed": w.spec.config.train.seed})
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-class _Tracker:
-    """Rank 0 logs to the MLflow run the driver created; other ranks do nothing (never a run per worker)."""
-
-    def __init__(self, spec: WorkerSpec, rank: int):
-        self.enabled = rank == 0 and bool(spec.run_id) and bool(spec.tracking_uri)
-        self.uri, self.run_id = spec.tracking_uri, spec.run_id
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.enabled:
-            from ray_dpo import tracking
-
-            tracking.log_metrics(self.uri, self.run_id, metrics, step=step)
+        save_training_state(directory, payload, state)
+    if w.rank == 0 and w.tokenizer_json is not None:
+        (directory / TOKENIZER_FILE).write_bytes(w.tokenizer_json)
+    checkpoints.write_manifest(directory, rank=w.rank, world=w.world if sharded else 1)
+    # ASYNC: training goes on while the files upload; Ray deletes the temp dir afterwards
+    ray.train.report(
+        metrics,
+        checkpoint=Checkpoint.from_directory(str(directory)),
+        checkpoint_dir_name=name,
+        checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+    )
+    if w.rank == 0:
+        w.known_checkpoints.add(name)
+        checkpoints.prune_unregistered(*w.run_path, keep=w.known_checkpoints)

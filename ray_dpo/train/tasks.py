@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ray_dpo.checkpoint import load_model
+from ray_dpo import models
 from ray_dpo.dpo import DPO, model_logits, response_mask_from_lengths, token_logps
+from ray_dpo.train import parallel
 
 if TYPE_CHECKING:
     from ray_dpo.train.loop import WorkerSpec
@@ -44,17 +45,15 @@ class Task:
     metric_names: tuple[str, ...]
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)  # DDP
-
-
 def dpo_task(spec: WorkerSpec, model: nn.Module, device: torch.device) -> Task:
     from ray_dpo.data import PreferenceCollateFn  # imported on the worker: ray_dpo.data pulls in Ray Data
 
     d = spec.config.dpo
     reference = None
     if d.reference == "live":  # identical on every rank: it comes from one checkpoint
-        reference = load_model(spec.reference_checkpoint, device).eval().requires_grad_(False)
+        reference = models.load(spec.reference_checkpoint, device).eval().requires_grad_(False)
+        if spec.config.train.strategy == "fsdp":  # sharded like the policy: no rank holds a whole second model
+            reference = parallel.shard(reference, device, bf16=False)
     kwargs = dict(
         beta=d.beta,
         pad_id=spec.pad_id,
@@ -67,7 +66,7 @@ def dpo_task(spec: WorkerSpec, model: nn.Module, device: torch.device) -> Task:
         prefix_sharing=d.prefix_sharing,
     )
     # validation runs the unwrapped module: ranks may hold different numbers of val rows, DDP hooks would hang
-    train_dpo, val_dpo = DPO(model, **kwargs), DPO(_unwrap(model), **kwargs)
+    train_dpo, val_dpo = DPO(model, **kwargs), DPO(parallel.unwrap(model), **kwargs)
 
     def score(batch: dict[str, Tensor], training: bool):
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -95,7 +94,7 @@ def sft_task(spec: WorkerSpec, model: nn.Module, device: torch.device) -> Task:
     def score(batch: dict[str, Tensor], training: bool):
         batch = {k: v.to(device) for k, v in batch.items()}
         tokens, mask = batch["tokens"], _sft_mask(batch)
-        logps = token_logps(model_logits(model if training else _unwrap(model), tokens[:, :-1]), tokens[:, 1:])
+        logps = token_logps(model_logits(model if training else parallel.unwrap(model), tokens[:, :-1]), tokens[:, 1:])
         nll_sum = -logps.masked_fill(~mask, 0.0).sum()
         processed = (batch["prompt_len"] + batch["response_len"]).sum().item()
         return nll_sum, {"loss": nll_sum.detach()}, float(mask.sum().item()), float(processed)
