@@ -217,6 +217,7 @@ class TransformerLM(nn.Module):
         positions: Tensor | None = None,
         attn_mask: Tensor | SharedPrefixMask | None = None,
         cache: KVCache | None = None,
+        return_hidden: bool = False,
     ) -> Tensor:
         """Logits for `tokens` (B, N).
 
@@ -225,6 +226,8 @@ class TransformerLM(nn.Module):
             as is (the caller composes causality with padding); when None the mask is causal. A
             `SharedPrefixMask` runs packed prefix-sharing rows (`dpo.pack_pairs`) without a cache.
         cache: a `KVCache`; the new keys/values are appended and `cache.length` advances by N.
+        return_hidden: return the final-normed hidden states (B, N, dim) instead of logits, so a caller can run the
+            output projection only where it needs it (`logps.scored_logps`).
         """
         if cache is not None and isinstance(attn_mask, SharedPrefixMask):
             raise ValueError("a SharedPrefixMask (packed prefix-sharing rows) cannot be used with a KV cache")
@@ -248,7 +251,7 @@ class TransformerLM(nn.Module):
             x = block(x, cos, sin, attn_mask, is_causal, cache)
         if cache is not None:
             cache.length += n
-        return self.to_logits(self.norm(x))
+        return self.norm(x) if return_hidden else self.to_logits(self.norm(x))
 
     def num_params(self, non_embedding: bool = False) -> int:
         total = sum(p.numel() for p in self.parameters())
