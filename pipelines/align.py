@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ray_dpo import recipe
 from ray_dpo.config import load_config
+from ray_dpo.console import Console
 from ray_dpo.errors import exit_on_user_error
 from ray_dpo.evaluate import format_summary
 
@@ -27,8 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/demo.yaml)")
     parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a new local Ray)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's and MLflow's own logs on the console")
     args = parser.parse_args(argv)
-    with recipe.open_run(load_config(args.config, args.overrides), address=args.address) as run:
+    console = Console(verbose=args.verbose)
+    with recipe.open_run(load_config(args.config, args.overrides), address=args.address, console=console) as run:
         result = recipe.align(run)
     print(f"MLflow run:       {result.run_id}")
     print(f"tracking URI:     {result.tracking_uri}")

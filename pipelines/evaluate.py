@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ray_dpo import recipe
 from ray_dpo.config import load_config
+from ray_dpo.console import Console
 from ray_dpo.errors import exit_on_user_error
 from ray_dpo.evaluate import check_checkpoint, format_summary, load_reward_fn
 from ray_dpo.tokenizer import TOKENIZER_FILE
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-id", default=None, help="log into this MLflow run instead of a new one")
     parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a new local Ray)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.temperature=0.7")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's and MLflow's own logs on the console")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)
     checkpoint = check_checkpoint("--checkpoint", args.checkpoint)
@@ -44,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     if (Path(checkpoint) / TOKENIZER_FILE).is_file():  # the tokenizer the policy was trained with
         config.data.tokenizer = checkpoint
     params = {"eval.policy_checkpoint": checkpoint, "eval.reference": reference}
-    with recipe.open_run(config, address=args.address, kind="eval", run_id=args.run_id, params=params) as run:
+    console = Console(verbose=args.verbose)
+    with recipe.open_run(
+        config, address=args.address, kind="eval", run_id=args.run_id, params=params, console=console
+    ) as run:
         metrics = recipe.evaluate_checkpoints(
             run, checkpoint, reference, prompts_path=args.prompts, pairs_path=args.pairs
         )

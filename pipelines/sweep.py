@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from ray_dpo.config import flatten, load_config
+from ray_dpo.console import Console
 from ray_dpo.errors import exit_on_user_error
 from ray_dpo.sweep import run_sweep
 
@@ -26,13 +27,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/sweep.yaml)")
     parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a new local Ray)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. tune.num_samples=4")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's and MLflow's own logs on the console")
     return parser.parse_args(argv)
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    result = run_sweep(load_config(args.config, args.overrides), address=args.address)
+    console = Console(verbose=args.verbose)
+    result = run_sweep(load_config(args.config, args.overrides), address=args.address, console=console)
     with_columns = [c for c in result.table.columns if c != "mlflow_run_id"]
     print(result.table[with_columns].to_string(index=False))
     counts = ", ".join(f"{n} {status}" for status, n in result.status_counts.items() if n)

@@ -102,6 +102,9 @@ class EvalConfig:
     filter_logits_fn: str | None = None  # top_k, top_p, min_p, top_a, or None
     filter_kwargs: dict[str, float] = field(default_factory=dict)  # e.g. {thres: 0.9} for top_p
     beams: int = 1  # beam search when > 1
+    # responses SAMPLED from each model per prompt (temperature 1, no filter) for the KL(policy||reference) and
+    # reward estimates with standard errors (decoding above is for the samples table); 0 = no KL estimate
+    kl_samples: int = 4
     batch_size: int = 16  # prompts per generation batch in each actor
     concurrency: int = 1  # generation actors
     num_gpus: float = 0.0  # GPUs per generation actor
@@ -119,6 +122,9 @@ class TuneConfig:
     )  # dotted key -> {grid|choice: [..]} / {loguniform: [lo, hi]}
     max_concurrent_trials: int = 1  # trials at once
     cpus_per_trial: float = 0.25  # CPUs held by each trial's driver + tasks (Train workers add train.cpus_per_worker)
+    # how trials are proposed: random/grid sampling of search_space, or Optuna's TPE (pip install -e ".[tune]";
+    # grids are not for Optuna: use {choice: [...]})
+    search_alg: Literal["random", "optuna"] = "random"
     scheduler: Literal["asha", "fifo"] = "asha"  # early stopping
     grace_period: int = 1  # ASHA: optimizer steps before a trial can be stopped (rungs at grace * factor^k steps)
     reduction_factor: float = 2.0  # ASHA: keep 1/reduction_factor per rung

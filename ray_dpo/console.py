@@ -8,15 +8,20 @@ end of the run.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import logging.handlers
+import os
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
 PLAIN_EVERY_S = 15.0
-QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "mlflow", "alembic", "urllib3", "filelock")
+QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "mlflow", "alembic", "urllib3", "filelock", "py.warnings")
 
 
 class Console:
@@ -24,6 +29,12 @@ class Console:
         self.verbose = verbose
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
+
+    def __getstate__(self) -> dict[str, Any]:  # Tune pickles callbacks that hold a console: streams don't pickle
+        return {"verbose": self.verbose}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["verbose"])
 
     def stage(self, message: str) -> None:
         self._line(f"[ray-dpo] {message}")
@@ -35,33 +46,53 @@ class Console:
         return Progress(self, name)
 
     def quiet_libraries(self) -> None:
-        """Library loggers and warnings off the terminal (unless verbose); they stay in Ray's log files."""
+        """Ray's and MLflow's log records off the terminal (unless verbose): held in memory until Ray's session
+        directory is known (`log_to`), then written to `<session>/logs/ray-dpo-driver.log`."""
         if self.verbose:
             return
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        import mlflow  # noqa: F401  (configures its loggers at import: strip them after)
+        import ray.data  # noqa: F401  (same)
+
+        self._held = logging.handlers.MemoryHandler(capacity=1_000_000, flushLevel=logging.CRITICAL + 1)
         for name in QUIET_LOGGERS:
             logger = logging.getLogger(name)
-            logger.setLevel(logging.ERROR)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", module="ray")
-        warnings.filterwarnings("ignore", module="mlflow")
+            for handler in list(logger.handlers):
+                if not isinstance(handler, logging.FileHandler):  # Ray Data's own file handler stays
+                    logger.removeHandler(handler)
+            logger.addHandler(self._held)
+            logger.propagate = False
+        for category in (DeprecationWarning, FutureWarning, UserWarning):
+            warnings.filterwarnings("ignore", category=category, module=r"(ray|mlflow|torch|pydantic)(\..*)?$")
 
     def log_to(self, log_dir: str | None) -> None:
-        """Ray's driver-side log records into `<session>/logs/ray-dpo-driver.log` (where a user looks for them)."""
-        if self.verbose or not log_dir:
+        """Write the held and all further library log records to `<log_dir>/ray-dpo-driver.log`."""
+        held = getattr(self, "_held", None)
+        if held is None or not log_dir:
             return
         handler = logging.FileHandler(Path(log_dir) / "ray-dpo-driver.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        for name in ("ray", "mlflow"):
+        held.setTarget(handler)
+        held.flush()
+        for name in QUIET_LOGGERS:  # Ray's init may have installed its console handlers again
             logger = logging.getLogger(name)
-            logger.addHandler(handler)
-            logger.setLevel(logging.INFO)
             for other in list(logger.handlers):
-                if other is not handler and isinstance(other, logging.StreamHandler) and not isinstance(
-                    other, logging.FileHandler
-                ):
+                if not isinstance(other, logging.FileHandler):
                     logger.removeHandler(other)
+            logger.addHandler(handler)
             logger.propagate = False
+        self._held = None
+
+    @contextlib.contextmanager
+    def captured(self) -> Iterator[io.StringIO]:
+        """Python-level stderr of a noisy call (Ray's init prints through logging's last-resort handler), kept for
+        the log file unless verbose."""
+        if self.verbose:
+            yield io.StringIO()
+            return
+        buffer = io.StringIO()
+        with contextlib.redirect_stderr(buffer):
+            yield buffer
 
 
 class Progress:
@@ -91,7 +122,9 @@ class Progress:
         filled = int(width * step / total) if total else 0
         parts = [f"{self.name} [{'#' * filled}{'.' * (width - filled)}] {step}/{total}"]
         for key, label in (("loss", "loss"), ("rewards/accuracies", "acc")):
-            value = next((v for k, v in report.items() if k.endswith(f"/{key}") and not k.startswith(("val", "sft_val"))), None)
+            value = next(
+                (v for k, v in report.items() if k.endswith(f"/{key}") and not k.startswith(("val", "sft_val"))), None
+            )
             if value is not None:
                 parts.append(f"{label} {value:.3f}")
         tokens = next((v for k, v in report.items() if k.startswith("perf/")), None)

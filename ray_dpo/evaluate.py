@@ -17,17 +17,20 @@ save    `eval/*` metrics, the samples as an MLflow table (`eval/samples.json`) a
 Metrics (`aggregate`):
   eval/reward/policy, eval/reward/reference   mean reward of each model's responses (with a reward function)
   eval/win_rate        share of prompts where the policy's reward beats the reference's; ties count half
-  eval/kl_seq          mean over prompts of log pi(y|x) - log ref(y|x), y decoded from the POLICY
-  eval/kl_token        mean over prompts of the same difference divided by the response's length in tokens
+  eval/kl_seq, _se     KL(policy || reference) per sequence: mean of log pi(y|x) - log ref(y|x) over `eval.kl_samples`
+                       responses SAMPLED from the policy per prompt (temperature 1, no filter), and its standard error
+                       (prompts are the independent units)
+  eval/kl_token        the same summed, divided by the sampled responses' tokens
+  eval/sampled_reward/{policy,reference}, _se   mean reward of those samples (with a reward function)
   eval/len/policy, eval/len/reference   mean response length in tokens (eos included when generated)
   eval/implicit_reward_accuracy   share of held-out pairs with beta*logratio(chosen) > beta*logratio(rejected)
   eval/implicit_reward_margin     mean of beta * (logratio(chosen) - logratio(rejected)) over those pairs
   eval/num_prompts, eval/num_pairs
 
 About the KL estimate: with y SAMPLED from the policy (temperature 1, no filter), the mean of
-log pi(y|x) - log ref(y|x) is an unbiased Monte-Carlo estimate of KL(pi || ref). Under greedy decoding, beam search,
-temperature != 1 or a filter, y is not a sample from pi and the number is only a plug-in estimate: useful to
-compare runs and to see the policy drift from the reference, not the true KL (it can even be negative).
+log pi(y|x) - log ref(y|x) is an unbiased Monte-Carlo estimate of KL(pi || ref). Greedy or beam outputs are not
+samples of pi (their mean difference can even be negative), so the configured decoding only fills the samples
+table and the greedy reward; KL and the sampled reward always come from `eval.kl_samples` samples per prompt.
 """
 
 from __future__ import annotations
@@ -90,6 +93,8 @@ def _check_eval_config(e: EvalConfig) -> None:
         raise UserError("config: eval.max_new_tokens, eval.batch_size, eval.concurrency and eval.beams must be >= 1")
     if e.temperature < 0:
         raise UserError(f"config: eval.temperature must be >= 0, got {e.temperature}")
+    if e.kl_samples < 0:
+        raise UserError(f"config: eval.kl_samples must be >= 0, got {e.kl_samples}")
     if e.filter_logits_fn not in (None, "top_k", "top_p", "min_p", "top_a"):
         raise UserError(
             f"config: eval.filter_logits_fn must be top_k, top_p, min_p, top_a or null, got {e.filter_logits_fn!r}"
@@ -158,22 +163,24 @@ class PolicyReferenceGenerator:
         tok = self.tokenizer
         return tok.decode([int(t) for t in tokens if t not in (tok.eos_id, tok.pad_id, tok.bos_id)])
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        prompts = fit_prompt_rows(list(batch["prompt"]), self.max_prompt_tokens, self.tokenizer.bos_id)
-        texts = [self._text(p) for p in prompts]
-        # seeded by the batch's content, so samples do not depend on which actor got the batch; the same seed for
-        # both models (common random numbers): identical models give identical samples
-        seed = self.seed + zlib.crc32("\n".join(texts).encode())
+    def _respond(self, prompts: list[np.ndarray], texts: list[str], seed: int, sample: bool) -> dict[str, Any]:
+        """A response from each model per prompt, both scored under both models (the two responses of a prompt as
+        a pair, scored like training pairs), rewarded. `sample`: temperature 1, no filter: samples of the model."""
+        e, tok = self.e, self.tokenizer
         device_prompts = [torch.as_tensor(p, dtype=torch.long, device=self.device) for p in prompts]
-        out: dict[str, Any] = {"prompt": np.asarray(texts, dtype=object)}
+        out: dict[str, Any] = {}
         responses: dict[str, list[np.ndarray]] = {}
         for name, model in self.models.items():
+            # the same seed for both models (common random numbers): identical models give identical responses
             generator = torch.Generator(self.device).manual_seed(seed)
-            responses[name] = self._split(self._decode(model, device_prompts, generator))
-            out[f"{name}_response"] = np.asarray([self._text(r) for r in responses[name]], dtype=object)
+            if sample:
+                kwargs = dict(eos_token=tok.eos_id, pad_id=tok.pad_id, generator=generator)
+                tokens = generate(model, device_prompts, e.max_new_tokens, temperature=1.0, **kwargs)
+            else:
+                tokens = self._decode(model, device_prompts, generator)
+            responses[name] = self._split(tokens)
+            out[f"{name}_response"] = [self._text(r) for r in responses[name]]
             out[f"{name}_len"] = np.asarray([len(r) for r in responses[name]], dtype=np.int64)
-        # every response under every model (the KL estimate needs the cross terms): the two responses of a prompt
-        # as a pair, scored like training pairs
         pairs = {"prompt": prompts, "chosen": responses["policy"], "rejected": responses["reference"]}
         tensors = {k: v.to(self.device) for k, v in collate_preferences(pairs, pad_id=0).items()}
         with torch.inference_mode():
@@ -183,8 +190,29 @@ class PolicyReferenceGenerator:
                 out[f"reference_logp_{scorer}"] = reference_logps.double().cpu().numpy()
         if self.reward_fn is not None:
             for name in MODELS:
-                rewards = self.reward_fn(list(texts), list(out[f"{name}_response"]))
-                out[f"{name}_reward"] = np.asarray(rewards, dtype=np.float64)
+                out[f"{name}_reward"] = np.asarray(self.reward_fn(texts, out[f"{name}_response"]), dtype=np.float64)
+        return out
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        prompts = fit_prompt_rows(list(batch["prompt"]), self.max_prompt_tokens, self.tokenizer.bos_id)
+        texts = [self._text(p) for p in prompts]
+        # seeded by the batch's content: samples do not depend on which actor got the batch
+        seed = self.seed + zlib.crc32("\n".join(texts).encode())
+        out = self._respond(prompts, texts, seed, sample=False)
+        for name in MODELS:
+            out[f"{name}_response"] = np.asarray(out[f"{name}_response"], dtype=object)
+        k = self.e.kl_samples
+        if k:  # k samples of each model per prompt, averaged per prompt: one unit per prompt for the errors
+            sampled = self._respond(
+                [p for p in prompts for _ in range(k)], [t for t in texts for _ in range(k)], seed + 1, True
+            )
+            per_prompt = lambda x: np.asarray(x, dtype=np.float64).reshape(len(prompts), k).mean(1)
+            out["sample_kl"] = per_prompt(sampled["policy_logp_policy"] - sampled["policy_logp_reference"])
+            out["sample_len"] = per_prompt(sampled["policy_len"])
+            for name in MODELS:
+                if f"{name}_reward" in sampled:
+                    out[f"sample_reward_{name}"] = per_prompt(sampled[f"{name}_reward"])
+        out["prompt"] = np.asarray(texts, dtype=object)
         out[ACTOR_COLUMN] = np.full(len(texts), os.getpid(), dtype=np.int64)
         return out
 
@@ -198,6 +226,7 @@ def _pool_kwargs(config: Config) -> dict[str, Any]:
     # one task in flight per actor: a second batch goes to an idle actor instead of queueing behind the first
     return dict(
         compute=ray.data.ActorPoolStrategy(size=e.concurrency, max_tasks_in_flight_per_actor=1),
+        max_restarts=0,  # a failed actor fails the evaluation (no restart from object-store constructor arguments)
         num_cpus=1.0 if e.num_gpus else 0.5,
         num_gpus=e.num_gpus,
     )
@@ -284,14 +313,19 @@ def aggregate(samples: pd.DataFrame, pairs: pd.DataFrame | None, *, beta: float)
         raise UserError("eval: no prompts to evaluate (empty prompts dataset)")
     # plain float64 arrays: Ray's to_pandas() may hand over Arrow-backed columns with narrower arithmetic
     col = lambda df, name: np.asarray(df[name], dtype=np.float64)
-    kl = col(samples, "policy_logp_policy") - col(samples, "policy_logp_reference")
     metrics = {
         "eval/num_prompts": float(len(samples)),
-        "eval/kl_seq": float(kl.mean()),
-        "eval/kl_token": float((kl / np.maximum(col(samples, "policy_len"), 1)).mean()),
         "eval/len/policy": float(col(samples, "policy_len").mean()),
         "eval/len/reference": float(col(samples, "reference_len").mean()),
     }
+    prompts = np.arange(len(samples))  # per-prompt means: one independent unit per prompt
+    if "sample_kl" in samples:  # from samples of the policy: an unbiased estimate, with its standard error
+        metrics["eval/kl_seq"], metrics["eval/kl_seq_se"] = kl_estimate(col(samples, "sample_kl"), 0.0, prompts)
+        metrics["eval/kl_token"] = float(col(samples, "sample_kl").sum() / max(col(samples, "sample_len").sum(), 1))
+        for name in MODELS:
+            if f"sample_reward_{name}" in samples:
+                mean, se = mean_and_se(col(samples, f"sample_reward_{name}"), prompts)
+                metrics[f"eval/sampled_reward/{name}"], metrics[f"eval/sampled_reward/{name}_se"] = mean, se
     if "policy_reward" in samples:
         policy, reference = col(samples, "policy_reward"), col(samples, "reference_reward")
         metrics["eval/reward/policy"] = float(policy.mean())
@@ -325,13 +359,12 @@ def samples_html(samples: pd.DataFrame, metrics: dict[str, float], *, limit: int
             cells.append(cell(str(row[f"{name}_response"]), reward))
             if has_reward:
                 cells.append(f"<td>{reward:.3g}</td>")
-        kl = float(row["policy_logp_policy"]) - float(row["policy_logp_reference"])
-        cells.append(f"<td>{kl:.3f}</td>")
+        cells.append(f"<td>{float(row['sample_kl']):.3f}</td>" if "sample_kl" in row else "<td></td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     reward_head = "<th>reward</th>" if has_reward else ""
     head = (
         f"<tr><th>prompt</th><th>reference response</th>{reward_head}<th>policy response</th>{reward_head}"
-        "<th>log &pi;(y) &minus; log ref(y), y from &pi;</th></tr>"
+        "<th>KL: mean log &pi;(y) &minus; log ref(y), y sampled from &pi;</th></tr>"
     )
     summary = "".join(f"<li><code>{html.escape(k)}</code> = {v:.4g}</li>" for k, v in sorted(metrics.items()))
     shown = f"first {limit} of {len(samples)}" if len(samples) > limit else f"all {len(samples)}"
@@ -361,9 +394,16 @@ def format_summary(metrics: dict[str, float]) -> str:
             f"policy {metrics['eval/reward/policy']:.3f} (win rate {metrics['eval/win_rate']:.3f}, "
             f"{int(metrics['eval/num_prompts'])} held-out prompts)"
         )
-    lines.append(
-        f"eval KL(pi||ref): {metrics['eval/kl_seq']:.3f} per sequence, {metrics['eval/kl_token']:.3f} per token"
-    )
+    if "eval/sampled_reward/policy" in metrics:
+        lines.append(
+            f"eval sampled reward (temperature 1): reference {metrics['eval/sampled_reward/reference']:.3f} -> "
+            f"policy {metrics['eval/sampled_reward/policy']:.3f} ± {metrics['eval/sampled_reward/policy_se']:.3f}"
+        )
+    if "eval/kl_seq" in metrics:
+        lines.append(
+            f"eval KL(pi||ref): {metrics['eval/kl_seq']:.3f} ± {metrics['eval/kl_seq_se']:.3f} per sequence "
+            f"({metrics['eval/kl_token']:.3f} per token), from samples of the policy"
+        )
     if "eval/implicit_reward_accuracy" in metrics:
         lines.append(
             f"eval implicit-reward accuracy: {metrics['eval/implicit_reward_accuracy']:.3f} "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import glob
+import logging
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from ray.train import Checkpoint
 
 from ray_dpo import storage, tracking
 from ray_dpo.config import Config, ConfigError, flatten, save_config
+from ray_dpo.console import Console
 from ray_dpo.dpo import default_reduction
 from ray_dpo.errors import UserError
 from ray_dpo.tokenizer import Tokenizer, load_tokenizer
@@ -44,6 +46,7 @@ class Run:
     tracking_uri: str
     run_id: str  # the MLflow run the stages log into
     run_dir: Path  # driver-local: the run's config.yaml, MLflow run id, starting weights
+    console: Console  # the one place stages print to
     status: str = "FINISHED"  # how the MLflow run ends when no error escaped (a sweep with failed trials: FAILED)
 
 
@@ -109,15 +112,26 @@ def check_config(config: Config) -> Tokenizer:
 # ------------------------------------------------------------------------------------------------- lifecycle
 
 
-def start_ray(address: str | None) -> None:
-    """Start (or join) Ray. A running Ray is used as is. Workers need no tracking settings: the driver logs."""
+def start_ray(address: str | None, console: Console) -> None:
+    """Start (or join) Ray, its logs to its session directory unless verbose. A running Ray is used as is.
+    Workers need no tracking settings: the driver logs."""
     import ray
 
-    if ray.is_initialized():
-        return
-    if address is None and not os.environ.get("RAY_ADDRESS"):
-        address = "local"  # never attach by surprise to another `ray start` on this machine
-    ray.init(address=address)
+    if not ray.is_initialized():
+        if address is None and not os.environ.get("RAY_ADDRESS"):
+            address = "local"  # never attach by surprise to another `ray start` on this machine
+        # not verbose: workers' output and Ray's own driver logs go to the session's log files, not the console
+        with console.captured() as printed:
+            context = ray.init(address=address, log_to_driver=console.verbose, configure_logging=console.verbose)
+        session = context.address_info.get("session_dir")
+        console.log_to(os.path.join(session, "logs") if session else None)
+        logging.getLogger("ray").info("ray.init printed: %s", printed.getvalue().strip())
+    if not console.verbose:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    resources = ray.cluster_resources()
+    nodes = sum(1 for node in ray.nodes() if node["Alive"])
+    gpus = f", {resources['GPU']:.0f} GPUs" if resources.get("GPU") else ""
+    console.stage(f"Ray: {nodes} node{'s' if nodes > 1 else ''}, {resources.get('CPU', 0):.0f} CPUs{gpus}")
 
 
 def staged(config: Config, *parts: str) -> tuple[str, ...]:
@@ -158,6 +172,7 @@ def open_run(
     run_id: str | None = None,
     tracking_uri: str | None = None,
     params: Mapping[str, Any] | None = None,
+    console: Console | None = None,
 ) -> Iterator[Run]:
     """Check, start Ray, open the MLflow run; close it FINISHED (or `run.status`), or FAILED on an error.
 
@@ -165,12 +180,14 @@ def open_run(
     align and sweep runs resume their MLflow run when the same `train.run_name` / `tune.name` ran before; an eval
     run is new each time. `params` are logged besides the flattened config.
     """
+    console = console or Console()
+    console.quiet_libraries()
     config = resolve_paths(config)
     tokenizer = check_config(config)
     uri = tracking_uri or tracking.resolve_tracking_uri(config.tracking.uri, config.output_dir)
     tracking.check_tracking_uri(uri)
     # ---- from here on things start and are written
-    start_ray(address)
+    start_ray(address, console)
     c = config  # every path a worker, actor or trial opens must be visible from every node
     keys = {"train.storage_path": c.train.storage_path, "data.train_path": c.data.train_path}
     keys |= {"data.val_path": c.data.val_path, "sft.path": c.sft.path, "train.init_checkpoint": c.train.init_checkpoint}
@@ -183,7 +200,10 @@ def open_run(
     owned = run_id is None
     if owned:
         run_id = _open_mlflow_run(config, kind, run_dir, run_name, tags, uri, all_params)
-    run = Run(config=config, tokenizer=tokenizer, tracking_uri=uri, run_id=run_id, run_dir=run_dir)
+        tracking.set_tags(uri, run_id, _source_tags(kind, config))
+    console.stage(f"MLflow: run {run_id} in {uri}")
+    run = Run(config=config, tokenizer=tokenizer, tracking_uri=uri, run_id=run_id, run_dir=run_dir, console=console)
+    monitor = tracking.start_system_metrics(uri, run_id) if owned else None
     try:
         tracking.log_artifact(uri, run_id, save_config(config, run_dir / "config.yaml"))
         yield run
@@ -191,8 +211,34 @@ def open_run(
         if owned:
             tracking.end_run(uri, run_id, "FAILED")
         raise
+    finally:
+        if monitor is not None:
+            monitor.finish()
     if owned:
         tracking.end_run(uri, run_id, run.status)
+
+
+def _source_tags(kind: RunKind, config: Config) -> dict[str, str]:
+    """Where the run came from, as the MLflow UI shows it: the command, the git commit when there is one, a note."""
+    import subprocess
+    import sys
+
+    tags = {
+        "mlflow.source.name": " ".join(sys.argv) or "python",
+        "mlflow.source.type": "JOB" if os.environ.get("RAY_JOB_ID") else "LOCAL",
+        "mlflow.note.content": (
+            f"ray-dpo {kind}: DPO ({config.dpo.loss_type}, beta={config.dpo.beta}) of a "
+            f"{config.model.dim}x{config.model.depth} policy on {config.data.train_path}, "
+            f"{config.train.num_workers} {config.train.strategy.upper()} workers"
+        ),
+    }
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if commit.returncode == 0:
+            tags["mlflow.source.git.commit"] = commit.stdout.strip()
+    except OSError:
+        pass  # no git: nothing to record
+    return tags
 
 
 def _open_mlflow_run(config, kind, run_dir, run_name, tags, uri, params) -> str:
@@ -225,9 +271,12 @@ def load_data(run: Run):
     )
     train_ds, stats = read_preferences(d.train_path, **kwargs)
     all_stats = {"train": stats.as_dict()}
+    uri, run_id = run.tracking_uri, run.run_id
+    tracking.log_dataset(uri, run_id, name="train", source=d.train_path, digest=stats.digest, context="training")
     if d.val_path:
         val_ds, val_stats = read_preferences(d.val_path, **kwargs)
         all_stats["val"] = val_stats.as_dict()
+        tracking.log_dataset(uri, run_id, name="val", source=d.val_path, digest=val_stats.digest, context="validation")
     else:
         train_ds, val_ds = split_train_val(train_ds, d.val_fraction, d.seed)
     if d.length_bucket_window > 0:
@@ -235,7 +284,12 @@ def load_data(run: Run):
     else:
         train_ds = train_ds.random_shuffle(seed=d.seed).materialize()
     all_stats["train"]["rows_used"], all_stats["val_rows"] = train_ds.count(), val_ds.count()
-    tracking.log_dict(run.tracking_uri, run.run_id, all_stats, "data/stats.json")
+    tracking.log_dict(uri, run_id, all_stats, "data/stats.json")
+    dropped = sum(stats.dropped.values())
+    run.console.stage(
+        f"data: {all_stats['train']['rows_used']:,} training and {all_stats['val_rows']:,} validation pairs "
+        f"({dropped:,} dropped, {stats.truncated:,} truncated; data/stats.json)"
+    )
     return train_ds, val_ds
 
 
@@ -250,6 +304,7 @@ def starting_weights(run: Run) -> Checkpoint:
     config = run.config
     found = storage.find_directory(config.train.storage_path, *staged(config, "reference"), required=WEIGHTS)
     if found is not None:
+        run.console.stage(f"reference: {storage.checkpoint_uri(found)} (from an earlier run of this name)")
         return found
     if config.train.init_checkpoint is not None:
         model = models.load(config.train.init_checkpoint)
@@ -273,6 +328,7 @@ def starting_weights(run: Run) -> Checkpoint:
             response_column=config.sft.response_column,
             on_bad_row=config.data.on_bad_row,
         )
+        progress = run.console.progress("sft")
         result = train_sft(
             config,
             sft_ds,
@@ -280,10 +336,16 @@ def starting_weights(run: Run) -> Checkpoint:
             run_id=run.run_id,
             tracking_uri=run.tracking_uri,
             pad_id=run.tokenizer.pad_id,
+            progress=progress,
         )
+        progress.close()
         model = models.load(result.checkpoint)
     save_model(run.run_dir / "reference", model, run.tokenizer)
-    return storage.stage_directory(run.run_dir / "reference", config.train.storage_path, *staged(config, "reference"))
+    reference = storage.stage_directory(
+        run.run_dir / "reference", config.train.storage_path, *staged(config, "reference")
+    )
+    run.console.stage(f"reference: {storage.checkpoint_uri(reference)}")
+    return reference
 
 
 def precompute_reference(run: Run, datasets: list, reference: Checkpoint) -> list:
@@ -292,6 +354,7 @@ def precompute_reference(run: Run, datasets: list, reference: Checkpoint) -> lis
 
     d = run.config.dpo
     reduction = default_reduction(d.loss_type, d.reduction)
+    run.console.stage("reference log-probs: one actor-pool pass over the training and validation pairs")
     return [add_reference_logps(ds, reference, reduction=reduction, prefix_sharing=d.prefix_sharing) for ds in datasets]
 
 
@@ -301,6 +364,8 @@ def evaluate_policy(
     """Policy vs reference on held-out prompts (the `prompt` token rows of `prompts_ds`) and pairs; logged."""
     from ray_dpo.evaluate import evaluate
 
+    e = run.config.eval
+    run.console.stage(f"eval: policy vs reference on {e.num_prompts} held-out prompts ({e.concurrency} actors)")
     return evaluate(
         run.config,
         policy_checkpoint=policy,
@@ -332,6 +397,7 @@ def align(run: Run) -> AlignResult:
     reference = starting_weights(run)
     if config.dpo.reference == "precomputed":
         train_ds, val_ds = precompute_reference(run, [train_ds, val_ds], reference)
+    progress = run.console.progress("dpo")
     trained = train_dpo(
         config,
         train_ds,
@@ -341,13 +407,17 @@ def align(run: Run) -> AlignResult:
         init_checkpoint=reference,
         reference_checkpoint=reference,
         pad_id=run.tokenizer.pad_id,
+        progress=progress,
     )
+    progress.close()
+    run.console.stage(f"policy: {trained.uri} ({trained.steps} steps)")
     with storage.local_directory(trained.checkpoint) as final:
         tracking.log_artifact(uri, run.run_id, final, "checkpoints/final")
         if config.tracking.registered_model:
             from ray_dpo.serving import register_model
 
             model_uri = register_model(uri, run.run_id, final, config.tracking.registered_model)
+            run.console.stage(f"registered: {model_uri}")
     result = AlignResult(run.run_id, uri, trained.uri, trained.steps)
     if config.eval.enabled:
         result.eval_metrics = evaluate_policy(run, trained.checkpoint, reference, val_ds, val_ds)

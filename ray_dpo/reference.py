@@ -85,6 +85,7 @@ def score_pairs_pool(
             models=models, reduction=reduction, prefix_sharing=prefix_sharing, device="cuda" if num_gpus else "cpu"
         ),
         compute=ray.data.ActorPoolStrategy(size=concurrency),
+        max_restarts=0,  # a failed actor fails the pass (no restart from object-store constructor arguments)
         batch_size=batch_size,
         batch_format="numpy",
         num_cpus=num_cpus if num_cpus is not None else (1.0 if num_gpus else 0.5),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,6 +85,9 @@ def make_policy_pyfunc():
     """
     import mlflow.pyfunc
 
+    # MLflow warns when a class without type hints on `predict` is defined: they are missing on purpose (above)
+    warnings.filterwarnings("ignore", message=r".*type hints to the `predict` method")
+
     class PolicyModel(mlflow.pyfunc.PythonModel):
         def load_context(self, context) -> None:
             from ray_dpo.checkpoint import load_model
@@ -99,7 +103,6 @@ def make_policy_pyfunc():
             max_new = int((params or {}).get("max_new_tokens", self.max_new_tokens))
             return greedy_continuations(self.model, self.tokenizer, _as_prompts(model_input), max_new)
 
-    # MLflow warns about the missing type hints (once per process, its own filter): they are missing on purpose.
     return PolicyModel()
 
 
@@ -149,7 +152,6 @@ def register_model(
     client API, not `mlflow.pyfunc.log_model`, which only works against the global tracking URI and active run.
     Returns `models:/<name>/<version>`, or `models:/<model_id>` when `name` is None.
     """
-    import warnings
 
     import mlflow.pyfunc
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus

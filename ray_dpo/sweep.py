@@ -30,6 +30,7 @@ from ray import tune
 
 from ray_dpo import recipe, tracking
 from ray_dpo.config import Config, ConfigError, config_from_dict, flatten, save_config
+from ray_dpo.console import Console
 
 logger = logging.getLogger(__name__)
 FAIL_ENV = "RAY_DPO_SWEEP_FAIL"  # "trial_index:marker_path": that trial raises once (interrupt/restore tests)
@@ -42,7 +43,10 @@ TABLE_METRICS = (
     "val/rewards/accuracies",
     "val/rewards/margins",
     "eval/reward/policy",
+    "eval/sampled_reward/policy",
+    "eval/sampled_reward/policy_se",
     "eval/kl_seq",
+    "eval/kl_seq_se",
     "eval/win_rate",
     "eval/implicit_reward_accuracy",
 )
@@ -70,7 +74,9 @@ class SweepResult:
 # --------------------------------------------------------------------------------------------- entry point
 
 
-def run_sweep(config: Config, *, address: str | None = None, tracking_uri: str | None = None) -> SweepResult:
+def run_sweep(
+    config: Config, *, address: str | None = None, tracking_uri: str | None = None, console: Console | None = None
+) -> SweepResult:
     """Run (or resume: same `tune.name`) the sweep described by `config.tune`; log everything to MLflow.
 
     Checks come first, before anything is written or Ray starts (`ray_dpo.recipe.open_run`). Trials that errored or
@@ -83,7 +89,7 @@ def run_sweep(config: Config, *, address: str | None = None, tracking_uri: str |
     # the SFT warm start (a Ray Train run named `<run_name>-sft`) and every trial's run live under the sweep dir
     sweep_dir = Path(config.output_dir) / "sweeps" / config.tune.name
     config.train.run_name, config.train.storage_path = config.tune.name, str(sweep_dir / "train")
-    with recipe.open_run(config, address=address, kind="sweep", tracking_uri=tracking_uri) as run:
+    with recipe.open_run(config, address=address, kind="sweep", tracking_uri=tracking_uri, console=console) as run:
         result = _sweep(run, space)
         run.status = "FAILED" if result.status_counts["errored"] + result.status_counts["unfinished"] else "FINISHED"
     return result
@@ -137,8 +143,8 @@ def _sweep(run: recipe.Run, space: dict[str, Any]) -> SweepResult:
                 name=experiment.name,
                 storage_path=str(sweep_dir),
                 failure_config=tune.FailureConfig(max_failures=0),  # a failed trial waits for a re-run (restore)
-                callbacks=[TrialLog(str(sweep_dir / "trials"))],
-                verbose=1,
+                callbacks=[TrialLog(str(sweep_dir / "trials"), run.console)],
+                verbose=1 if run.console.verbose else 0,
             ),
         )
     grid = tuner.fit()
@@ -203,6 +209,16 @@ def _check_tune(config: Config) -> None:
         raise SweepError(f"config: tune.name must be a plain directory name (letters, digits, . _ -), got {t.name!r}")
     if t.num_samples < 1 or t.max_concurrent_trials < 1:
         raise SweepError("config: tune.num_samples and tune.max_concurrent_trials must be >= 1")
+    if t.search_alg == "optuna":
+        grids = [k for k, spec in t.search_space.items() if isinstance(spec, dict) and "grid" in spec]
+        if grids:
+            raise SweepError(
+                f"config: tune.search_alg=optuna samples: tune.search_space.{grids[0]} is a grid, use choice"
+            )
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            raise SweepError("config: tune.search_alg=optuna needs optuna: pip install -e '.[tune]'") from None
     if t.cpus_per_trial <= 0:
         raise SweepError(f"config: tune.cpus_per_trial must be > 0 (Tune rejects 0), got {t.cpus_per_trial}")
     prefix = t.metric.split("/", 1)[0]
@@ -255,13 +271,38 @@ def _tune_config(config: Config, total_steps: int) -> tune.TuneConfig:
             grace_period=min(t.grace_period, total_steps),
             reduction_factor=t.reduction_factor,
         )
+    search_alg = _optuna(config.train.seed) if t.search_alg == "optuna" else None
     return tune.TuneConfig(
         metric=t.metric,
         mode=t.mode,
         num_samples=t.num_samples,
         max_concurrent_trials=t.max_concurrent_trials,
         scheduler=scheduler,
+        search_alg=search_alg,
     )
+
+
+def _optuna(seed: int):
+    """Optuna's TPE, fed only the results that carry the ranking metric (validation steps: a trial also reports
+    before its first validation); a trial that ends between validations ends with its last validated result."""
+    from ray.tune.search.optuna import OptunaSearch  # checked importable in _check_tune
+
+    class ValidatedOptuna(OptunaSearch):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.validated: dict[str, dict] = {}
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            if self.metric in result:
+                self.validated[trial_id] = result
+                super().on_trial_result(trial_id, result)
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            if result is not None and self.metric not in result:
+                result = self.validated.get(trial_id)
+            super().on_trial_complete(trial_id, result, error=error or result is None)
+
+    return ValidatedOptuna(seed=seed)
 
 
 # --------------------------------------------------------------------------------------------- the trial
@@ -332,11 +373,29 @@ def _maybe_fail(spec: str | None, trial_id: str) -> None:
 
 
 class TrialLog(tune.Callback):
-    """Driver side: append every trial result to `<dir>/<trial id>.jsonl`. Survives restores (Tune keeps only the
-    latest result per trial in memory) and needs no shared filesystem: the driver writes it."""
+    """Driver side: append every trial result to `<dir>/<trial id>.jsonl` (survives restores: Tune keeps only the
+    latest result per trial in memory; needs no shared filesystem: the driver writes it), and one console line per
+    finished trial."""
 
-    def __init__(self, directory: str):
-        self.directory = directory
+    def __init__(self, directory: str, console: Console):
+        self.directory, self.console = directory, console
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        last = trial.last_result or {}
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items())
+        if DONE_KEY in last:
+            shown = [k for k in ("eval/kl_seq", "eval/sampled_reward/policy", "eval/reward/policy") if k in last]
+            values = ", ".join(f"{k}={last[k]:.3g}" for k in [self._metric(last), *shown] if k in last)
+            self.console.stage(f"trial {trial.trial_id} ({params}) done: {values}")
+        else:
+            self.console.stage(f"trial {trial.trial_id} ({params}) stopped early at step {last.get('step', '?')}")
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self.console.stage(f"trial {trial.trial_id} failed (re-run the same command to retry it)")
+
+    @staticmethod
+    def _metric(result: dict) -> str:
+        return next((k for k in result if k.startswith("val/rewards/")), "step")
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         os.makedirs(self.directory, exist_ok=True)
@@ -462,25 +521,32 @@ def _figure(width: float = 6.4, height: float = 4.8):
 
 
 def _frontier_plot(table, sweep_dir: Path) -> Path | None:
-    """Reward vs KL(policy || reference) per completed trial, coloured by beta: the DPO paper's frontier."""
+    """Reward vs KL(policy || reference) per completed trial with standard errors, coloured by beta: the DPO paper's
+    frontier (lower beta, more KL; reward rising with KL). Both are estimated from samples of each trial's policy."""
     from matplotlib.colors import LogNorm
 
-    # without a reward function (eval.reward_fn) the implicit-reward accuracy on held-out pairs stands in
-    y_key = "eval/reward/policy" if table["eval/reward/policy"].notna().any() else "eval/implicit_reward_accuracy"
-    points = table[table["eval/kl_seq"].notna() & table[y_key].notna()]
+    # without a reward function the greedy reward, else the implicit-reward accuracy on held-out pairs stands in
+    y_key = next(
+        (k for k in ("eval/sampled_reward/policy", "eval/reward/policy") if k in table and table[k].notna().any()),
+        "eval/implicit_reward_accuracy",
+    )
+    points = table[table["eval/kl_seq"].notna() & table[y_key].notna()] if "eval/kl_seq" in table else table[:0]
     if points.empty:
         return None  # eval.enabled=false: no KL measured
     fig = _figure()
     ax = fig.add_subplot()
     betas = points["dpo.beta"].astype(float)
     norm = LogNorm(vmin=betas.min(), vmax=betas.max() * (1.0001 if betas.min() == betas.max() else 1))
-    dots = ax.scatter(points["eval/kl_seq"], points[y_key], c=betas, cmap="viridis", norm=norm, s=60)
+    error = lambda key: points[key].astype(float).to_numpy() if key in points else None
+    ax.errorbar(points["eval/kl_seq"], points[y_key], xerr=error("eval/kl_seq_se"), yerr=error(f"{y_key}_se"),
+                fmt="none", ecolor="0.6", elinewidth=1, capsize=2, zorder=1)  # fmt: skip
+    dots = ax.scatter(points["eval/kl_seq"], points[y_key], c=betas, cmap="viridis", norm=norm, s=60, zorder=2)
     for _, p in points.iterrows():
-        ax.annotate(f"lr={p['train.lr']:.1e}", (p["eval/kl_seq"], p[y_key]), fontsize=7, xytext=(4, 4),
+        ax.annotate(f"beta={p['dpo.beta']:g}", (p["eval/kl_seq"], p[y_key]), fontsize=7, xytext=(4, 4),
                     textcoords="offset points")  # fmt: skip
     fig.colorbar(dots, ax=ax, label="dpo.beta")
-    ax.set_xlabel("KL(policy || reference) per sequence (eval/kl_seq)")
-    ax.set_ylabel(y_key)
+    ax.set_xlabel("KL(policy || reference) per sequence, from policy samples (eval/kl_seq ± s.e.)")
+    ax.set_ylabel(f"{y_key} ± s.e." if f"{y_key}_se" in points else y_key)
     ax.set_title("Reward vs KL frontier (one point per completed trial)")
     ax.grid(alpha=0.3)
     path = sweep_dir / "plots" / "reward_vs_kl.png"

@@ -400,8 +400,6 @@ def start_system_metrics(uri: str, run_id: str, sampling_interval_s: float = 10.
     """CPU, memory, disk, network (and GPU with pynvml) as `system/*` metrics of the run until `.finish()`."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    monitor = SystemMetricsMonitor(
-        run_id, sampling_interval=sampling_interval_s, resume_logging=True, tracking_uri=uri
-    )
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=sampling_interval_s, resume_logging=True, tracking_uri=uri)
     monitor.start()
     return monitor

@@ -69,10 +69,24 @@ def test_demo_end_to_end_policy_beats_reference_and_logs_the_samples(tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
+    # the console: a line per stage, progress lines, the summary last; Ray's and MLflow's own logs elsewhere
+    lines = proc.stderr.splitlines() + proc.stdout.splitlines()
+    assert len(lines) <= 40, "\n".join(lines)
+    assert proc.stdout.splitlines()[-1].startswith("eval implicit-reward accuracy:"), proc.stdout
+    assert not [line for line in proc.stderr.splitlines() if not line.startswith(("[ray-dpo]", "sft ", "dpo "))], (
+        proc.stderr
+    )
+
     uri = f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("ray-dpo-demo").experiment_id])
     metrics = run.data.metrics
+    # MLflow as its users browse it: the data as run inputs, system metrics, where the run came from
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"train", "val"} and all(d.dataset.digest for d in inputs.values())
+    assert inputs["train"].tags[0].value == "training" and "sort_train.parquet" in inputs["train"].dataset.source
+    assert any(key.startswith("system/cpu_utilization") for key in metrics), sorted(metrics)
+    assert "align.py" in run.data.tags["mlflow.source.name"] and run.data.tags["mlflow.note.content"]
     assert metrics["eval/num_prompts"] == 250 and metrics["eval/num_pairs"] == 250
     # the demo's promise: a mediocre reference, a policy that sorts (measured: 0.216 -> 0.996)
     assert metrics["eval/reward/reference"] < 0.6 <= 0.9 <= metrics["eval/reward/policy"], metrics

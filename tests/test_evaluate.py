@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
@@ -124,8 +125,7 @@ def test_kl_is_zero_for_identical_models_and_positive_after_training(ray_session
     from ray_dpo import tracking
 
     reference_dir = _checkpoint(tmp_path, "reference", 3)
-    # sampling at temperature 1: the KL estimate is the unbiased Monte-Carlo one here
-    config = _config(temperature=1.0, concurrency=1, batch_size=8)
+    config = _config(temperature=1.0, concurrency=1, batch_size=8, kl_samples=4)
     prompts_ds = _prompts_ds(PROMPTS)
 
     same = generate_samples(
@@ -147,6 +147,7 @@ def test_kl_is_zero_for_identical_models_and_positive_after_training(ray_session
         run_id=run_id,
     )
     assert metrics["eval/kl_seq"] > 0.3 and metrics["eval/kl_token"] > 0.03, metrics  # 0.58 / 0.096 at 20 steps
+    assert 0 < metrics["eval/kl_seq_se"] < metrics["eval/kl_seq"], metrics
     logged = tracking.client(mlflow_uri).get_run(run_id).data.metrics
     assert logged["eval/kl_seq"] == pytest.approx(metrics["eval/kl_seq"])
     table = tracking.load_table(mlflow_uri, run_id, SAMPLES_TABLE)
@@ -161,8 +162,8 @@ def test_aggregate_win_rate_ties_count_half_and_implicit_reward_accuracy():
         {
             "policy_reward": [1.0, 1.0, 0.0, 0.0],
             "reference_reward": [0.0, 1.0, 0.0, 1.0],  # win, tie, tie, loss -> (1 + .5 + .5 + 0) / 4
-            "policy_logp_policy": [-1.0, -2.0, -3.0, -4.0],
-            "policy_logp_reference": [-2.0, -2.0, -5.0, -4.0],  # differences 1, 0, 2, 0
+            "sample_kl": [1.0, 0.0, 2.0, 0.0],  # per prompt: mean of log pi - log ref over the policy's samples
+            "sample_len": [2, 4, 4, 1],
             "policy_len": [2, 4, 4, 1],
             "reference_len": [3, 3, 3, 3],
         }
@@ -179,7 +180,8 @@ def test_aggregate_win_rate_ties_count_half_and_implicit_reward_accuracy():
     assert m["eval/win_rate"] == 0.5
     assert m["eval/reward/policy"] == 0.5 and m["eval/reward/reference"] == 0.5
     assert m["eval/kl_seq"] == pytest.approx(0.75)
-    assert m["eval/kl_token"] == pytest.approx((1 / 2 + 0 + 2 / 4 + 0) / 4)
+    assert m["eval/kl_seq_se"] == pytest.approx(np.std([1.0, 0.0, 2.0, 0.0], ddof=1) / 2)
+    assert m["eval/kl_token"] == pytest.approx(3 / 11)
     assert m["eval/len/policy"] == 2.75 and m["eval/len/reference"] == 3.0
     assert m["eval/implicit_reward_accuracy"] == pytest.approx(1 / 3)
     assert m["eval/implicit_reward_margin"] == pytest.approx(0.5 * (2 - 2 + 0) / 3)
@@ -225,3 +227,45 @@ def test_evaluate_pipeline_standalone_logs_a_run_and_fails_in_one_line(ray_sessi
     assert pipeline.main(["--checkpoint", str(tmp_path), "--reference", reference_dir, *overrides]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --checkpoint:") and "\n" not in err
+
+
+def test_kl_estimator_matches_exact_kl_within_its_standard_error(ray_session, tmp_path):
+    """Two hand-built policies over responses of at most 2 tokens: the exact KL(policy || reference) is a finite
+    sum (every first token, then every second token); the pipeline's estimate from samples (actor pool, temperature
+    1, 48 per prompt) lands within 3 standard errors of it, and the standard error is small."""
+    policy_dir, reference_dir = _checkpoint(tmp_path, "policy", 5), _checkpoint(tmp_path, "reference", 6)
+    prompts = PROMPTS[:6]
+    config = _config(max_new_tokens=2, kl_samples=48, concurrency=1, batch_size=6)
+    samples = generate_samples(
+        config, policy_checkpoint=policy_dir, reference_checkpoint=reference_dir, prompts_ds=_prompts_ds(prompts)
+    )
+    metrics = aggregate(samples, None, beta=0.1)
+
+    policy, reference = load_model(policy_dir).double().eval(), load_model(reference_dir).double().eval()
+
+    def exact_kl(prompt: str) -> float:
+        x = _encode(prompt)
+        with torch.no_grad():
+            first_p, first_q = (m(x[None])[0, -1].log_softmax(-1) for m in (policy, reference))
+            seconds = torch.cat((x.expand(TOK.vocab_size, -1), torch.arange(TOK.vocab_size)[:, None]), dim=1)
+            second_p, second_q = (m(seconds)[:, -1].log_softmax(-1) for m in (policy, reference))
+        inner = (second_p.exp() * (second_p - second_q)).sum(-1)  # KL of the second token given each first
+        inner[TOK.eos_id] = 0.0  # a response that ends at eos has no second token
+        return float((first_p.exp() * (first_p - first_q + inner)).sum())
+
+    exact = np.mean([exact_kl(p) for p in prompts])
+    estimate, se = metrics["eval/kl_seq"], metrics["eval/kl_seq_se"]
+    assert exact > 0.2 and se < 0.25 * exact, (exact, estimate, se)  # a real KL, measured precisely enough
+    assert abs(estimate - exact) < 3 * se, (exact, estimate, se)
+
+
+def test_kl_estimate_of_categorical_samples():
+    """The estimator alone, on two categorical distributions: within 3 standard errors of the exact KL."""
+    from ray_dpo.evaluate import kl_estimate
+
+    rng = np.random.default_rng(0)
+    p, q = rng.dirichlet(np.ones(6)), rng.dirichlet(np.ones(6))
+    exact = float((p * np.log(p / q)).sum())
+    draws = rng.choice(6, size=(300, 4), p=p)  # 300 "prompts", 4 samples each
+    estimate, se = kl_estimate(np.log(p)[draws].ravel(), np.log(q)[draws].ravel(), np.repeat(np.arange(300), 4))
+    assert abs(estimate - exact) < 3 * se and se < 0.1 * exact, (exact, estimate, se)

@@ -138,3 +138,33 @@ def test_interrupted_sweep_restores_without_rerunning_finished_trials(ray_sessio
     children = _child_runs(mlflow_uri, first.parent_run_id)
     assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)  # the retry reused its run
     assert load_config(second.best_config_path).train.max_steps == 4
+
+
+def test_optuna_search_with_asha_logs_nested_runs(ray_session, mlflow_uri, tmp_path):
+    """`tune.search_alg=optuna` (TPE) proposes the trials; ASHA still stops weak ones; every trial a nested run."""
+    paths = write_sort_task(tmp_path / "data", rows=96, seed=0)
+    config = load_config(
+        SWEEP_YAML,
+        [
+            f"output_dir={tmp_path}",
+            "data.synthetic=null",
+            f"data.train_path={paths['train']}",
+            f"data.val_path={paths['val']}",
+            "eval.enabled=false",
+            "tune.search_alg=optuna",
+            "tune.name=optuna",
+            "tune.num_samples=4",
+            "tune.reduction_factor=4",
+            "train.max_steps=4",
+            "train.checkpoint_every=4",
+        ],
+    )
+    config.tune.search_space = {"train.lr": {"loguniform": [1e-9, 1e-2]}, "dpo.beta": {"choice": [0.1, 0.5]}}
+    result = run_sweep(config, tracking_uri=mlflow_uri)
+    assert len(result.table) == 4 and set(result.table["status"]) <= {"completed", "early_stopped"}
+    assert result.table["train.lr"].nunique() == 4, "Optuna proposed four different learning rates"
+    children = _child_runs(mlflow_uri, result.parent_run_id)
+    assert len(children) == 4 and {r.info.run_id for r in children} == set(result.table["mlflow_run_id"])
+    with pytest.raises(ConfigError, match="is a grid, use choice"):
+        config.tune.search_space = {"train.lr": {"grid": [1e-3, 1e-2]}}
+        run_sweep(config, tracking_uri=mlflow_uri)
