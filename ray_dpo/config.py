@@ -25,13 +25,34 @@ class ConfigError(UserError):
 
 
 @dataclass
+class ModelSettings(ModelConfig):
+    """`model.*`: our TransformerLM's shape (ModelConfig's keys), or a Hugging Face causal LM of your own."""
+
+    # a directory (or hub id) `transformers.AutoModelForCausalLM.from_pretrained` reads; its tokenizer comes along
+    # unless data.tokenizer names another. When set, the TransformerLM keys above are ignored.
+    hf_path: str | None = None
+    lora_r: int = 0  # PEFT LoRA rank; 0 = train all weights. With LoRA the reference is the base, adapters off
+    lora_alpha: float = 16.0  # LoRA scaling numerator (scale = lora_alpha / lora_r)
+    lora_dropout: float = 0.05  # dropout on the LoRA branch
+    lora_target_modules: list[str] | str = "all-linear"  # module names (or PEFT's "all-linear") that get adapters
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+
+    def transformer_config(self) -> ModelConfig:
+        """Our TransformerLM's own config (what its checkpoints store)."""
+        return ModelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)})
+
+
+@dataclass
 class DataConfig:
     train_path: str | None = None  # Parquet file, directory, glob or URI with preference pairs
     val_path: str | None = None  # separate validation Parquet; if unset, `val_fraction` of train is held out
     val_fraction: float = 0.05  # share of train rows held out for validation when val_path is unset
     synthetic: str | None = None  # built-in task to generate instead of reading files ("sort": the demo)
     synthetic_rows: int = 2000  # preference pairs the synthetic task writes
-    tokenizer: str = "byte"  # "byte" or a path to a tokenizer.json
+    tokenizer: str = "byte"  # "byte", a tokenizer.json, or a Hugging Face tokenizer directory (default with hf_path)
+    # render string prompts / responses with the tokenizer's chat template (user turn, assistant turn); columns of
+    # messages (list<struct<role, content>>, TRL's conversational format) always are
+    chat_template: bool = False
     max_len: int = 512  # longest prompt + response in tokens; longer rows are truncated
     max_prompt_len: int = 256  # prompt tokens kept (its end) when a row must be truncated
     columns: dict[str, str] = field(default_factory=dict)  # our name -> file column, e.g. {prompt: question}
@@ -81,7 +102,8 @@ class TrainConfig:
     warmup_steps: int = 10  # linear warmup steps before cosine decay
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast keeps fp32 master weights
+    # bf16: fp32 master weights, bf16 compute (autocast), a frozen reference held in bf16; fp32: everything fp32
+    precision: Literal["fp32", "bf16"] = "bf16"
     compile: bool = False  # torch.compile the policy
     seed: int = 0  # seeds model init, data order and dropout
     log_every: int = 10  # log train/* metrics to MLflow every this many steps (and at the end)
@@ -141,7 +163,7 @@ class TrackingConfig:
 @dataclass
 class Config:
     output_dir: str = "outputs"  # local outputs (MLflow SQLite store, generated data); made absolute
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelSettings = field(default_factory=ModelSettings)
     data: DataConfig = field(default_factory=DataConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)

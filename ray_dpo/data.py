@@ -52,9 +52,11 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from ray_dpo.encoding import (
     Ragged,
+    encode_chat,
     encode_prompts,
     encode_responses,
     fit_lengths,
+    is_text,
     keep_prompt_end,
     keep_start,
     prompt_head,
@@ -103,6 +105,7 @@ class _Plan:
     files: list[str]
     rows: list[int]
     names: dict[str, str]  # our field -> file column, in field order (prompt first)
+    kinds: dict[str, str]  # our field -> "text" | "ids" | "messages"
     digest: str = ""
 
 
@@ -160,6 +163,8 @@ def _column_kind(dtype: pa.DataType) -> str | None:
         return "text"
     if (pa.types.is_list(dtype) or pa.types.is_large_list(dtype)) and pa.types.is_integer(dtype.value_type):
         return "ids"
+    if _is_messages(dtype) and {"role", "content"} <= {f.name for f in dtype.value_type}:
+        return "messages"
     return None
 
 
@@ -189,7 +194,10 @@ def _plan(paths, names: dict[str, str], hint: str) -> _Plan:
             dtype = schema.field(theirs).type
             kind = _column_kind(dtype)
             if kind is None:
-                raise DataError(f"{path}: column '{theirs}' has type {dtype}; expected string or list<int>")
+                raise DataError(
+                    f"{path}: column '{theirs}' has type {dtype}; expected string, list<int> or "
+                    "list<struct<role, content>> (chat messages)"
+                )
             if kinds.setdefault(ours, kind) != kind:
                 raise DataError(f"{path}: column '{theirs}' is {kind} here but {kinds[ours]} in {files[0]}")
         rows.append(pf.metadata.num_rows)
@@ -197,7 +205,7 @@ def _plan(paths, names: dict[str, str], hint: str) -> _Plan:
         raise DataError(f"{', '.join(files[:3])}{' ...' if len(files) > 3 else ''}: no rows to read")
     sizes = [info.size for info in filesystem.get_file_info(files)]
     digest = hashlib.sha256(json.dumps([files, sizes, rows, names]).encode()).hexdigest()
-    return _Plan(filesystem, files, rows, names, digest)
+    return _Plan(filesystem, files, rows, names, kinds, digest)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -218,7 +226,14 @@ def _prefixes_equal(a: Ragged, b: Ragged, rows: np.ndarray, n: np.ndarray) -> np
     return segment_sums(neq.astype(np.int64), Ragged.from_lengths(neq, n).offsets) == 0
 
 
-def _process(table: pa.Table, *, names: dict[str, str], tokenizer, max_len: int, max_prompt_len: int) -> _Processed:
+def _is_messages(dtype: pa.DataType) -> bool:
+    """TRL's conversational format: list<struct<role, content>>."""
+    return (pa.types.is_list(dtype) or pa.types.is_large_list(dtype)) and pa.types.is_struct(dtype.value_type)
+
+
+def _process(
+    table: pa.Table, *, names: dict[str, str], tokenizer, max_len: int, max_prompt_len: int, chat: bool = False
+) -> _Processed:
     n = table.num_rows
     fields = list(names)  # prompt first, then the response fields
     status = np.zeros(n, dtype=np.int8)
@@ -229,20 +244,27 @@ def _process(table: pa.Table, *, names: dict[str, str], tokenizer, max_len: int,
         status[fresh] = 2 + REASONS.index(reason)
         bad_field[fresh] = field_index
 
-    encoded: dict[str, Ragged] = {}
-    for i, f in enumerate(fields):
-        column = table[names[f]]
+    columns = [table[names[f]] for f in fields]
+    for i, column in enumerate(columns):
         flag(column.is_null().to_numpy(zero_copy_only=False), "null", i)
-        text = prompt_head(column.type) == 1
-        if text and f != "prompt":  # an empty text prompt is fine: bos stands in for it
+        if i and is_text(column.type) and not _is_messages(column.type):  # an empty prompt is fine: bos stands in
             blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0)
             flag(pc.fill_null(blank, False).to_numpy(zero_copy_only=False), "empty", i)
-        encoded[f] = encode_prompts(column, tokenizer) if f == "prompt" else encode_responses(column, tokenizer)
-        if not text:
-            # an empty pre-tokenized prompt would leave the first response token unscored
-            flag(encoded[f].lengths == (0 if f == "prompt" else 1), "empty", i)
-            bad = ((encoded[f].values < 0) | (encoded[f].values >= tokenizer.vocab_size)).astype(np.int64)
-            flag(segment_sums(bad, encoded[f].offsets) > 0, "bad_token", i)
+    if chat or any(_is_messages(c.type) for c in columns):  # rendered with the tokenizer's chat template
+        prompt, responses, head = encode_chat(columns[0].to_pylist(), [c.to_pylist() for c in columns[1:]], tokenizer)
+        for i, response in enumerate(responses, start=1):
+            flag(response.lengths <= 1, "empty", i)  # nothing but the end of the turn
+        encoded = dict(zip(fields, [prompt, *responses], strict=True))
+    else:
+        head = prompt_head(columns[0].type, tokenizer)
+        encoded = {}
+        for i, (f, column) in enumerate(zip(fields, columns, strict=True)):
+            encoded[f] = encode_prompts(column, tokenizer) if f == "prompt" else encode_responses(column, tokenizer)
+            if not is_text(column.type):
+                # an empty pre-tokenized prompt would leave the first response token unscored
+                flag(encoded[f].lengths == (0 if f == "prompt" else 1), "empty", i)
+                bad = ((encoded[f].values < 0) | (encoded[f].values >= tokenizer.vocab_size)).astype(np.int64)
+                flag(segment_sums(bad, encoded[f].offsets) > 0, "bad_token", i)
 
     prompt, responses = encoded["prompt"], [encoded[f] for f in fields[1:]]
     pair = len(responses) == 2
@@ -252,7 +274,6 @@ def _process(table: pa.Table, *, names: dict[str, str], tokenizer, max_len: int,
         identical[same] = _prefixes_equal(*responses, same, responses[0].lengths[same])
         flag(identical, "identical", 1)
 
-    head = prompt_head(table[names["prompt"]].type)
     prompt_len, kept = fit_lengths(
         prompt.lengths, [r.lengths for r in responses], max_len=max_len, max_prompt_len=max_prompt_len, head=head
     )
@@ -337,12 +358,14 @@ def read_preferences(
     max_prompt_len: int,
     columns: dict[str, str] | None = None,
     on_bad_row: str = "error",
+    chat_template: bool = False,
 ) -> tuple[ray.data.Dataset, DataStats]:
     """Read preference pairs from Parquet into a MATERIALIZED Ray Dataset of token rows (see module doc).
 
     paths: a file, directory, glob or list of them; local or any URI pyarrow reads (s3://, gs://, ...).
     columns: our names -> the file's, e.g. {"prompt": "question", "chosen": "good", "rejected": "bad"}.
     on_bad_row: "error" (one-line DataError naming file, column, row) or "skip" (drop and count).
+    chat_template: render string columns with the tokenizer's chat template (message columns always are).
     Materialized: the row accounting needs the data computed once anyway, and a lazy dataset feeding a trainer
     that holds the CPUs of a small machine can starve.
     """
@@ -351,7 +374,7 @@ def read_preferences(
         raise DataError(f"columns: unknown keys {sorted(unknown)}; expected some of {list(PAIR_FIELDS)}")
     names = {f: (columns or {}).get(f, f) for f in PAIR_FIELDS}
     hint = "" if columns else ' (map names with columns={"prompt": ..., "chosen": ..., "rejected": ...})'
-    return _read(paths, names, hint, tokenizer, max_len, max_prompt_len, on_bad_row)
+    return _read(paths, names, hint, tokenizer, max_len, max_prompt_len, on_bad_row, chat_template)
 
 
 def read_sft(
@@ -363,20 +386,27 @@ def read_sft(
     prompt_column: str = "prompt",
     response_column: str = "response",
     on_bad_row: str = "error",
+    chat_template: bool = False,
 ) -> tuple[ray.data.Dataset, DataStats]:
     """(prompt, response) Parquet -> rows `prompt`, `response`: the same encoding, truncation and checks as pairs."""
     names = {"prompt": prompt_column, "response": response_column}
     hint = " (set sft.prompt_column / sft.response_column)"
-    return _read(paths, names, hint, tokenizer, max_len, max_prompt_len, on_bad_row)
+    return _read(paths, names, hint, tokenizer, max_len, max_prompt_len, on_bad_row, chat_template)
 
 
-def _read(paths, names, hint, tokenizer, max_len, max_prompt_len, on_bad_row) -> tuple[ray.data.Dataset, DataStats]:
+def _read(
+    paths, names, hint, tokenizer, max_len, max_prompt_len, on_bad_row, chat
+) -> tuple[ray.data.Dataset, DataStats]:
     if on_bad_row not in ("error", "skip"):
         raise UserError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
     if not 1 <= max_prompt_len <= max_len:
         raise UserError(f"need 1 <= max_prompt_len <= max_len, got max_prompt_len={max_prompt_len}, max_len={max_len}")
     plan = _plan(paths, names, hint)
-    core = dict(tokenizer=tokenizer, max_len=max_len, max_prompt_len=max_prompt_len)
+    chat = chat or "messages" in plan.kinds.values()
+    if chat and not getattr(tokenizer, "has_chat_template", False):
+        why = "data.chat_template=true" if "messages" not in plan.kinds.values() else "its columns hold chat messages"
+        raise DataError(f"{plan.files[0]}: {why}, but the tokenizer has no chat template (set data.tokenizer)")
+    core = dict(tokenizer=tokenizer, max_len=max_len, max_prompt_len=max_prompt_len, chat=chat)
 
     ds = ray.data.read_parquet(plan.files, filesystem=plan.filesystem, partitioning=None, file_extensions=None)
     ds = ds.select_columns(list(dict.fromkeys(names.values())))

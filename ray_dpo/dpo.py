@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .logps import core_model, scored_logps
 from .model import SharedPrefixMask, TransformerLM
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "sppo_hard", "nca_pair")
@@ -74,8 +75,8 @@ def reduce_logps(logps: Tensor, mask: Tensor, reduction: str = "sum") -> Tensor:
 
 def sequence_logps(model: nn.Module, seq: Tensor, response_mask: Tensor, reduction: str = "sum") -> Tensor:
     """Log-prob of the masked tokens of each row of `seq` (B, N) under `model`: (B,)."""
-    logps = token_logps(model_logits(model, seq[:, :-1]), seq[:, 1:])
-    return reduce_logps(logps, response_mask[:, 1:].bool(), reduction)
+    scored = response_mask[:, 1:].bool()
+    return reduce_logps(scored_logps(model, seq[:, :-1], seq[:, 1:], scored), scored, reduction)
 
 
 def dpo_loss(
@@ -208,31 +209,34 @@ def pack_pairs(
     )
 
 
+PREFIX_SHARING_HF = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")  # 4-D masks + position ids
+
+
 def _check_prefix_sharing(model: nn.Module) -> None:
-    inner = model
-    while not isinstance(inner, TransformerLM):  # look through torch.compile / DDP / FSDP wrappers
-        wrapped = getattr(inner, "_orig_mod", None) or getattr(inner, "module", None)
-        if not isinstance(wrapped, nn.Module):
-            break
-        inner = wrapped
-    if not isinstance(inner, TransformerLM):
-        raise TypeError(
-            "dpo.prefix_sharing needs ray_dpo.model.TransformerLM (per-row positions and an explicit attention "
-            f"mask); got {type(inner).__name__}. Set dpo.prefix_sharing=false for other models."
-        )
+    inner = core_model(model)
+    inner = inner.get_base_model() if callable(getattr(inner, "get_base_model", None)) else inner  # PEFT
+    if isinstance(inner, TransformerLM) or type(inner).__name__ in PREFIX_SHARING_HF:
+        return
+    raise TypeError(
+        "dpo.prefix_sharing needs ray_dpo.model.TransformerLM or a Hugging Face "
+        f"{' / '.join(PREFIX_SHARING_HF)} (per-row positions and a 4-D attention mask); got {type(inner).__name__}. "
+        "Set dpo.prefix_sharing=false for other models."
+    )
 
 
 def packed_token_logps(model: nn.Module, packed: PackedPairs) -> Tensor:
-    """(B, L) log p of each packed token, indexed by the token it scores; meaningful where the masks are True.
+    """(B, L) log p of each packed token, indexed by the token it scores; 0 where neither mask is True.
 
-    The first token of BOTH responses is scored by the logits at the last prompt token.
+    The output at i scores token i + 1, except that the first token of BOTH responses is scored by the output at
+    the last prompt token. The head runs only where a token is scored (`ray_dpo.logps`).
     """
     tokens, split = packed.tokens, packed.attn_mask.split  # every row's second response starts at split
-    logits = model(tokens, positions=packed.positions, attn_mask=packed.attn_mask)
-    logps = F.pad(token_logps(logits[:, :-1], tokens[:, 1:]), (1, 0))  # logits at i score token i + 1
-    rows = torch.arange(tokens.shape[0], device=tokens.device)
-    second_first = token_logps(logits[rows, packed.last_prompt], tokens[:, split])
-    return torch.cat((logps[:, :split], second_first[:, None], logps[:, split + 1 :]), dim=1)
+    source = torch.arange(-1, tokens.shape[1] - 1, device=tokens.device).expand_as(tokens).clone()
+    source[:, split] = packed.last_prompt
+    scored = packed.chosen_mask | packed.rejected_mask
+    return scored_logps(
+        model, tokens, tokens, scored, source=source, positions=packed.positions, attn_mask=packed.attn_mask
+    )
 
 
 def prefix_shared_logps(
@@ -330,7 +334,7 @@ def score_pairs(
     batch = chosen.shape[0]
     seqs = torch.cat((chosen, rejected))
     scored = torch.cat((chosen_mask, rejected_mask))[:, 1:].bool()
-    token_lp = token_logps(model_logits(model, seqs[:, :-1]), seqs[:, 1:])
+    token_lp = scored_logps(model, seqs[:, :-1], seqs[:, 1:], scored)  # the head only where a token is scored
     return PairTokenLogps(token_lp[:batch], scored[:batch], token_lp[batch:], scored[batch:])
 
 

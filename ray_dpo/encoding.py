@@ -100,15 +100,20 @@ def tokenize(column: pa.Array | pa.ChunkedArray, tokenizer) -> Ragged:
     return Ragged.from_rows(tokenizer.encode_batch(pc.fill_null(arr, "").to_pylist()))
 
 
-def prompt_head(column_type: pa.DataType) -> int:
-    """Leading tokens every encoded prompt of this column type starts with, kept by truncation: 1 (bos) for text."""
-    return 0 if pa.types.is_list(column_type) or pa.types.is_large_list(column_type) else 1
+def is_text(column_type: pa.DataType) -> bool:
+    return not (pa.types.is_list(column_type) or pa.types.is_large_list(column_type))
+
+
+def prompt_head(column_type: pa.DataType, tokenizer) -> int:
+    """Leading tokens every encoded prompt of this column type starts with, kept by truncation: the bos of text
+    prompts (when the tokenizer has one)."""
+    return int(is_text(column_type) and tokenizer.bos_id is not None)
 
 
 def encode_prompts(column: pa.Array | pa.ChunkedArray, tokenizer) -> Ragged:
     """[bos] + tokens for text prompts; pre-tokenized prompts as they are (your tokenizer chose their specials)."""
     tokens = tokenize(column, tokenizer)
-    if not prompt_head(column.type):
+    if not prompt_head(column.type, tokenizer):
         return tokens
     n = len(tokens.lengths)
     bos = (np.array([tokenizer.bos_id]), np.zeros(n, np.int64), np.ones(n, np.int64))
@@ -162,10 +167,56 @@ def encode_prompt(tokenizer, prompt: str, max_tokens: int) -> list[int]:
     return fit_prompt_rows(tokens.rows(), max_tokens, tokenizer.bos_id)[0].tolist()
 
 
-def fit_prompt_rows(prompts: list, max_tokens: int, bos_id: int) -> list[np.ndarray]:
-    """Already-encoded prompts cut to `max_tokens` (the room generation leaves), keeping a leading bos and the end."""
+def fit_prompt_rows(prompts: list, max_tokens: int, bos_id: int | None, head: int = 0) -> list[np.ndarray]:
+    """Already-encoded prompts cut to `max_tokens` (the room generation leaves), keeping the end and the first `head`
+    tokens (a chat template's opening), or a leading bos."""
     rows = Ragged.from_rows(prompts)
     nonempty = rows.lengths > 0
-    head = np.zeros(len(nonempty), dtype=np.int64)
-    head[nonempty] = rows.values[rows.offsets[:-1][nonempty]] == bos_id
+    head = np.full(len(nonempty), head, dtype=np.int64)
+    head[nonempty] = np.maximum(head[nonempty], rows.values[rows.offsets[:-1][nonempty]] == bos_id)
     return keep_prompt_end(rows, np.minimum(rows.lengths, max(max_tokens, 1)), head).rows()
+
+
+# ------------------------------------------------------------------------------------------------ chat templates
+
+
+def messages(value: str | list, role: str) -> list[dict[str, str]]:
+    """A turn as chat messages: a string is one message of `role`; a list of {role, content} is taken as it is."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def chat_head(tokenizer) -> int:
+    """Tokens every prompt rendered with the chat template starts with (bos, a default system turn, the user turn's
+    opening): kept when a long prompt loses its middle, so the template's structure stays valid."""
+    head = getattr(tokenizer, "_chat_head", None)
+    if head is None:
+        a, b = (tokenizer.apply_chat_template(messages(x, "user"), add_generation_prompt=True) for x in ("a", "b"))
+        head = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        tokenizer._chat_head = head
+    return head
+
+
+def encode_chat(prompts: list, responses: list[list], tokenizer) -> tuple[Ragged, list[Ragged], int]:
+    """Render with the tokenizer's chat template. prompt = the conversation so far with the generation prompt (the
+    assistant's turn opened); response = what rendering the conversation with that reply adds after it, up to and
+    including the first eos (the template's end of turn: no eos added twice, nothing after it). None rows give empty
+    rows (flagged by the caller). Returns (prompts, responses, head)."""
+    eos = tokenizer.eos_id
+    prompt_rows, response_rows = [], [[] for _ in responses]
+    for i, prompt in enumerate(prompts):
+        turns = messages(prompt, "user") if prompt is not None else None
+        rendered = tokenizer.apply_chat_template(turns, add_generation_prompt=True) if turns else []
+        prompt_rows.append(rendered)
+        for rows, column in zip(response_rows, responses, strict=True):
+            if turns is None or column[i] is None:
+                rows.append([])
+                continue
+            full = tokenizer.apply_chat_template(turns + messages(column[i], "assistant"), add_generation_prompt=False)
+            if full[: len(rendered)] != rendered:
+                raise ValueError("the chat template renders a reply without repeating the prompt's tokens first")
+            reply = full[len(rendered) :]
+            reply = reply[: reply.index(eos) + 1] if eos in reply else [*reply, eos]
+            rows.append(reply)
+    return Ragged.from_rows(prompt_rows), [Ragged.from_rows(r) for r in response_rows], chat_head(tokenizer)

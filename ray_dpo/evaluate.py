@@ -140,7 +140,7 @@ class PolicyReferenceGenerator:
         self.e = EvalConfig(**eval_config)
         self.reduction, self.seed = reduction, seed
         # room for the response inside the positions the models were built for
-        self.max_prompt_tokens = min(m.config.max_seq_len for m in self.models.values()) - self.e.max_new_tokens
+        self.max_prompt_tokens = min(map(models.max_positions, self.models.values())) - self.e.max_new_tokens
         self.reward_fn = load_reward_fn(self.e.reward_fn)
 
     def _decode(self, model: nn.Module, prompts: list[Tensor], generator: torch.Generator) -> Tensor:

@@ -12,6 +12,8 @@ Hugging Face causal LMs; any other module falls back to the full-logits path. To
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
@@ -203,6 +205,8 @@ def scored_logps(
     `SharedPrefixMask`; a Hugging Face model's `position_ids` / `attention_mask`). Equal to
     `token_logps(model(tokens).logits, targets)` under the mask, gradients included.
     """
+    if isinstance(_through(model), LogpsModel):  # its forward scores: through DDP / FSDP, gradients synced
+        return model(tokens, targets, mask, source=source, positions=positions, attn_mask=attn_mask)
     mask = mask.bool()
     rows, cols = mask.nonzero(as_tuple=True)  # one host sync: how many tokens are scored
     src = cols if source is None else source[rows, cols]
@@ -219,7 +223,56 @@ def scored_logps(
             head = _unwrap(model)[0].to_logits
         else:
             body, head = _hf_parts(_unwrap(model)[0])
+            if isinstance(attn_mask, SharedPrefixMask):  # packed prefix-sharing rows: a 4-D mask + position ids
+                # additive (0 / most negative), which every attention implementation of transformers reads alike
+                dtype = head.weight.dtype
+                attn_mask = torch.zeros((), dtype=dtype, device=tokens.device).masked_fill(
+                    ~attn_mask.dense(), torch.finfo(dtype).min
+                )
             out = body(input_ids=tokens, attention_mask=attn_mask, position_ids=positions, use_cache=False)
             hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         logps = target_logps(hidden[rows, src], head.weight, targets[rows, cols], bias=head.bias, chunk_size=chunk_size)
     return logps.new_zeros(mask.shape).index_put((rows, cols), logps)
+
+
+def _through(model: nn.Module) -> nn.Module:
+    """The module inside torch.compile / DDP wrappers (not PEFT)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+class LogpsModel(nn.Module):
+    """A model whose forward returns scored log-probs (body and chunked head inside `forward`): the module a trainer
+    wraps in DDP or FSDP, so that gradient synchronisation sees the head too, for any model kind.
+
+    `adapters_disabled=True` scores a PEFT model with its LoRA adapters off: the base model, the frozen reference of
+    LoRA training, without a second copy of its weights.
+    """
+
+    def __init__(self, model: nn.Module, *, adapters_disabled: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE):
+        super().__init__()
+        self.model, self.adapters_disabled, self.chunk_size = model, adapters_disabled, chunk_size
+
+    def train(self, mode: bool = True) -> LogpsModel:
+        if not self.adapters_disabled:  # a view of the policy's weights: their mode and grads are the policy's
+            super().train(mode)
+        return self
+
+    def requires_grad_(self, requires_grad: bool = True) -> LogpsModel:
+        if not self.adapters_disabled:
+            super().requires_grad_(requires_grad)
+        return self
+
+    def forward(self, tokens: Tensor, targets: Tensor, mask: Tensor, **kwargs) -> Tensor:
+        context = self.model.disable_adapter() if self.adapters_disabled else contextlib.nullcontext()
+        with context:
+            return scored_logps(self.model, tokens, targets, mask, chunk_size=self.chunk_size, **kwargs)
+
+
+def core_model(model: nn.Module) -> nn.Module:
+    """The model a trainer holds, without its DDP / compile / LogpsModel wrappers (PEFT kept)."""
+    model = _through(model)
+    return _through(model.model) if isinstance(model, LogpsModel) else model

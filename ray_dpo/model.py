@@ -101,6 +101,17 @@ class SharedPrefixMask:
     prompt_keys: int
     second_mask: Tensor  # (B, 1, columns after split, prompt_keys + columns after split) bool, True = may attend
 
+    def dense(self) -> Tensor:
+        """The same attention as one (B, 1, L, L) bool mask (True = may attend): for models that take a 4-D mask
+        (Hugging Face Llama, Qwen2, Mistral) instead of the two dense blocks."""
+        batch, _, width, _ = self.second_mask.shape
+        length = self.split + width
+        mask = torch.zeros(batch, 1, length, length, dtype=torch.bool, device=self.second_mask.device)
+        mask[..., : self.split, : self.split] = torch.ones(self.split, self.split, dtype=torch.bool).tril()
+        mask[..., self.split :, : self.prompt_keys] = self.second_mask[..., : self.prompt_keys]
+        mask[..., self.split :, self.split :] = self.second_mask[..., self.prompt_keys :]
+        return mask
+
 
 def attend(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | SharedPrefixMask | None, is_causal: bool, dropout_p: float

@@ -30,10 +30,9 @@ from ray_dpo.config import Config, ConfigError, flatten, save_config
 from ray_dpo.console import Console
 from ray_dpo.dpo import default_reduction
 from ray_dpo.errors import UserError
-from ray_dpo.tokenizer import Tokenizer, load_tokenizer
+from ray_dpo.tokenizer import PretrainedTokenizer, Tokenizer, load_tokenizer
 
 RunKind = Literal["align", "sweep", "eval"]
-WEIGHTS = "model.safetensors"
 RUN_ID_FILE = "mlflow_run_id"
 
 
@@ -93,10 +92,13 @@ def check_config(config: Config) -> Tokenizer:
     _check_exists("sft.path", c.sft.path)
     if c.train.init_checkpoint is not None:
         _check_exists("train.init_checkpoint", str(Path(c.train.init_checkpoint) / "model.safetensors"))
+    if c.model.hf_path is not None:
+        return _check_hf_model(c)
     try:
         tokenizer = load_tokenizer(c.data.tokenizer)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"config: data.tokenizer: {err}") from None
+    _check_chat(c, tokenizer, c.data.tokenizer)
     vocab = c.model.vocab_size
     if c.train.init_checkpoint is None and vocab < tokenizer.vocab_size:
         raise ConfigError(f"config: model.vocab_size={vocab} < the tokenizer's {tokenizer.vocab_size} tokens")
@@ -106,6 +108,50 @@ def check_config(config: Config) -> Tokenizer:
         raise ConfigError(
             f"config: need 1 <= data.max_prompt_len <= data.max_len, got {c.data.max_prompt_len} and {c.data.max_len}"
         )
+    return tokenizer
+
+
+def _check_chat(c: Config, tokenizer: Tokenizer, where: str) -> None:
+    if c.data.chat_template and not getattr(tokenizer, "has_chat_template", False):
+        raise ConfigError(f"config: data.chat_template=true but the tokenizer of {where} has no chat template")
+
+
+def _check_hf_model(c: Config) -> Tokenizer:
+    """model.hf_path: a causal LM `AutoModelForCausalLM` loads; its (or data.tokenizer's) tokenizer; LoRA targets that
+    exist. Reads configs only: no weights are loaded."""
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:
+        raise ConfigError("config: model.hf_path needs transformers and peft: pip install -e '.[hf]'") from None
+    path = c.model.hf_path
+    try:
+        hf_config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"config: model.hf_path={path}: not a Hugging Face model ({str(err).splitlines()[0]})"
+        ) from None
+    if hf_config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ConfigError(f"config: model.hf_path={path} is a {hf_config.model_type} model, not a causal LM")
+    where = c.data.tokenizer if c.data.tokenizer != "byte" else path
+    try:
+        tokenizer = load_tokenizer(where) if where != path else PretrainedTokenizer(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"config: data.tokenizer: {where}: {str(err).splitlines()[0]}") from None
+    _check_chat(c, tokenizer, where)
+    positions = getattr(hf_config, "max_position_embeddings", None)
+    if positions is not None and c.data.max_len > positions:
+        raise ConfigError(f"config: data.max_len={c.data.max_len} exceeds the model's {positions} positions")
+    if c.model.lora_r:
+        from ray_dpo.models import lora_targets_match
+
+        with torch.device("meta"):  # the module tree, no memory
+            skeleton = AutoModelForCausalLM.from_config(hf_config)
+        if not lora_targets_match(skeleton, c.model.lora_target_modules):
+            raise ConfigError(
+                f"config: model.lora_target_modules={c.model.lora_target_modules} match no module of "
+                f"{type(skeleton).__name__}"
+            )
     return tokenizer
 
 
@@ -294,31 +340,42 @@ def load_data(run: Run):
 
 
 def starting_weights(run: Run) -> Checkpoint:
-    """The checkpoint both the policy and the reference start from (SFT result, init checkpoint, or a seeded fresh
-    init), saved once with the tokenizer and staged in the run's storage: every rank and actor loads the same
-    reference from it, on any node, and a re-run of the same run name reuses it."""
+    """The checkpoint both the policy and the reference start from (your Hugging Face model, an init checkpoint or
+    a seeded fresh TransformerLM, then the SFT warm start when `sft.path` is set), saved once with the tokenizer and
+    staged in the run's storage: every rank and actor loads the same reference from it, on any node, and a re-run
+    of the same run name reuses it."""
     from ray_dpo import models
-    from ray_dpo.checkpoint import save_model
     from ray_dpo.model import TransformerLM
 
-    config = run.config
-    found = storage.find_directory(config.train.storage_path, *staged(config, "reference"), required=WEIGHTS)
+    config, console = run.config, run.console
+    storage_path = config.train.storage_path
+    found = storage.find_directory(storage_path, *staged(config, "reference"))
     if found is not None:
-        run.console.stage(f"reference: {storage.checkpoint_uri(found)} (from an earlier run of this name)")
+        console.stage(f"reference: {storage.checkpoint_uri(found)} (from an earlier run of this name)")
         return found
-    if config.train.init_checkpoint is not None:
+    hf_path = config.model.hf_path
+    if hf_path is not None:
+        console.stage(f"model: {hf_path} (model.dim, depth, heads and the other TransformerLM keys are ignored)")
+    if hf_path is not None and config.sft.path is None and Path(hf_path).is_dir():
+        # your model is the reference: its files staged as they are (no load on the driver), your tokenizer beside
+        reference = storage.stage_directory(hf_path, storage_path, *staged(config, "reference"), complete=False)
+        models.save_tokenizer(run.tokenizer, run.run_dir / "tokenizer")
+        reference = storage.stage_directory(run.run_dir / "tokenizer", storage_path, *staged(config, "reference"))
+        console.stage(f"reference: {storage.checkpoint_uri(reference)}")
+        return reference
+    if hf_path is not None:
+        model = models.load(hf_path)
+    elif config.train.init_checkpoint is not None:
         model = models.load(config.train.init_checkpoint)
     else:
         torch.manual_seed(config.train.seed)
-        model = TransformerLM(config.model)
+        model = TransformerLM(config.model.transformer_config())
     if config.sft.path is not None:
         from ray_dpo.data import read_sft
         from ray_dpo.train import train_sft
 
-        save_model(run.run_dir / "sft-init", model, run.tokenizer)
-        start = storage.stage_directory(
-            run.run_dir / "sft-init", config.train.storage_path, *staged(config, "sft-init")
-        )
+        models.save(run.run_dir / "sft-init", model, tokenizer=run.tokenizer)
+        start = storage.stage_directory(run.run_dir / "sft-init", storage_path, *staged(config, "sft-init"))
         sft_ds, _ = read_sft(
             config.sft.path,
             tokenizer=run.tokenizer,
@@ -327,8 +384,9 @@ def starting_weights(run: Run) -> Checkpoint:
             prompt_column=config.sft.prompt_column,
             response_column=config.sft.response_column,
             on_bad_row=config.data.on_bad_row,
+            chat_template=config.data.chat_template,
         )
-        progress = run.console.progress("sft")
+        progress = console.progress("sft")
         result = train_sft(
             config,
             sft_ds,
@@ -340,11 +398,11 @@ def starting_weights(run: Run) -> Checkpoint:
         )
         progress.close()
         model = models.load(result.checkpoint)
-    save_model(run.run_dir / "reference", model, run.tokenizer)
-    reference = storage.stage_directory(
-        run.run_dir / "reference", config.train.storage_path, *staged(config, "reference")
-    )
-    run.console.stage(f"reference: {storage.checkpoint_uri(reference)}")
+        if callable(getattr(model, "merge_and_unload", None)):  # LoRA SFT: the reference is base + SFT, merged
+            model = model.merge_and_unload()
+    models.save(run.run_dir / "reference", model, tokenizer=run.tokenizer)
+    reference = storage.stage_directory(run.run_dir / "reference", storage_path, *staged(config, "reference"))
+    console.stage(f"reference: {storage.checkpoint_uri(reference)}")
     return reference
 
 
@@ -413,6 +471,12 @@ def align(run: Run) -> AlignResult:
     run.console.stage(f"policy: {trained.uri} ({trained.steps} steps)")
     with storage.local_directory(trained.checkpoint) as final:
         tracking.log_artifact(uri, run.run_id, final, "checkpoints/final")
+        if config.model.hf_path is not None:  # your model back, in its own format (LoRA merged; the adapter too)
+            from ray_dpo.serving import export_hf
+
+            exported = export_hf(final, run.run_dir / "export")
+            tracking.log_artifact(uri, run.run_id, run.run_dir / "export", "export")
+            run.console.stage(f"export: {exported['model']} (a Hugging Face model directory; MLflow: export/)")
         if config.tracking.registered_model:
             from ray_dpo.serving import register_model
 

@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ray_dpo import models
 from ray_dpo.tracking import TrackingError, client, one_line
 
 if TYPE_CHECKING:
@@ -123,12 +124,12 @@ def _stage_policy(checkpoint_dir: Path, into: Path) -> Path:
     return policy
 
 
-def _pip_requirements() -> list[str]:
+def _pip_requirements(extra: tuple[str, ...] = ()) -> list[str]:
     # Explicit, so MLflow does not load the model in a subprocess to infer them (slow, and it would miss ray-dpo).
     from importlib.metadata import PackageNotFoundError, version
 
     requirements = []
-    for package in ("mlflow", "torch", "safetensors", "einops", "numpy", "pyyaml", "ray-dpo"):
+    for package in ("mlflow", "torch", "safetensors", "einops", "numpy", "pyyaml", "ray-dpo", *extra):
         try:
             requirements.append(f"{package}=={version(package).split('+')[0]}")
         except PackageNotFoundError:
@@ -169,29 +170,43 @@ def register_model(
     try:
         with tempfile.TemporaryDirectory(prefix="ray-dpo-model-") as tmp:
             tmp_path = Path(tmp)
-            policy = _stage_policy(checkpoint_dir, tmp_path / "stage")
-            code = tmp_path / "ray_dpo_policy_model.py"
-            code.write_text(_MODEL_CODE)
             local = tmp_path / "model"
             # Explicit signature: one inferred from type hints has no params schema, so `max_new_tokens` passed
             # to predict(..., params=...) would be dropped. An input example would only re-run predict: not given.
             signature = infer_signature(["a prompt"], ["a response"], params={"max_new_tokens": max_new_tokens})
+            mlflow_model = Model(
+                artifact_path=logged.artifact_location,
+                model_uuid=logged.model_id,
+                run_id=run_id,
+                model_id=logged.model_id,
+            )
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*input example was not provided")
-                mlflow.pyfunc.save_model(
-                    str(local),
-                    python_model=str(code),
-                    artifacts={POLICY_ARTIFACT: str(policy)},
-                    model_config={"max_new_tokens": max_new_tokens},
-                    signature=signature,
-                    pip_requirements=_pip_requirements(),
-                    mlflow_model=Model(
-                        artifact_path=logged.artifact_location,
-                        model_uuid=logged.model_id,
-                        run_id=run_id,
-                        model_id=logged.model_id,
-                    ),
-                )
+                if models.kind(checkpoint_dir) == "ours":
+                    policy = _stage_policy(checkpoint_dir, tmp_path / "stage")
+                    code = tmp_path / "ray_dpo_policy_model.py"
+                    code.write_text(_MODEL_CODE)
+                    mlflow.pyfunc.save_model(
+                        str(local),
+                        python_model=str(code),
+                        artifacts={POLICY_ARTIFACT: str(policy)},
+                        model_config={"max_new_tokens": max_new_tokens},
+                        signature=signature,
+                        pip_requirements=_pip_requirements(),
+                        mlflow_model=mlflow_model,
+                    )
+                else:  # a Hugging Face model: MLflow's transformers flavor (a text-generation pipeline)
+                    import mlflow.transformers
+
+                    model, tokenizer = models.load_with_tokenizer(str(checkpoint_dir), str(checkpoint_dir))
+                    mlflow.transformers.save_model(
+                        transformers_model={"model": model, "tokenizer": tokenizer.hf},
+                        path=str(local),
+                        task="text-generation",
+                        signature=signature,
+                        pip_requirements=_pip_requirements(("transformers", "tokenizers", "accelerate")),
+                        mlflow_model=mlflow_model,
+                    )
             mlflow_client.log_model_artifacts(logged.model_id, str(local))
         mlflow_client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
         mlflow_client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
@@ -275,3 +290,17 @@ def load_pyfunc(model_uri: str, tracking_uri: str, dst_path: str | Path | None =
     if dst_path is None:
         dst_path = tempfile.mkdtemp(prefix="ray-dpo-pyfunc-")
     return mlflow.pyfunc.load_model(str(download_model(model_uri, tracking_uri, dst_path)))
+
+
+def export_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> dict[str, Path]:
+    """The trained policy as Hugging Face directories: `model/` (LoRA merged into its base; safetensors, tokenizer,
+    chat template: `AutoModelForCausalLM.from_pretrained` loads it) and, for LoRA, `adapter/` alone."""
+    out = {"model": Path(out_dir) / "model"}
+    model, tokenizer = models.load_with_tokenizer(str(checkpoint_dir), str(checkpoint_dir))
+    models.save(out["model"], model, tokenizer=tokenizer)
+    if models.kind(checkpoint_dir) == "adapter":
+        import shutil
+
+        out["adapter"] = Path(out_dir) / "adapter"
+        shutil.copytree(checkpoint_dir, out["adapter"])
+    return out

@@ -57,22 +57,28 @@ def as_checkpoint(location: str | Checkpoint) -> Checkpoint:
     return Checkpoint(path=path, filesystem=filesystem)
 
 
-def stage_directory(local_dir: str | Path, storage_path: str, *parts: str) -> Checkpoint:
-    """Copy a driver-local directory to `<storage_path>/<parts...>`; the copy every node reads."""
+STAGED_MARKER = ".staged"  # written last: a directory without it was not copied completely
+
+
+def stage_directory(local_dir: str | Path, storage_path: str, *parts: str, complete: bool = True) -> Checkpoint:
+    """Copy a driver-local directory into `<storage_path>/<parts...>` (added to what is there); the copy every node
+    reads. `complete=False` when more files follow before the directory is whole."""
     filesystem, root = resolve(storage_path)
     destination = "/".join([root.rstrip("/"), *parts])
-    if isinstance(filesystem, pafs.LocalFileSystem) and Path(destination) == Path(local_dir).resolve():
-        return Checkpoint(path=destination, filesystem=filesystem)
     filesystem.create_dir(destination, recursive=True)
-    pafs.copy_files(str(local_dir), destination, destination_filesystem=filesystem)
+    if not (isinstance(filesystem, pafs.LocalFileSystem) and Path(destination) == Path(local_dir).resolve()):
+        pafs.copy_files(str(local_dir), destination, destination_filesystem=filesystem)
+    if complete:
+        with filesystem.open_output_stream(f"{destination}/{STAGED_MARKER}") as marker:
+            marker.write(b"complete\n")
     return Checkpoint(path=destination, filesystem=filesystem)
 
 
-def find_directory(storage_path: str, *parts: str, required: str) -> Checkpoint | None:
-    """The staged directory `<storage_path>/<parts...>` if it holds the file `required`, else None."""
+def find_directory(storage_path: str, *parts: str) -> Checkpoint | None:
+    """The staged directory `<storage_path>/<parts...>` if it was staged completely, else None."""
     filesystem, root = resolve(storage_path)
     path = "/".join([root.rstrip("/"), *parts])
-    if filesystem.get_file_info(f"{path}/{required}").type != pafs.FileType.File:
+    if filesystem.get_file_info(f"{path}/{STAGED_MARKER}").type != pafs.FileType.File:
         return None
     return Checkpoint(path=path, filesystem=filesystem)
 

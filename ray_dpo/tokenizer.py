@@ -18,7 +18,7 @@ TOKENIZER_FILE = "tokenizer.json"
 
 class Tokenizer(Protocol):
     pad_id: int
-    bos_id: int
+    bos_id: int | None  # None: the tokenizer has no bos (prompts start without one)
     eos_id: int
     vocab_size: int
 
@@ -84,11 +84,55 @@ class HFTokenizer:
         return path
 
 
-def load_tokenizer(spec: str | Path) -> ByteTokenizer | HFTokenizer:
-    """`"byte"`, a `tokenizer.json` (ours or a Hugging Face one), or a directory holding one."""
+class PretrainedTokenizer:
+    """A Hugging Face `transformers` tokenizer directory (`AutoTokenizer`): a model's own, with its chat template.
+
+    `bos_id` is None for tokenizers without one (Qwen); pad falls back to eos when there is no pad token (as TRL
+    does). Ids are encoded without the tokenizer's own specials: the encoding contract adds them.
+    """
+
+    def __init__(self, path: str | Path):
+        from transformers import AutoTokenizer
+
+        self.path = str(path)
+        self.hf = AutoTokenizer.from_pretrained(self.path)
+        if self.hf.eos_token_id is None:
+            raise ValueError(f"{self.path}: the tokenizer has no eos token (responses could never end)")
+        self.bos_id, self.eos_id = self.hf.bos_token_id, self.hf.eos_token_id
+        self.pad_id = self.hf.pad_token_id if self.hf.pad_token_id is not None else self.eos_id
+        self.vocab_size = len(self.hf)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.hf.chat_template)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf(text, add_special_tokens=False)["input_ids"]
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        ids = self.hf(list(texts), add_special_tokens=False)["input_ids"] if len(texts) else []
+        return [np.asarray(row, dtype=np.int64) for row in ids]
+
+    def apply_chat_template(self, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> list[int]:
+        out = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def save(self, directory: str | Path) -> Path:
+        self.hf.save_pretrained(str(directory))
+        return Path(directory) / TOKENIZER_FILE
+
+
+def load_tokenizer(spec: str | Path) -> ByteTokenizer | HFTokenizer | PretrainedTokenizer:
+    """`"byte"`, a `tokenizer.json` (ours or a Hugging Face one), a Hugging Face tokenizer directory (with its
+    `tokenizer_config.json`: chat template, special tokens), or a directory holding a `tokenizer.json`."""
     if str(spec) == "byte":
         return ByteTokenizer()
     path = Path(spec)
+    if path.is_dir() and (path / "tokenizer_config.json").is_file():
+        return PretrainedTokenizer(path)
     if path.is_dir():
         path = path / TOKENIZER_FILE
     if not path.is_file():

@@ -48,6 +48,7 @@ def _config(tmp_path: Path, *overrides: str):
         "train.eval_every=2",
         "train.checkpoint_every=2",
         "train.cpus_per_worker=0.5",
+        "train.precision=fp32",  # equality to 1e-5 across worker counts and strategies
         f"train.storage_path={tmp_path / 'ray'}",
     ]
     return load_config(None, [*base, *overrides])

@@ -34,19 +34,12 @@ import torch.distributed as dist
 from ray.train import Checkpoint
 from torch import Tensor, nn
 
-from ray_dpo.checkpoint import (
-    load_model,
-    load_model_config,
-    load_training_state,
-    save_model,
-    save_model_config,
-    save_training_state,
-)
+from ray_dpo import models, storage
+from ray_dpo.checkpoint import load_training_state, save_training_state
 from ray_dpo.config import Config
 from ray_dpo.errors import UserError
-from ray_dpo.model import TransformerLM
+from ray_dpo.logps import LogpsModel, core_model
 from ray_dpo.storage import local_directory
-from ray_dpo.tokenizer import TOKENIZER_FILE
 from ray_dpo.train import checkpoints, parallel
 from ray_dpo.train.shards import Shard, micro_batches
 from ray_dpo.train.tasks import TASKS, Task
@@ -129,7 +122,7 @@ class _Worker:
     task: Task
     autocast: Callable[[], Any]
     state: dict[str, Any]  # step, epoch, epoch_step (optimizer steps into the epoch), metrics
-    tokenizer_json: bytes | None  # saved into every checkpoint
+    tokenizer_files: dict[str, bytes]  # the tokenizer the run started with, saved into every checkpoint
     run_path: tuple[Any, str]  # (filesystem, path) of this run's checkpoints in storage
     known_checkpoints: set[str]  # checkpoint directories Ray knows (or will): never pruned here
     unsaved_reports: list[dict[str, Any]] = field(default_factory=list)  # reported since the last checkpoint
@@ -148,6 +141,7 @@ def setup_worker(spec: WorkerSpec) -> _Worker:
     run_path = (run_storage.storage_filesystem, run_storage.experiment_fs_path)
     resume = checkpoints.resume_checkpoint(ray.train.get_checkpoint(), *run_path)
     state = {"step": 0, "epoch": 0, "epoch_step": 0, "metrics": {}}
+    m = spec.config.model
     with local_directory(resume or spec.init_checkpoint) as directory:
         sharded = parallel.is_sharded(directory)
         if sharded != (resume is not None and t.strategy == "fsdp"):
@@ -155,16 +149,26 @@ def setup_worker(spec: WorkerSpec) -> _Worker:
                 f"train: checkpoint {directory} was written with train.strategy={'fsdp' if sharded else 'ddp'}; "
                 f"resume it with that strategy (or start a new train.run_name)"
             )
-        model = TransformerLM(load_model_config(directory)) if sharded else load_model(directory)
-        tokenizer = Path(directory) / TOKENIZER_FILE
-        tokenizer_json = tokenizer.read_bytes() if tokenizer.is_file() else None
+        model = models.skeleton(directory) if sharded else models.load(directory, trainable=True)
+        if m.hf_path and m.lora_r and resume is None:  # fresh adapters on the base: only they train
+            kwargs = dict(alpha=m.lora_alpha, dropout=m.lora_dropout, target_modules=m.lora_target_modules)
+            model = models.add_lora(model, r=m.lora_r, seed=t.seed, **kwargs)
+        if m.gradient_checkpointing:
+            models.enable_gradient_checkpointing(model)
+        tokenizer_files = {
+            name: (Path(directory) / name).read_bytes()
+            for name in models.TOKENIZER_FILES
+            if (Path(directory) / name).is_file()
+        }
         if t.compile:
             model.compile()
-        model = parallel.distribute(model, t.strategy, device, bf16=bf16)
+        # the module DDP / FSDP wrap scores inside its forward: gradient sync covers the (chunked) head too
+        model = parallel.distribute(LogpsModel(model), t.strategy, device, bf16=bf16)
         # fused: one kernel over all parameters, on CPU and CUDA alike (torch >= 2.4); FSDP's sharded (DTensor)
         # parameters take the foreach implementation
         fused = t.strategy == "ddp"
-        optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=t.weight_decay, fused=fused)
+        trained = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
+        optimizer = torch.optim.AdamW(trained, lr=spec.lr, weight_decay=t.weight_decay, fused=fused)
         schedule = functools.partial(lr_factor, warmup=t.warmup_steps, total=spec.total_steps, min_ratio=t.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         if resume is not None:  # after distributing: optimizer state lands on the parameters' devices and shards
@@ -189,7 +193,7 @@ def setup_worker(spec: WorkerSpec) -> _Worker:
         task=TASKS[spec.task](spec, model, device),
         autocast=functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16),
         state=state,
-        tokenizer_json=tokenizer_json,
+        tokenizer_files=tokenizer_files,
         run_path=run_path,
         known_checkpoints=known,
     )
@@ -323,22 +327,25 @@ def save_checkpoint(w: _Worker, metrics: dict[str, float]) -> None:
         return
     directory = Path(tempfile.mkdtemp(prefix="ray-dpo-ckpt-"))
     state = {**w.state, "seed": w.spec.config.train.seed}
+    core = core_model(w.model)
+    base = storage.checkpoint_uri(w.spec.init_checkpoint)  # LoRA: adapters point at the staged base
     if sharded:
         parallel.save_sharded(directory, w.model, w.optimizer, w.scheduler)
         final = parallel.full_state_dict(w.model) if w.state["step"] == w.spec.total_steps else None
         if w.rank == 0:
-            save_model_config(directory, w.model.config)
+            models.save_config(directory, core)
             if final is not None:  # the last checkpoint holds whole weights: what evaluation and export read
-                whole = TransformerLM(w.model.config)
-                whole.load_state_dict(final)
-                save_model(directory, whole)
+                whole = models.skeleton(directory)
+                whole.load_state_dict({k.removeprefix("model."): v for k, v in final.items()})
+                models.save(directory, whole)
             save_training_state(directory, None, state)
     else:
-        save_model(directory, w.model)
+        models.save(directory, core, base=base)
         payload = {"optimizer": w.optimizer.state_dict(), "scheduler": w.scheduler.state_dict()}
         save_training_state(directory, payload, state)
-    if w.rank == 0 and w.tokenizer_json is not None:
-        (directory / TOKENIZER_FILE).write_bytes(w.tokenizer_json)
+    if w.rank == 0:
+        for file_name, content in w.tokenizer_files.items():
+            (directory / file_name).write_bytes(content)
     checkpoints.write_manifest(directory, rank=w.rank, world=w.world if sharded else 1)
     # ASYNC: training goes on while the files upload; Ray deletes the temp dir afterwards
     ray.train.report(

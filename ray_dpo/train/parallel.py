@@ -27,12 +27,16 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from ray_dpo.logps import core_model
+
 SCHEDULER_FILE = "scheduler.json"
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated transformer blocks of a model: the units FSDP shards one at a time."""
-    return list(model.blocks)
+    """The repeated transformer blocks of a model (ours or Hugging Face): the units FSDP shards one at a time."""
+    inner = core_model(model)
+    inner = inner.get_base_model() if callable(getattr(inner, "get_base_model", None)) else inner
+    return list(inner.blocks) if hasattr(inner, "blocks") else list(inner.get_decoder().layers)
 
 
 def shard(model: nn.Module, device: torch.device, *, bf16: bool) -> nn.Module:

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from ray_dpo import models
-from ray_dpo.dpo import DPO, model_logits, response_mask_from_lengths, token_logps
+from ray_dpo.dpo import DPO, response_mask_from_lengths
+from ray_dpo.logps import LogpsModel, core_model, scored_logps
 from ray_dpo.train import parallel
 
 if TYPE_CHECKING:
@@ -48,12 +49,16 @@ class Task:
 def dpo_task(spec: WorkerSpec, model: nn.Module, device: torch.device) -> Task:
     from ray_dpo.data import PreferenceCollateFn  # imported on the worker: ray_dpo.data pulls in Ray Data
 
-    d = spec.config.dpo
+    d, m, t = spec.config.dpo, spec.config.model, spec.config.train
     reference = None
-    if d.reference == "live":  # identical on every rank: it comes from one checkpoint
-        reference = models.load(spec.reference_checkpoint, device).eval().requires_grad_(False)
-        if spec.config.train.strategy == "fsdp":  # sharded like the policy: no rank holds a whole second model
+    if d.reference == "live" and m.hf_path and m.lora_r:  # the base with adapters off: no second copy of it
+        reference = LogpsModel(core_model(model), adapters_disabled=True)
+    elif d.reference == "live":  # identical on every rank: it comes from one checkpoint; bf16 halves its memory
+        dtype = torch.bfloat16 if t.precision == "bf16" else None
+        reference = models.load(spec.reference_checkpoint, device, dtype=dtype).eval().requires_grad_(False)
+        if t.strategy == "fsdp":  # sharded like the policy: no rank holds a whole second model
             reference = parallel.shard(reference, device, bf16=False)
+        reference = LogpsModel(reference)
     kwargs = dict(
         beta=d.beta,
         pad_id=spec.pad_id,
@@ -94,8 +99,8 @@ def sft_task(spec: WorkerSpec, model: nn.Module, device: torch.device) -> Task:
     def score(batch: dict[str, Tensor], training: bool):
         batch = {k: v.to(device) for k, v in batch.items()}
         tokens, mask = batch["tokens"], _sft_mask(batch)
-        logps = token_logps(model_logits(model if training else parallel.unwrap(model), tokens[:, :-1]), tokens[:, 1:])
-        nll_sum = -logps.masked_fill(~mask, 0.0).sum()
+        logps = scored_logps(model if training else parallel.unwrap(model), tokens[:, :-1], tokens[:, 1:], mask)
+        nll_sum = -logps.sum()  # 0 where not scored
         processed = (batch["prompt_len"] + batch["response_len"]).sum().item()
         return nll_sum, {"loss": nll_sum.detach()}, float(mask.sum().item()), float(processed)
 
