@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -32,7 +32,9 @@ def save_model(
 
 
 def save_model_config(directory: str | Path, config: ModelConfig) -> None:
-    (Path(directory) / CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2))
+    """The TransformerLM's own keys only (a richer settings object may carry more)."""
+    values = {f.name: getattr(config, f.name) for f in fields(ModelConfig)}
+    (Path(directory) / CONFIG_FILE).write_text(json.dumps(values, indent=2))
 
 
 def load_model_config(directory: str | Path) -> ModelConfig:
