@@ -25,10 +25,20 @@ outside the vocabulary (pre-tokenized input), chosen == rejected, and the two tr
 the row and counts it by reason in `DataStats.dropped`. File-level problems (no files, unreadable file,
 missing column, wrong column type, zero rows) are errors in both modes: they are not bad rows.
 
-Why the row index comes from the driver: Ray's parquet reader does not expose a row's position inside its
-file, and blocks may be re-bundled. The vectorised tasks only mark rows; on failure the driver re-scans the
-files with pyarrow through the SAME validation code and reports the first bad row's index. That costs one file
-read on the error path and nothing on the happy path, and no Ray error log ever precedes our one line.
+How it runs: ONE pass over the data. The driver reads the footers (schema, row groups), cuts the files into pieces
+of about `_PIECE_BYTES` of text (at least two per CPU, so the last wave is balanced) and runs one Ray task per
+piece: decode its row groups batch by batch, encode, validate, truncate, drop bad rows, return the int32 block and
+a small summary (rows per status, the first bad row). A row group larger than a piece is decoded once, by a task
+that hands each piece to an encoding task as soon as it is decoded (a Ray generator), so no task decodes rows it
+does not keep and encoding overlaps decoding. The blocks become a materialized Dataset in file order
+(`ray.data.from_arrow_refs`); the row accounting is the sum of the summaries, so nothing reads the data a second
+time. Plain tasks rather than a Ray Data read + map_batches: a Ray Data execution costs ~0.1-1 s of fixed
+scheduling, reads a file in one task, and could not count rows by reason without a second pass over its output.
+
+Why tasks report bad rows instead of raising: an exception inside a Ray task prints Ray's error logs before our
+one line. Each task knows where its piece starts in its file, so its summary carries the first bad row's index
+(or the first row it could not decode) and the driver raises the one-line DataError, naming the first in file
+order.
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ import fnmatch
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -71,7 +81,9 @@ SFT_FIELDS = ("prompt", "response")
 REASONS = ("null", "empty", "bad_token", "identical", "too_long", "identical_after_truncation")
 _OK, _TRUNCATED = 0, 1  # status codes; reason i has code 2 + i
 _STATUS = "_status"
-_MAP_BATCH_SIZE = 2048  # rows per vectorised batch: large enough to amortise per-call overhead
+_MAP_BATCH_SIZE = 2048  # rows per vectorised call: amortises per-call overhead, small enough to stay in cache
+_PIECE_BYTES = 32 << 20  # text per task: its int32 token block (~4x) stays under Ray Data's 128 MiB block size
+_MIN_PIECE_ROWS = 4096  # below this a task's fixed cost (a few ms of scheduling and object store) rivals its work
 
 
 class DataError(UserError):
@@ -106,6 +118,7 @@ class _Plan:
     rows: list[int]
     names: dict[str, str]  # our field -> file column, in field order (prompt first)
     kinds: dict[str, str]  # our field -> "text" | "ids" | "messages"
+    groups: list[list[tuple[int, int]]]  # per file, per row group: (rows, uncompressed bytes of our columns)
     digest: str = ""
 
 
@@ -185,7 +198,7 @@ def _plan(paths, names: dict[str, str], hint: str) -> _Plan:
     with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:  # remote stores: fetch footers in parallel
         footers = list(pool.map(footer, files))
     kinds: dict[str, str] = {}
-    rows = []
+    rows, groups = [], []
     for path, pf in zip(files, footers, strict=True):
         schema = pf.schema_arrow
         for ours, theirs in names.items():
@@ -201,11 +214,26 @@ def _plan(paths, names: dict[str, str], hint: str) -> _Plan:
             if kinds.setdefault(ours, kind) != kind:
                 raise DataError(f"{path}: column '{theirs}' is {kind} here but {kinds[ours]} in {files[0]}")
         rows.append(pf.metadata.num_rows)
+        groups.append(_row_groups(pf.metadata, set(names.values())))
     if sum(rows) == 0:
         raise DataError(f"{', '.join(files[:3])}{' ...' if len(files) > 3 else ''}: no rows to read")
     sizes = [info.size for info in filesystem.get_file_info(files)]
     digest = hashlib.sha256(json.dumps([files, sizes, rows, names]).encode()).hexdigest()
-    return _Plan(filesystem, files, rows, names, kinds, digest)
+    return _Plan(filesystem, files, rows, names, kinds, groups, digest)
+
+
+def _row_groups(metadata: pq.FileMetaData, columns: set[str]) -> list[tuple[int, int]]:
+    """(rows, uncompressed bytes of `columns`) per row group: what a task reading it decodes."""
+
+    def ours(path: str) -> bool:  # a leaf of one of our columns: "prompt", or "question.list.element"
+        return any(path == name or path.startswith(name + ".") for name in columns)
+
+    out = []
+    for g in range(metadata.num_row_groups):
+        group = metadata.row_group(g)
+        chunks = (group.column(c) for c in range(group.num_columns))
+        out.append((group.num_rows, sum(c.total_uncompressed_size for c in chunks if ours(c.path_in_schema))))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -313,37 +341,147 @@ def _describe(reason: str, field_index: int, names: dict[str, str], max_len: int
 _HINT = " (on_bad_row='skip' drops and counts such rows)"
 
 
-def _tokenize_batch(batch: pa.Table, **kwargs) -> pa.Table:
-    """Ray map_batches UDF: runs in the read tasks (fused), one pyarrow batch at a time. Bad rows are marked,
-    never raised here: an exception inside a Ray task prints Ray's error logs (and aborted actors' tracebacks)
-    before our one line, so the driver names the first bad row afterwards (`_diagnose`)."""
-    return _process(batch, **kwargs).table
+@dataclass
+class _Summary:
+    """What a piece's task tells the driver: rows per status code, the first bad row, or why it could not read."""
+
+    counts: np.ndarray  # int64, rows per status code (_OK, _TRUNCATED, then one per reason)
+    first_bad: tuple[int, int, int] | None = None  # (row index within the file, status, field index)
+    error: str | None = None  # one line: the file and the first row that could not be decoded
+
+    @classmethod
+    def failed(cls, error: str) -> _Summary:
+        return cls(np.zeros(2 + len(REASONS), dtype=np.int64), error=error)
 
 
-def _diagnose(plan: _Plan, err: BaseException | None, *, check_rows: bool, **kwargs) -> None:
-    """After a failed Ray read or a read with bad rows: find the first bad row or unreadable page, in file order,
-    and raise a one-line DataError. Files named in Ray's error text are scanned first. Returns if nothing is found."""
-    text = str(err or "")
-    for path in sorted(plan.files, key=lambda p: p not in text):
-        offset = 0
-        try:
-            pf = pq.ParquetFile(plan.filesystem.open_input_file(path))
-            for batch in pf.iter_batches(batch_size=8192, columns=list(dict.fromkeys(plan.names.values()))):
-                if check_rows:
-                    done = _process(pa.Table.from_batches([batch]), names=plan.names, **kwargs)
-                    bad = np.flatnonzero(done.status >= 2)
-                    if len(bad):
-                        i = int(bad[0])
-                        reason = REASONS[done.status[i] - 2]
-                        what = _describe(
-                            reason, done.bad_field[i], plan.names, kwargs["max_len"], kwargs["max_prompt_len"]
-                        )
-                        raise DataError(f"{path}: row {offset + i}: {what}{_HINT}")
-                offset += batch.num_rows
-        except DataError:
-            raise
-        except Exception as read_err:
-            raise DataError(f"{path}: unreadable Parquet data after row {offset} ({_first_line(read_err)})") from None
+@dataclass(frozen=True)
+class _Source:
+    """What a task reads: some consecutive row groups of one file, in batches."""
+
+    filesystem: pafs.FileSystem
+    path: str
+    row_groups: tuple[int, ...]
+    columns: list[str]
+    first_row: int  # of the first row group, within the file
+    batch_rows: int
+
+
+def _batches(source: _Source) -> Iterator[pa.Table | str]:
+    """Yields the raw columns as `batch_rows`-row tables, decoded as they are needed (the encoding finds a batch in
+    cache); if the data cannot be decoded, yields instead a one-line error naming the first row not decoded."""
+    offset = source.first_row
+    try:
+        pf = pq.ParquetFile(source.filesystem.open_input_file(source.path))
+        for batch in pf.iter_batches(
+            batch_size=source.batch_rows, row_groups=list(source.row_groups), columns=source.columns
+        ):
+            yield pa.Table.from_batches([batch])
+            offset += batch.num_rows
+    except Exception as err:  # corrupt pages, a file changed or gone since the footers were read
+        yield f"{source.path}: unreadable Parquet data after row {offset} ({_first_line(err)})"
+
+
+def _encode_batches(batches: Iterable[pa.Table | str], first_row: int, core: dict) -> tuple[pa.Table, _Summary]:
+    """Raw batches of one piece (starting at `first_row` of its file; a str is a read error) -> the piece's token
+    rows, bad rows dropped, and its summary."""
+    summary = _Summary(np.zeros(2 + len(REASONS), dtype=np.int64))
+    parts, row = [], first_row
+    for batch in batches:
+        if isinstance(batch, str):
+            return pa.table({}), _Summary.failed(batch)
+        done = _process(batch, **core)
+        summary.counts += np.bincount(done.status.astype(np.int64), minlength=len(summary.counts))
+        out = done.table.drop_columns([_STATUS])
+        bad = np.flatnonzero(done.status >= 2)
+        if len(bad):
+            if summary.first_bad is None:
+                i = int(bad[0])
+                summary.first_bad = (row + i, int(done.status[i]), int(done.bad_field[i]))
+            out = out.filter(pa.array(done.status < 2))
+        parts.append(out)
+        row += batch.num_rows
+    return (pa.concat_tables(parts) if parts else pa.table({})), summary
+
+
+@ray.remote(num_returns=2, scheduling_strategy="SPREAD")
+def _read_and_encode(source: _Source, core: dict) -> tuple[pa.Table, _Summary]:
+    """A piece of whole row groups, read and encoded in one task (the raw text never enters the object store)."""
+    return _encode_batches(_batches(source), source.first_row, core)
+
+
+@ray.remote(num_returns="streaming", scheduling_strategy="SPREAD")
+def _read_and_cut(source: _Source, piece_rows: int) -> Iterator[tuple[int, pa.Table] | str]:
+    """A row group larger than a piece, decoded once: yields (first row, raw table) per ~`piece_rows` rows (whole
+    batches) as soon as they are decoded, so `_encode` tasks run while the rest is still being decoded; a read
+    error is yielded as its one-line message."""
+    pending, start = [], source.first_row
+    row = start
+    for batch in _batches(source):
+        if isinstance(batch, str):
+            yield batch
+            return
+        pending.append(batch)
+        row += batch.num_rows
+        if row - start >= piece_rows:
+            yield start, pa.concat_tables(pending)
+            pending, start = [], row
+    if pending:
+        yield start, pa.concat_tables(pending)
+
+
+@ray.remote(num_returns=2)
+def _encode(piece: tuple[int, pa.Table] | str, core: dict) -> tuple[pa.Table, _Summary]:
+    """One piece yielded by `_read_and_cut` -> its token rows and summary."""
+    if isinstance(piece, str):  # the read failed: pass its message on
+        return pa.table({}), _Summary.failed(piece)
+    first_row, table = piece
+    batches = (pa.Table.from_batches([b]) for b in table.to_batches())  # the batches _read_and_cut decoded
+    return _encode_batches(batches, first_row, core)
+
+
+@dataclass(frozen=True)
+class _Read:
+    """Consecutive row groups of one file, decoded by one task; encoded by the same task (`pieces == 1`) or, for
+    one row group larger than a piece, by `pieces` tasks."""
+
+    file: int  # index into _Plan.files
+    row_groups: tuple[int, ...]
+    first_row: int  # within the file
+    rows: int
+    pieces: int
+
+
+def _reads(plan: _Plan, cpus: int) -> list[_Read]:
+    """Cut the files into reads of whole row groups of at most `piece_rows` rows together, or one larger row group
+    cut into pieces. Pieces: ~`_PIECE_BYTES` of text each, at least two per CPU (so the last wave of tasks is
+    balanced), at least `_MIN_PIECE_ROWS` rows. In file order."""
+    total_bytes = sum(size for groups in plan.groups for _, size in groups)
+    wanted = max(-(-total_bytes // _PIECE_BYTES), 2 * cpus)
+    piece_rows = max(-(-sum(plan.rows) // wanted), _MIN_PIECE_ROWS)
+    reads = []
+    for f, groups in enumerate(plan.groups):
+        runs: list[list[int]] = []  # consecutive row groups that together stay within piece_rows (or one larger)
+        run_rows = 0
+        for g, (rows, _) in enumerate(groups):
+            if not runs or run_rows + rows > piece_rows:
+                runs.append([])
+                run_rows = 0
+            runs[-1].append(g)
+            run_rows += rows
+        first_row = 0
+        for run in runs:
+            rows = sum(groups[g][0] for g in run)
+            if rows:  # row groups of zero rows need no task
+                reads.append(_Read(f, tuple(run), first_row, rows, -(-rows // piece_rows)))
+            first_row += rows
+    return reads
+
+
+def _cluster_cpus() -> int:
+    """CPUs of the whole cluster: how many pieces can run at once."""
+    if not ray.is_initialized():
+        ray.init()  # as Ray Data does on first use
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -406,25 +544,39 @@ def _read(
     if chat and not getattr(tokenizer, "has_chat_template", False):
         why = "data.chat_template=true" if "messages" not in plan.kinds.values() else "its columns hold chat messages"
         raise DataError(f"{plan.files[0]}: {why}, but the tokenizer has no chat template (set data.tokenizer)")
-    core = dict(tokenizer=tokenizer, max_len=max_len, max_prompt_len=max_prompt_len, chat=chat)
+    # One object for every task: a large tokenizer is serialized once, not once per piece.
+    core = ray.put(dict(names=names, tokenizer=tokenizer, max_len=max_len, max_prompt_len=max_prompt_len, chat=chat))
+    columns = list(dict.fromkeys(names.values()))
 
-    ds = ray.data.read_parquet(plan.files, filesystem=plan.filesystem, partitioning=None, file_extensions=None)
-    ds = ds.select_columns(list(dict.fromkeys(names.values())))
-    # Keep file order: reproducible rows for seeded splits/bucketing and for the tests.
-    ds.context.execution_options.preserve_order = True
-    ds = ds.map_batches(
-        _tokenize_batch, batch_format="pyarrow", batch_size=_MAP_BATCH_SIZE, fn_kwargs=dict(names=names, **core)
-    )
-    try:
-        tokenized = ds.materialize()
-    except Exception as err:  # unreadable data pages: name the file and where
-        _diagnose(plan, err, check_rows=False, **core)
-        raise
+    # Submit every read first (they all start), then hand each cut read's pieces to encode tasks as they come.
+    submitted = []
+    for read in _reads(plan, _cluster_cpus()):
+        source = _Source(
+            plan.filesystem, plan.files[read.file], read.row_groups, columns, read.first_row, _MAP_BATCH_SIZE
+        )
+        if read.pieces == 1:
+            submitted.append((read, [_read_and_encode.remote(source, core)]))
+        else:
+            submitted.append((read, _read_and_cut.remote(source, -(-read.rows // read.pieces))))
+    blocks, summaries, files = [], [], []  # one entry per piece, in file order
+    for read, outputs in submitted:
+        if not isinstance(outputs, list):  # a generator of raw pieces
+            outputs = [_encode.remote(piece, core) for piece in outputs]
+        for block, summary in outputs:
+            blocks.append(block)
+            summaries.append(summary)
+            files.append(plan.files[read.file])
+    summaries = ray.get(summaries)
 
-    counts = _count_statuses(tokenized)
+    for summary in summaries:  # in file order: the first unreadable row group is the one reported
+        if summary.error:
+            raise DataError(summary.error)
+    counts = np.sum([s.counts for s in summaries], axis=0)
     if on_bad_row == "error" and counts[2:].any():
-        _diagnose(plan, None, check_rows=True, **core)  # names the first bad row in file order
-        raise DataError(f"{plan.files[0]}: {int(counts[2:].sum())} bad rows{_HINT}")  # files changed since the read
+        summary, path = next((s, f) for s, f in zip(summaries, files, strict=True) if s.first_bad)
+        row, status, field_index = summary.first_bad
+        what = _describe(REASONS[status - 2], field_index, names, max_len, max_prompt_len)
+        raise DataError(f"{path}: row {row}: {what}{_HINT}")
     stats = DataStats(
         rows_in=sum(plan.rows),
         rows_out=int(counts[_OK] + counts[_TRUNCATED]),
@@ -437,12 +589,10 @@ def _read(
     if stats.rows_out == 0:
         dropped = ", ".join(f"{k}={v}" for k, v in stats.dropped.items() if v)
         raise DataError(f"{plan.files[0]}: all {stats.rows_in} rows were dropped ({dropped})")
-    if not counts[2:].any():  # nothing to drop: no second pass over the data
-        out = tokenized.map_batches(lambda b: b.drop_columns([_STATUS]), batch_format="pyarrow", batch_size=None)
-    else:
-        out = tokenized.map_batches(_drop_bad_rows, batch_format="pyarrow", batch_size=None)
+    out = ray.data.from_arrow_refs(blocks)  # already computed: a MaterializedDataset, blocks in file order
+    # Keep file order through later operations: reproducible rows for seeded splits/bucketing and for the tests.
     out.context.execution_options.preserve_order = True
-    return out.materialize(), stats
+    return out, stats
 
 
 def read_prompts(paths: str | os.PathLike | Sequence[str | os.PathLike], *, tokenizer, column: str = "prompt"):
@@ -458,19 +608,6 @@ def read_prompts(paths: str | os.PathLike | Sequence[str | os.PathLike], *, toke
     ds = ds.map_batches(encode, batch_format="pyarrow")
     ds.context.execution_options.preserve_order = True
     return ds
-
-
-def _count_statuses(ds: ray.data.Dataset) -> np.ndarray:
-    def count(batch: pa.Table) -> pa.Table:
-        codes = batch[_STATUS].to_numpy().astype(np.int64)
-        return pa.table({"counts": [np.bincount(codes, minlength=2 + len(REASONS)).tolist()]})
-
-    per_block = ds.select_columns([_STATUS]).map_batches(count, batch_format="pyarrow", batch_size=None).take_all()
-    return np.sum([row["counts"] for row in per_block], axis=0, dtype=np.int64)
-
-
-def _drop_bad_rows(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.less(batch[_STATUS], 2)).drop_columns([_STATUS])
 
 
 def _token_columns(batch: pa.Table) -> list[str]:

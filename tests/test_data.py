@@ -252,3 +252,80 @@ def test_split_is_deterministic_and_bucketing_cuts_padding(ray_session):
     assert padded_fraction(bucketed) < 0.7 * padded_fraction(ds)  # 0.30 -> 0.18 measured
     lengths = [max(len(r["chosen"]), len(r["rejected"])) + len(r["prompt"]) for r in bucketed.take_all()]
     assert lengths != sorted(lengths)  # windows are shuffled: not one global sort
+
+
+def test_files_are_cut_into_pieces_of_whole_or_cut_row_groups_in_file_order():
+    import pyarrow.fs as pafs
+
+    from ray_dpo.data import _MIN_PIECE_ROWS, _PIECE_BYTES, _Plan, _reads
+
+    def plan(*groups):
+        return _Plan(
+            pafs.LocalFileSystem(),
+            [f"f{i}" for i in range(len(groups))],
+            [sum(r for r, _ in g) for g in groups],
+            {f: f for f in ("prompt", "chosen", "rejected")},
+            dict.fromkeys(("prompt", "chosen", "rejected"), "text"),
+            [list(g) for g in groups],
+        )
+
+    # Small data: one piece of everything (a task's fixed cost would dominate smaller ones).
+    assert [(r.file, r.row_groups, r.first_row, r.rows, r.pieces) for r in _reads(plan([(1000, 10**6)]), cpus=8)] == [
+        (0, (0,), 0, 1000, 1)
+    ]
+    # One big row group: decoded once, cut into pieces, at least two per CPU.
+    rows = 50 * _MIN_PIECE_ROWS + 7
+    assert [(r.row_groups, r.rows, r.pieces) for r in _reads(plan([(rows, 10**6)]), cpus=4)] == [((0,), rows, 8)]
+    # Many small row groups: runs of whole groups; empty groups cost no task; rows counted from each file's start.
+    quarter = _MIN_PIECE_ROWS // 4
+    reads = _reads(plan([(quarter, 1)] * 10 + [(0, 0)] + [(quarter, 1)] * 2, [(5, 1)]), cpus=2)
+    assert [r.row_groups for r in reads] == [(0, 1, 2, 3), (4, 5, 6, 7), (8, 9, 10, 11, 12), (0,)]
+    assert [(r.file, r.first_row, r.rows, r.pieces) for r in reads] == [
+        (0, 0, 4 * quarter, 1),
+        (0, 4 * quarter, 4 * quarter, 1),
+        (0, 8 * quarter, 4 * quarter, 1),
+        (1, 0, 5, 1),
+    ]
+    # Large data: pieces of ~_PIECE_BYTES of text, whatever the CPU count.
+    big = [(100_000, _PIECE_BYTES)] * 4
+    assert [(r.rows, r.pieces) for r in _reads(plan(big), cpus=1)] == [(100_000, 1)] * 4
+
+
+def test_every_file_layout_gives_the_same_rows_counts_and_bad_row_index(ray_session, tmp_path, monkeypatch):
+    """Pieces of whole row groups, pieces cut from one row group, and one piece: the same rows in the same order,
+    the same accounting, and the first bad row's index within its file."""
+    import ray_dpo.data as data
+
+    source = [row for row in pq.read_table(HH_TRAIN).to_pylist() if row["chosen"].strip()]
+    source[1500]["rejected"] = None  # the only bad row, far from the first piece
+    table = pa.Table.from_pylist(source)
+    cfg = dict(tokenizer=TOK, max_len=256, max_prompt_len=128)
+    one_piece = write(tmp_path / "one.parquet", **{c: table[c] for c in table.column_names})
+    want_ds, want_stats = read_preferences(one_piece, on_bad_row="skip", **cfg)
+
+    def keys(ds):
+        return [(tuple(r["prompt"]), tuple(r["chosen"]), tuple(r["rejected"])) for r in rows_of(ds)]
+
+    want = keys(want_ds)
+    assert want_stats.dropped["null"] == 1 and want_ds.num_blocks() == 1
+
+    # Read by the driver and passed to the tasks: ~450-row pieces of 64-row batches on 2 CPUs.
+    monkeypatch.setattr(data, "_MIN_PIECE_ROWS", 64)
+    monkeypatch.setattr(data, "_MAP_BATCH_SIZE", 64)
+    # None: one row group cut into pieces; 100: runs of whole row groups; 700: each group cut in two, the last whole
+    for row_group_size in (None, 100, 700):
+        path = tmp_path / f"rg{row_group_size}.parquet"
+        pq.write_table(table, path, row_group_size=row_group_size)
+        reads = data._reads(data._plan(str(path), {f: f for f in data.PAIR_FIELDS}, ""), data._cluster_cpus())
+        assert sum(r.pieces for r in reads) > 2 and (row_group_size is not None or reads[0].pieces > 2)
+        ds, stats = read_preferences(str(path), on_bad_row="skip", **cfg)
+        assert ds.num_blocks() > 2
+        assert keys(ds) == want
+        assert (stats.rows_in, stats.rows_out, stats.dropped, stats.truncated) == (
+            want_stats.rows_in,
+            want_stats.rows_out,
+            want_stats.dropped,
+            want_stats.truncated,
+        )
+        with pytest.raises(DataError, match=r"\.parquet: row 1500: column 'rejected' is null"):
+            read_preferences(str(path), **cfg)
