@@ -10,7 +10,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,25 +19,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import stop_process_group
+from conftest import free_ports, stop_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 HEAD_UP_WITHIN_S = 90  # measured ~8 s for `ray start --head` on the shared 2-CPU machine
 JOB_WITHIN_S = 420  # measured ~47 s for a small Data + Train job
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def _clean_env() -> dict[str, str]:
@@ -57,7 +43,7 @@ def _client_env(token: str, dashboard_url: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths are length-limited
-    gcs, dashboard, client, agent_http, agent_grpc, env_agent, metrics = _free_ports(7)
+    gcs, dashboard, client, agent_http, agent_grpc, env_agent, metrics = free_ports(7)
     token = secrets.token_hex(32)  # this cluster's own token: ~/.ray/auth_token is left alone
     env = _clean_env()
     env.update(
