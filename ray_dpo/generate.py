@@ -164,6 +164,11 @@ def _has_cache_api(model: Callable) -> bool:
     return callable(getattr(model, "init_cache", None))
 
 
+def _is_hf(model: Callable) -> bool:
+    """A Hugging Face causal LM: its own KV cache (`past_key_values`), padding mask and position ids."""
+    return hasattr(model, "config") and callable(getattr(model, "prepare_inputs_for_generation", None))
+
+
 @contextmanager
 def _eval_mode(*models: Callable):
     modules = [m for m in models if isinstance(m, nn.Module)]
@@ -200,7 +205,8 @@ class _Decoder:
         crop: int | None,
         decode: DecodeMode = "eager",
     ):
-        self.model, self.capable = model, _has_cache_api(model)
+        self.model, self.hf = model, _is_hf(model)
+        self.capable = _has_cache_api(model) or self.hf
         b, p = tokens.shape
         total = p + max_new
         self.seq = tokens.new_zeros(b, total)  # every token fed so far (the uncached path re-reads it)
@@ -213,8 +219,10 @@ class _Decoder:
         slots = torch.arange(total, device=tokens.device)
         self.key_valid = slots >= pad.unsqueeze(-1) if self.padded else None  # (B, total)
         self.positions = (slots - pad.unsqueeze(-1)).clamp(min=0) if self.padded else slots
-        self.cache = model.init_cache(b, total) if cache_kv and self.capable else None
+        self.cache = model.init_cache(b, total) if cache_kv and self.capable and not self.hf else None
+        self.hf_cache = None  # a Hugging Face model's past_key_values, grown by its own forward
         self.crop = None if self.capable else crop
+        self.cache_kv = cache_kv
         self.fused = None
         if self.cache is not None and _fusable(model, tokens.device):
             self.fused = _DecodeStep(model, self.cache, self.positions, self.key_valid, decode)
@@ -226,8 +234,25 @@ class _Decoder:
         causal = torch.ones(n, n, dtype=torch.bool, device=self.seq.device).tril()
         return (causal & self.key_valid[:, None, None, :n]) | torch.eye(n, dtype=torch.bool, device=self.seq.device)
 
+    def _hf(self, tokens: Tensor, start: int, cache: bool) -> Tensor:
+        """Logits of the last of `tokens` (fed from slot `start` on) from a Hugging Face model, with its cache."""
+        end = start + tokens.shape[1]
+        mask = self.key_valid[:, :end].long() if self.padded else None
+        out = self.model(
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=self.positions[:, start:end] if self.padded else None,
+            past_key_values=self.hf_cache if cache else None,
+            use_cache=cache,
+        )
+        if cache:
+            self.hf_cache = out.past_key_values
+        return out.logits[:, -1]
+
     def _full(self, cache) -> Tensor:
         x, n = self.seq[:, : self.n], self.n
+        if self.hf:
+            return self._hf(x, 0, self.cache_kv)
         if not self.capable:
             return self.model(x[:, -self.crop :] if self.crop else x)[:, -1]
         if not self.padded:
@@ -240,6 +265,8 @@ class _Decoder:
     def step(self, token: Tensor) -> Tensor:
         n = self.n
         self.n += 1
+        if self.hf and self.cache_kv:
+            return _float(self._hf(token.unsqueeze(-1), n, True))
         if self.cache is None:  # only the uncached path re-reads the sequence
             self.seq[:, n] = token
             return _float(self._full(None))
@@ -253,6 +280,9 @@ class _Decoder:
     def reorder(self, rows: Tensor) -> None:
         if self.padded:
             self.key_valid, self.positions = self.key_valid.index_select(0, rows), self.positions.index_select(0, rows)
+        if self.hf_cache is not None:
+            self.hf_cache.reorder_cache(rows)
+            return
         if self.cache is None:  # only the uncached path re-reads the sequence
             self.seq = self.seq.index_select(0, rows)
             return

@@ -259,3 +259,32 @@ def test_align_your_own_model_end_to_end(hf_dirs, tmp_path):
         assert type(pipeline.model).__name__ == "Qwen2ForCausalLM"
     finally:
         mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_hf_greedy_decoding_with_its_kv_cache_equals_model_generate(hf_dirs, arch):
+    """Our generate on a Hugging Face model (its own KV cache, left-padded prompts of different lengths) gives the
+    tokens of `model.generate(do_sample=False)`, and the same with the cache off; filters keep their meaning."""
+    from ray_dpo.generate import generate
+
+    model = _load(hf_dirs[arch], torch.float32)
+    tokenizer = PretrainedTokenizer(hf_dirs[arch])
+    texts = ["Hello there, how are you?", "Hi", "What is the capital of France? Tell me"]
+    prompts = [torch.tensor(tokenizer.encode(t)) for t in texts]
+    ours = generate(model, prompts, 12, temperature=0.0, eos_token=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    uncached = generate(model, prompts, 12, temperature=0.0, eos_token=tokenizer.eos_id, cache_kv=False)
+    for row, prompt in enumerate(prompts):
+        with torch.no_grad():
+            theirs = model.generate(prompt[None], max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_id)
+        new = theirs[0, len(prompt) :].tolist()
+        assert ours[row, : len(new)].tolist() == new, (row, ours[row].tolist(), new)
+        assert uncached[row, : len(new)].tolist() == new
+    top1 = generate(
+        model,
+        prompts,
+        12,
+        filter_logits_fn="top_k",
+        filter_kwargs=dict(k=1),
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert torch.equal(top1, generate(model, prompts, 12, temperature=0.0))  # top-k of 1 is greedy
