@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -217,6 +218,7 @@ class TransformerLM(nn.Module):
             self.to_logits.weight = self.token_emb.weight
         inv_freq = config.rope_base ** -(torch.arange(0, config.head_dim, 2).float() / config.head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.gradient_checkpointing = False  # set by ray_dpo.models.enable_gradient_checkpointing
         self.apply(self._init_weights)
         for name, param in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith("to_out.weight"):
@@ -268,7 +270,13 @@ class TransformerLM(nn.Module):
 
         x = self.token_emb(tokens)
         for block in self.blocks:
-            x = block(x, cos, sin, attn_mask, is_causal, cache)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # activations recomputed in backward: memory per block instead of per op
+                x = torch.utils.checkpoint.checkpoint(
+                    block, x, cos, sin, attn_mask, is_causal, cache, use_reentrant=False
+                )
+            else:
+                x = block(x, cos, sin, attn_mask, is_causal, cache)
         if cache is not None:
             cache.length += n
         return self.norm(x) if return_hidden else self.to_logits(self.norm(x))

@@ -100,3 +100,20 @@ def test_cpu_bf16_matmul_attention_matches_float64_sdpa(kind):
         torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)
     assert (results[0][0] - results[1][0]).abs().max() > 0  # bf16 really ran in bf16 (not upcast)
     assert torch.equal(attend(q, k, v, mask, is_causal, 0.0), matmul_attention(q, k, v, mask, is_causal, 0.0))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """`model.gradient_checkpointing`: activations recomputed in backward, same loss and gradients (fp32, 1e-6)."""
+    from ray_dpo.models import enable_gradient_checkpointing
+
+    torch.manual_seed(0)
+    plain = TransformerLM(ModelConfig(vocab_size=64, max_seq_len=32, dim=32, depth=3, heads=4))
+    checkpointed = TransformerLM(plain.config)
+    checkpointed.load_state_dict(plain.state_dict())
+    enable_gradient_checkpointing(checkpointed)
+    assert checkpointed.gradient_checkpointing and not plain.gradient_checkpointing
+    tokens = torch.randint(0, 64, (3, 17))
+    for model in (plain, checkpointed):
+        model(tokens).log_softmax(-1).sum().backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-6, msg=name)
