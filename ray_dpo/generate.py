@@ -8,11 +8,17 @@ keeps x-transformers' `generate` / `beam_search` / loss signatures so seed code 
 Batch layout: prompts are LEFT-padded so every row shares one cache length (the cache has a single `length`);
 pad keys are masked and each row's positions are shifted so its first real token sits at position 0. A row's
 output therefore does not depend on the other rows of its batch.
+
+Speed: a TransformerLM decodes through `_step`, its forward re-written for one token per row: no nn.Module calls,
+fewer kernels, RoPE tables / masks / transposed (on CPU, from 2 rows on: oneDNN-prepacked) weights prepared once
+per call, keys/values written into the cache in place. Optionally compiled (`decode="compile"`) or, on CUDA,
+replayed as a CUDA graph (`decode="cuda_graph"`). Tests pin every path to the module forward's tokens.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from typing import Literal
@@ -21,10 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .model import KVCache, TransformerLM, attend
 from .tokenizer import ByteTokenizer
 
 Prompts = Tensor | Sequence[Tensor]
 FilterFn = Callable[..., Tensor]
+DecodeMode = Literal["eager", "compile", "cuda_graph"]  # how a TransformerLM's decode step runs (`_DecodeStep`)
 
 # --------------------------------------------------------------------------------------------------------------
 # logit filters (seed semantics; they act on the last dim and return logits with dropped tokens at -inf)
@@ -44,9 +52,8 @@ def top_p(logits: Tensor, thres: float = 0.9) -> Tensor:
     """Nucleus: the smallest top set whose probability exceeds `thres` (the token crossing it is kept)."""
     sorted_logits, sorted_indices = logits.sort(dim=-1, descending=True)
     cum_probs = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    # shift right by one: a token is dropped only if the mass *before* it already exceeds thres
-    remove = F.pad(cum_probs[..., :-1] > thres, (1, 0), value=False)
-    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    # shifted by one: a token is dropped only if the mass *before* it already exceeds thres (the top one never is)
+    sorted_logits[..., 1:].masked_fill_(cum_probs[..., :-1] > thres, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, sorted_indices, sorted_logits)
 
 
@@ -106,7 +113,7 @@ def sample_next(
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if filter_fn is not None:
         logits = filter_fn(logits, **(filter_kwargs or {}))
-    probs = (logits / temperature).softmax(dim=-1)
+    probs = (logits if temperature == 1 else logits / temperature).softmax(dim=-1)  # x / 1 == x: one kernel fewer
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -177,12 +184,22 @@ def _eval_mode(*models: Callable):
 class _Decoder:
     """Feeds a left-padded batch to one model; `prefill()` / `step(token)` return next-token logits (B, V).
 
-    With the cache API: one prefill forward, then single-token forwards into a preallocated cache. Without a
-    padded row no mask and no positions are passed (the model's fast default path); with one, the per-step mask is
-    a slice of a preallocated key-padding mask. Without a cache the whole prefix is recomputed every step.
+    With the cache API: one prefill forward into a cache sized for the whole generation, then one single-token step
+    per new token. A `TransformerLM` steps through `_DecodeStep` (its forward fused for one token); another model
+    with the cache API through its forward, with a slice of a preallocated key-padding mask when a row is padded.
+    Without a cache the whole prefix is recomputed every step.
     """
 
-    def __init__(self, model: Callable, tokens: Tensor, lens: Tensor, max_new: int, cache_kv: bool, crop: int | None):
+    def __init__(
+        self,
+        model: Callable,
+        tokens: Tensor,
+        lens: Tensor,
+        max_new: int,
+        cache_kv: bool,
+        crop: int | None,
+        decode: DecodeMode = "eager",
+    ):
         self.model, self.capable = model, _has_cache_api(model)
         b, p = tokens.shape
         total = p + max_new
@@ -193,12 +210,16 @@ class _Decoder:
         self.padded = bool((pad > 0).any())
         if self.padded and not self.capable:
             raise ValueError("a model without positions/attn_mask support needs equal-length prompts")
-        if self.padded:
-            slots = torch.arange(total, device=tokens.device)
-            self.key_valid = slots >= pad.unsqueeze(-1)  # (B, total)
-            self.positions = (slots - pad.unsqueeze(-1)).clamp(min=0)
+        slots = torch.arange(total, device=tokens.device)
+        self.key_valid = slots >= pad.unsqueeze(-1) if self.padded else None  # (B, total)
+        self.positions = (slots - pad.unsqueeze(-1)).clamp(min=0) if self.padded else slots
         self.cache = model.init_cache(b, total) if cache_kv and self.capable else None
         self.crop = None if self.capable else crop
+        self.fused = None
+        if self.cache is not None and _fusable(model, tokens.device):
+            self.fused = _DecodeStep(model, self.cache, self.positions, self.key_valid, decode)
+        elif decode != "eager":
+            raise ValueError(f"decode={decode!r} needs a TransformerLM with the KV cache on, outside autocast")
 
     def _block_mask(self, n: int) -> Tensor:
         # causal & not-a-pad-key; pad queries see themselves so no softmax row is all False (NaN in SDPA)
@@ -217,22 +238,236 @@ class _Decoder:
         return _float(self._full(self.cache))
 
     def step(self, token: Tensor) -> Tensor:
-        self.seq[:, self.n] = token
+        n = self.n
         self.n += 1
-        if self.cache is None:
+        if self.cache is None:  # only the uncached path re-reads the sequence
+            self.seq[:, n] = token
             return _float(self._full(None))
+        if self.fused is not None:
+            return _float(self.fused(token))
         if not self.padded:
             return _float(self.model(token.unsqueeze(-1), cache=self.cache)[:, -1])
-        n = self.n
-        positions, mask = self.positions[:, n - 1 : n], self.key_valid[:, None, None, :n]
+        positions, mask = self.positions[:, n : n + 1], self.key_valid[:, None, None, : n + 1]
         return _float(self.model(token.unsqueeze(-1), positions=positions, attn_mask=mask, cache=self.cache)[:, -1])
 
     def reorder(self, rows: Tensor) -> None:
-        self.seq = self.seq.index_select(0, rows)
         if self.padded:
             self.key_valid, self.positions = self.key_valid.index_select(0, rows), self.positions.index_select(0, rows)
-        if self.cache is not None:
-            self.cache.reorder(rows)
+        if self.cache is None:  # only the uncached path re-reads the sequence
+            self.seq = self.seq.index_select(0, rows)
+            return
+        self.cache.reorder(rows)
+        if self.fused is not None:
+            self.fused.reorder(rows)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# TransformerLM's forward fused for one new token per row
+
+
+def _fusable(model: Callable, device: torch.device) -> bool:
+    """`_DecodeStep` re-implements `TransformerLM.forward`: only for that forward, and outside autocast (whose
+    per-op casts it does not mirror)."""
+    return (
+        isinstance(model, TransformerLM)
+        and type(model).forward is TransformerLM.forward
+        and not torch.is_autocast_enabled(device.type)
+    )
+
+
+def _linear(x: Tensor, weight: Tensor, residual: Tensor | None = None) -> Tensor:
+    """x @ W.T (+ residual: one kernel). `weight` is W.T (a view; the residual is then updated in place), or W
+    prepacked for oneDNN (`_decode_weights`): at decode batch sizes a plain matmul repacks W on every call."""
+    if weight.is_mkldnn:
+        if residual is None:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [None], "")
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, None, "add")
+    return torch.mm(x, weight) if residual is None else residual.addmm_(x, weight)
+
+
+def _step(
+    weights: tuple,
+    keys: Sequence[Tensor],
+    values: Sequence[Tensor],
+    token: Tensor,
+    slot: Tensor,
+    span: int,
+    cos: Tensor,
+    sin: Tensor,
+    mask: Tensor | None,
+) -> Tensor:
+    """One token per row through a TransformerLM: (B,) tokens -> (B, V) logits; its keys/values go to `slot`.
+
+    weights: `_decode_weights`. keys/values: the cache's layers, each (B, heads, L, head_dim) (separate tensors, not
+    one: torch.compile then writes them in place instead of copying the whole cache). Attention reads the first
+    `span` cache slots; `mask` (bool, True = may attend) hides pad keys (and, for a static span, unwritten slots).
+    cos/sin: RoPE at each row's position, (B or 1, 1, head_dim), the sign of rotate_half folded into `sin`.
+
+    The math of `TransformerLM.forward`, in fewer kernels: no nn.Module calls, q and k rotated together, the
+    residual adds fused into the output matmuls, the keys/values written in place with `index_copy_`.
+    """
+    emb, layers, (norm, eps), to_logits = weights
+    x = F.embedding(token, emb)  # (B, dim): the residual stream
+    b, dim = x.shape
+    heads, half = keys[0].shape[1], keys[0].shape[-1] // 2
+    for (attn_norm, attn_eps, to_qkv, to_out, ff_norm, ff_eps, to_gate_up, ff_out), k_cache, v_cache in zip(
+        layers, keys, values, strict=True
+    ):
+        qkv = _linear(F.rms_norm(x, (dim,), attn_norm, attn_eps), to_qkv)
+        qk = qkv[:, : 2 * dim].view(b, 2 * heads, 2 * half)  # q and k heads side by side: one RoPE for both
+        first, second = qk.chunk(2, dim=-1)
+        qk = torch.addcmul(qk * cos, torch.cat((second, first), dim=-1), sin)
+        k_cache.index_copy_(2, slot, qk[:, heads:, None])
+        v_cache.index_copy_(2, slot, qkv[:, 2 * dim :].view(b, heads, 1, 2 * half))
+        k, v = k_cache.narrow(2, 0, span), v_cache.narrow(2, 0, span)
+        out = attend(qk[:, :heads, None], k, v, mask, False, 0.0)  # (B, heads, 1, head_dim)
+        x = _linear(out.view(b, dim), to_out, x)
+        gate, up = _linear(F.rms_norm(x, (dim,), ff_norm, ff_eps), to_gate_up).chunk(2, dim=-1)
+        x = _linear(F.silu(gate).mul_(up), ff_out, x)
+    return _linear(F.rms_norm(x, (dim,), norm, eps), to_logits)
+
+
+def _static_step(
+    weights: tuple,
+    keys: Sequence[Tensor],
+    values: Sequence[Tensor],
+    token: Tensor,
+    slot: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    key_valid: Tensor | None,
+) -> Tensor:
+    """`_step` with every shape fixed, for torch.compile and CUDA graphs: the position is a tensor, attention spans
+    the whole cache and the mask hides the slots after `slot`. cos/sin: tables (B or 1, L, 1, head_dim)."""
+    span = keys[0].shape[-2]
+    mask = (torch.arange(span, device=slot.device) <= slot).view(1, 1, 1, span)
+    mask = mask if key_valid is None else mask & key_valid  # (B or 1, 1, 1, L)
+    cos, sin = cos.index_select(1, slot).squeeze(1), sin.index_select(1, slot).squeeze(1)
+    return _step(weights, keys, values, token, slot, span, cos, sin, mask)
+
+
+_compiled_static_step: Callable | None = None  # one torch.compile for the process: its graphs are reused
+
+# CPU fp32/bf16: from 2 rows on, oneDNN-prepacked matmul weights make decoding 1.1-1.5x faster; at 1 row they are
+# slower than MKL's plain GEMV (measured on a 2-core EPYC, this model size; benchmarks/generate.py)
+PACK_MIN_BATCH = 2
+_packed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (key, weights): packed once, reused
+
+
+def _decode_weights(model: TransformerLM, batch: int, pack: bool) -> tuple:
+    """The tensors `_step` reads: (embedding, per-layer tuples, (final norm, eps), logits weight). Matmul weights
+    are W.T views, or on CPU from PACK_MIN_BATCH rows on W prepacked for oneDNN (cached while the weights are
+    unchanged: packing costs milliseconds, a small batch's whole generation)."""
+    blocks = model.blocks
+    linears = [m for b in blocks for m in (b.attn.to_qkv, b.attn.to_out, b.ff.to_gate_up, b.ff.to_out)]
+    linears.append(model.to_logits)
+    w = linears[0].weight
+    pack = (
+        pack
+        and w.device.type == "cpu"
+        and w.dtype in (torch.float32, torch.bfloat16)
+        and batch >= PACK_MIN_BATCH
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")  # private ops (what inductor emits): plain mm if they go
+    )
+    if pack:  # the batch size is only a hint to oneDNN: from 2 rows on it picks the same layout, so one copy serves all
+        key = tuple((m.weight.data_ptr(), m.weight._version) for m in linears)
+        cached = _packed.get(model)
+        if cached is None or cached[0] != key:
+            _packed[model] = cached = (key, [torch.ops.mkldnn._reorder_linear_weight(m.weight, batch) for m in linears])
+        mats = cached[1]
+    else:
+        mats = [m.weight.t() for m in linears]  # x @ W.T without a transpose per call
+    layers = tuple(
+        (b.attn_norm.weight, b.attn_norm.eps, *mats[4 * i : 4 * i + 2], b.ff_norm.weight, b.ff_norm.eps)
+        + tuple(mats[4 * i + 2 : 4 * i + 4])
+        for i, b in enumerate(blocks)
+    )
+    return model.token_emb.weight, layers, (model.norm.weight, model.norm.eps), mats[-1]
+
+
+class _DecodeStep:
+    """`TransformerLM` decode step: (B,) tokens -> (B, V) logits, keys/values into a preallocated `KVCache`.
+
+    Everything that does not change from token to token is done once: the weights' transposes, RoPE's cos/sin for
+    every row and slot, the key-padding mask. decode: "eager" runs `_step` directly (attention over the filled
+    slots only); "compile" runs `torch.compile(_static_step)` (opt-in: on CPU it did not pay, benchmarks/generate.py
+    --compile); "cuda_graph" (CUDA only) captures `_static_step` once and replays it.
+    """
+
+    def __init__(
+        self, model: TransformerLM, cache: KVCache, positions: Tensor, key_valid: Tensor | None, decode: DecodeMode
+    ):
+        if decode not in ("eager", "compile", "cuda_graph"):
+            raise ValueError(f"decode must be 'eager', 'compile' or 'cuda_graph', got {decode!r}")
+        if decode == "cuda_graph" and positions.device.type != "cuda":
+            raise ValueError(f"decode='cuda_graph' needs a CUDA device, got {positions.device}")
+        self.cache, self.decode = cache, decode
+        self.weights = _decode_weights(model, cache.shape[1], pack=decode == "eager")
+        # RoPE as TransformerLM.forward computes it, for every slot at once: (B or 1, L, 1, head_dim)
+        freqs = positions.unsqueeze(-1).float() * model.inv_freq
+        freqs = torch.cat((freqs, freqs), dim=-1).unsqueeze(-2)
+        freqs = freqs if freqs.dim() == 4 else freqs.unsqueeze(0)
+        dtype, half = model.token_emb.weight.dtype, freqs.shape[-1] // 2
+        self.cos, self.sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
+        self.sin[..., :half].neg_()  # rotate_half negates the first half: sign folded in here, not per token
+        self.key_valid = None if key_valid is None else key_valid[:, None, None, :]  # (B, 1, 1, L)
+        self.slots = torch.arange(positions.shape[-1], device=positions.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def __call__(self, token: Tensor) -> Tensor:
+        c = self.cache
+        n = c.length
+        if self.decode == "eager":
+            mask = None if self.key_valid is None else self.key_valid[..., : n + 1]
+            cos, sin = self.cos[:, n], self.sin[:, n]
+            keys, values = c.keys.unbind(0), c.values.unbind(0)
+            logits = _step(self.weights, keys, values, token, self.slots[n : n + 1], n + 1, cos, sin, mask)
+        elif self.decode == "compile":
+            global _compiled_static_step
+            if _compiled_static_step is None:
+                _compiled_static_step = torch.compile(_static_step, fullgraph=True, dynamic=False)
+            slot, keys, values = self.slots[n : n + 1], c.keys.unbind(0), c.values.unbind(0)
+            logits = _compiled_static_step(self.weights, keys, values, token, slot, self.cos, self.sin, self.key_valid)
+        else:
+            logits = self._replay(token, n)
+        c.length = n + 1
+        return logits
+
+    def _replay(self, token: Tensor, n: int) -> Tensor:
+        """CUDA graph of `_static_step`: captured at the first step, then one launch per token. The inputs are
+        copied into fixed buffers; the logits buffer is overwritten by the next replay (callers consume it first).
+        Not tested on a GPU (the machines this was written on have none)."""
+        if self.graph is None:
+            c = self.cache
+            self.token, self.slot = token.clone(), self.slots[n : n + 1].clone()
+            keys, values = c.keys.unbind(0), c.values.unbind(0)
+            args = (self.weights, keys, values, self.token, self.slot, self.cos, self.sin, self.key_valid)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the graph; it writes slot n, which every replay rewrites
+                _static_step(*args)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = _static_step(*args)
+        self.token.copy_(token)
+        self.slot.fill_(n)
+        self.graph.replay()
+        return self.logits
+
+    def reorder(self, rows: Tensor) -> None:
+        """Beam search: per-row tables follow their rows, in place (a captured graph keeps its addresses)."""
+        if self.graph is not None and self.cache.keys.shape[1] != self.token.shape[0]:
+            self.graph = None  # the cache was reallocated for a new batch size: capture again
+        for name in ("cos", "sin", "key_valid"):
+            table = getattr(self, name)
+            if table is None or table.shape[0] == 1:
+                continue
+            if table.shape[0] == len(rows):
+                table.copy_(table.index_select(0, rows))
+            else:
+                setattr(self, name, table.index_select(0, rows))
 
 
 def _float(logits: Tensor) -> Tensor:
@@ -280,6 +515,7 @@ def generate(
     amateur_model: Callable | Sequence[Callable] | None = None,
     contrastive_decode_kwargs: dict | Sequence[dict] | None = None,
     restrict_to_max_seq_len: bool = True,
+    decode: DecodeMode = "eager",
 ) -> Tensor:
     """Sample up to `seq_len` new tokens per prompt; returns them as (B, <= seq_len).
 
@@ -290,6 +526,8 @@ def generate(
     applied in turn with their contrastive_decode_kwargs (default alpha=0.1, beta=0.5); disables the filter as
     the seed does. restrict_to_max_seq_len: for cache-less modules with `max_seq_len`, feed only that many last
     tokens (the seed's sliding window; our model uses RoPE and a cache sized for the whole sequence instead).
+    decode: how a TransformerLM's single-token step runs: "eager" (fused kernels, the default), "compile"
+    (torch.compile; on a 2-core CPU slower than eager, and seconds of compiling per shape) or "cuda_graph" (CUDA).
     """
     model = _unwrap(model)
     amateurs = () if amateur_model is None else tuple(map(_unwrap, _as_tuple(amateur_model)))
@@ -302,7 +540,7 @@ def generate(
 
     def run(tokens: Tensor, lens: Tensor) -> tuple[Tensor]:
         crop = [getattr(m, "max_seq_len", None) if restrict_to_max_seq_len else None for m in models]
-        decoders = [_Decoder(m, tokens, lens, seq_len, cache_kv, c) for m, c in zip(models, crop, strict=True)]
+        decoders = [_Decoder(m, tokens, lens, seq_len, cache_kv, c, decode) for m, c in zip(models, crop, strict=True)]
         return (
             _sample_loop(
                 decoders, cd_kwargs, seq_len, temperature, filter_fn, filter_kwargs, eos_token, pad_id, generator
@@ -380,13 +618,14 @@ def beam_search(
     cache_kv: bool = True,
     generator: torch.Generator | None = None,
     restrict_to_max_seq_len: bool = True,
+    decode: DecodeMode = "eager",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Beam search; returns the best continuation (B, <= seq_len), or (beams, B, n) tokens and (beams, B) scores.
 
     Score = summed log-prob of the new tokens; with eos_token it is divided by length ** length_penalty (new
     tokens, eos included) and hypotheses ending in eos are kept aside, the search stopping for a row once no live
     beam can beat its `beams` finished ones. stochastic: candidates are picked by Gumbel-perturbed filtered
-    logits / temperature (the seed's stochastic beam search) and ranked by their true scores.
+    logits / temperature (the seed's stochastic beam search) and ranked by their true scores. decode: as `generate`.
     """
     model = _unwrap(model)
     filter_fn = _resolve_filter(filter_logits_fn)
@@ -396,7 +635,7 @@ def beam_search(
     crop = getattr(model, "max_seq_len", None) if restrict_to_max_seq_len else None
 
     def run(tokens: Tensor, lens: Tensor) -> tuple[Tensor, Tensor]:
-        dec = _Decoder(model, tokens, lens, seq_len, cache_kv, crop)
+        dec = _Decoder(model, tokens, lens, seq_len, cache_kv, crop, decode)
         opts = (eos_token, length_penalty, temperature, stochastic, filter_fn, filter_kwargs, pad_id, generator)
         return _beam_loop(dec, seq_len, beams, *opts)
 

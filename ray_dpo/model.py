@@ -44,6 +44,7 @@ class KVCache:
 
     Allocated lazily on first write so it takes the dtype the model computes in (fp32 or bf16 autocast).
     Every row of the batch shares one `length`: variable-length prompts are padded and masked by the caller.
+    `generate`'s fused decode step (ray_dpo/generate.py) writes `keys`/`values` in place and advances `length`.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int | None = None):
@@ -64,10 +65,18 @@ class KVCache:
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
     def reorder(self, batch_indices: Tensor) -> None:
-        """Select/reorder batch rows (beam search)."""
-        if self.keys is not None:
+        """Select/reorder batch rows (beam search). Same batch size: in place, filled slots only, so the storage
+        (and a CUDA graph captured over it) stays; a new batch size allocates."""
+        self.shape = (self.shape[0], len(batch_indices), *self.shape[2:])
+        if self.keys is None:
+            return
+        if self.keys.shape[1] != len(batch_indices):
             self.keys = self.keys.index_select(1, batch_indices)
             self.values = self.values.index_select(1, batch_indices)
+            return
+        for cache in (self.keys, self.values):
+            filled = cache[:, :, :, : self.length]
+            filled.copy_(filled.index_select(1, batch_indices))
 
 
 class RMSNorm(nn.Module):

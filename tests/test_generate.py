@@ -1,13 +1,23 @@
-"""Decoding: filters on hand-made logits, cached == uncached, batch independence, eos, beam search, contrastive."""
+"""Decoding: filters on hand-made logits, cached == uncached, batch independence, eos, beam search, contrastive;
+the fused decode step (eager, packed, static, compiled) == the module forward."""
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+import ray_dpo.generate as generate_module
 from ray_dpo.generate import (
+    PACK_MIN_BATCH,
     AutoregressiveWrapper,
+    _Decoder,
+    _packed,
     beam_search,
     contrastive_decode_fn,
     generate,
@@ -398,3 +408,136 @@ def test_wrapper_runs_seed_code_and_matches_x_transformers():
     beams, scores = lm.beam_search(prompts[1], 6, beams=2, return_beams_and_scores=True)
     assert beams.shape == (2, 6) and scores.shape == (2,)
     assert lm.training and lm.net.training  # eval during decoding, restored after
+
+
+# ---------------------------------------------------------------------------------------------------- decode step
+
+
+class Unfused(TransformerLM):
+    """Same model, forward overridden: generate() cannot assume the math, so it steps through the module forward."""
+
+    def forward(self, *args, **kwargs):
+        return super().forward(*args, **kwargs)
+
+
+def unfused(model: TransformerLM) -> Unfused:
+    twin = Unfused(model.config).to(next(model.parameters()).dtype)
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+def decode_cases(model, amateur):
+    """Every loop the fused step serves: mixed-length greedy, eos, sampling, beam search (+ eos), contrastive."""
+    prompts = prompts_of([5, 9, 1, 9, 3])
+    eos = int(generate(model, prompts, 4, temperature=0)[0, 2])
+    sample = dict(filter_logits_fn="top_p", filter_kwargs=dict(thres=0.8))
+    return {
+        "greedy": lambda m, **kw: generate(m, prompts, 20, temperature=0, **kw),
+        "eos": lambda m, **kw: generate(m, prompts, 20, temperature=0, eos_token=eos, pad_id=-1, **kw),
+        "top_p": lambda m, **kw: generate(m, prompts, 16, generator=torch.Generator().manual_seed(0), **sample, **kw),
+        "beams": lambda m, **kw: beam_search(
+            m, prompts, 10, beams=3, eos_token=eos, pad_id=-1, return_beams_and_scores=True, **kw
+        )[0],
+        "contrastive": lambda m, **kw: generate(m, prompts, 12, temperature=0, amateur_model=amateur, **kw),
+    }
+
+
+def test_fused_step_equals_the_module_forward():
+    """The fused decode step re-implements TransformerLM.forward: same logits, same tokens in every loop."""
+    model, amateur = tiny_lm(0), tiny_lm(1)
+    twin = unfused(model)
+    for name, run in decode_cases(model, amateur).items():
+        assert torch.equal(run(model), run(twin)), name
+    prompts = prompts_of([5, 9, 3])
+    tokens, lens = torch.zeros(3, 9, dtype=torch.long), torch.tensor([5, 9, 3])
+    for row, p in enumerate(prompts):
+        tokens[row, 9 - len(p) :] = p
+    with torch.inference_mode():
+        fused, plain = (_Decoder(m, tokens, lens, 6, True, None) for m in (model, twin))
+        assert fused.fused is not None and plain.fused is None
+        torch.testing.assert_close(fused.prefill(), plain.prefill(), rtol=0, atol=0)
+        for t in range(6):
+            token = torch.tensor([t, 2 * t, 3])
+            torch.testing.assert_close(fused.step(token), plain.step(token), rtol=1e-12, atol=1e-12)
+
+
+def fp32_lm(seed: int = 0) -> TransformerLM:
+    return tiny_lm(seed).float()
+
+
+def test_packed_weights_fp32_equal_the_module_forward():
+    """fp32 on CPU from PACK_MIN_BATCH rows: oneDNN-prepacked matmuls; packed once per model and weights."""
+    model, amateur = fp32_lm(0), fp32_lm(1)
+    twin = unfused(model)
+    for name, run in decode_cases(model, amateur).items():
+        assert torch.equal(run(model), run(twin)), name
+    prompts = prompts_of([5, 9, 1, 9, 3, 7, 2, 8, 6, 4])
+    assert len(prompts) >= PACK_MIN_BATCH
+    out = generate(model, prompts, 16, temperature=0)
+    packed = _packed[model][1]
+    assert packed[0].is_mkldnn
+    assert torch.equal(out, generate(twin, prompts, 16, temperature=0))
+    assert torch.equal(out, generate(model, prompts, 16, temperature=0, cache_kv=False))
+    assert torch.equal(generate(model, prompts, 16, temperature=0), out) and _packed[model][1] is packed  # reused
+    with torch.no_grad():
+        model.blocks[0].ff.to_out.weight.mul_(-1)  # weights changed in place: packed again, and it shows
+    changed = generate(model, prompts, 16, temperature=0)
+    assert _packed[model][1] is not packed and not torch.equal(changed, out)
+    assert torch.equal(changed, generate(unfused(model), prompts, 16, temperature=0))
+
+
+def test_static_step_equals_eager(monkeypatch):
+    """The shape-static step (whole-cache attention, position as a tensor) that compile and CUDA graphs run,
+    here uncompiled: the same tokens as the eager step in every loop."""
+    monkeypatch.setattr(generate_module, "_compiled_static_step", generate_module._static_step)
+    model, amateur = tiny_lm(0), tiny_lm(1)
+    for name, run in decode_cases(model, amateur).items():
+        assert torch.equal(run(model, decode="compile"), run(model)), name
+
+
+def test_compiled_step_equals_eager():
+    """torch.compile of the static step: the same tokens as eager (one shape: compiling costs seconds)."""
+    model = fp32_lm()
+    prompts = prompts_of([5, 9, 1, 9, 3])
+    out = generate(model, prompts, 12, temperature=0, decode="compile")
+    assert torch.equal(out, generate(model, prompts, 12, temperature=0))
+
+
+def test_decode_mode_errors():
+    model, prompts = tiny_lm(), prompts_of([3, 4])
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        generate(model, prompts, 4, decode="cuda_graph")
+    with pytest.raises(ValueError, match="decode must be"):
+        generate(model, prompts, 4, decode="fast")
+    with pytest.raises(ValueError, match="needs a TransformerLM"):
+        generate(unfused(model), prompts, 4, decode="compile")
+    with pytest.raises(ValueError, match="needs a TransformerLM"):
+        generate(model, prompts, 4, decode="compile", cache_kv=False)
+
+
+def test_kv_cache_reorder_keeps_its_storage():
+    model = tiny_lm()
+    cache = model.init_cache(3, 16)
+    model(torch.randint(0, VOCAB, (3, 5)), cache=cache)
+    keys, before = cache.keys, cache.keys.clone()
+    rows = torch.tensor([2, 0, 0])
+    cache.reorder(rows)
+    assert cache.keys is keys  # same batch size: in place
+    assert torch.equal(keys[:, :, :, :5], before.index_select(1, rows)[:, :, :, :5])
+    cache.reorder(torch.tensor([0, 1, 1, 2, 2, 2]))  # a new batch size (beam search's first step) allocates
+    assert cache.keys.shape[1] == 6 and cache.shape[1] == 6
+
+
+def test_benchmark_smoke_writes_its_json(tmp_path):
+    """`benchmarks/generate.py --smoke`: the benchmark runs end to end in seconds, so it cannot rot."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "generate.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, str(root / "benchmarks" / "generate.py"), "--smoke", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    cases = {(r["batch"], r["case"]) for r in result["results"]}
+    assert {(1, "ray_dpo cached"), (4, "x-transformers cached")} <= cases
+    assert all(r["ratio"] > 0 for r in result["results"] if r["reference"])
+    assert result["config"]["cpu"] and "ray_dpo cached" in proc.stdout
