@@ -58,7 +58,7 @@ from ray_dpo.dpo import default_reduction, score_batch
 from ray_dpo.encoding import fit_prompt_rows
 from ray_dpo.errors import UserError
 from ray_dpo.generate import beam_search, generate
-from ray_dpo.reference import score_pairs_pool
+from ray_dpo.reference import map_batches_no_restarts, score_pairs_pool
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 SAMPLES_TABLE = "eval/samples.json"
@@ -226,7 +226,6 @@ def _pool_kwargs(config: Config) -> dict[str, Any]:
     # one task in flight per actor: a second batch goes to an idle actor instead of queueing behind the first
     return dict(
         compute=ray.data.ActorPoolStrategy(size=e.concurrency, max_tasks_in_flight_per_actor=1),
-        max_restarts=0,  # a failed actor fails the evaluation (no restart from object-store constructor arguments)
         num_cpus=1.0 if e.num_gpus else 0.5,
         num_gpus=e.num_gpus,
     )
@@ -263,7 +262,8 @@ def generate_samples(
     if "prompt" not in prompts_ds.columns():
         raise UserError(f"eval: the prompts dataset has no 'prompt' column (columns: {prompts_ds.columns()})")
     prompts_ds = prompts_ds.select_columns(["prompt"]).limit(e.num_prompts)
-    samples = _spread(prompts_ds, e.concurrency).map_batches(
+    samples = map_batches_no_restarts(
+        _spread(prompts_ds, e.concurrency),
         PolicyReferenceGenerator,
         fn_constructor_kwargs=dict(
             policy_checkpoint=check_checkpoint("eval: policy checkpoint", policy_checkpoint),

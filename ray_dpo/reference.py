@@ -10,6 +10,7 @@ ONCE (a callable class in `map_batches`); the scoring itself is `ray_dpo.dpo.sco
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,17 @@ class PairScorer:
         return batch
 
 
+def map_batches_no_restarts(dataset: ray.data.Dataset, fn, **kwargs) -> ray.data.Dataset:
+    """`dataset.map_batches(fn, **kwargs)` whose actors are never restarted: a crashed actor fails the pass at once.
+
+    Ray Data restarts actors by default, and Ray logs an error for every actor whose constructor arguments live in
+    the object store and may restart. `max_restarts=0` has no named parameter in Ray 2.60, only the
+    `ray_remote_args` it deprecates, so that one warning is silenced here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return dataset.map_batches(fn, max_restarts=0, **kwargs)
+
+
 def score_pairs_pool(
     dataset: ray.data.Dataset,
     models: dict[str, Model],
@@ -79,13 +91,13 @@ def score_pairs_pool(
             raise UserError(f"{name} checkpoint: {model} is not a directory")
     if concurrency > 1 and isinstance(dataset, MaterializedDataset) and dataset.num_blocks() < concurrency:
         dataset = dataset.repartition(concurrency)  # one block feeds one actor: give every actor work
-    scored = dataset.map_batches(
+    scored = map_batches_no_restarts(
+        dataset,
         PairScorer,
         fn_constructor_kwargs=dict(
             models=models, reduction=reduction, prefix_sharing=prefix_sharing, device="cuda" if num_gpus else "cpu"
         ),
         compute=ray.data.ActorPoolStrategy(size=concurrency),
-        max_restarts=0,  # a failed actor fails the pass (no restart from object-store constructor arguments)
         batch_size=batch_size,
         batch_format="numpy",
         num_cpus=num_cpus if num_cpus is not None else (1.0 if num_gpus else 0.5),

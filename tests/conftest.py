@@ -29,13 +29,29 @@ def ray_session():
     if not ray.is_initialized():
         ray.init(
             num_cpus=2,
-            include_dashboard=False,
+            # the dashboard serves the State API, which Ray Train's placement-group cleaner polls: without it, the
+            # CPUs of a trainer whose controller was killed (an early-stopped Tune trial) are never given back
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
             log_to_driver=False,
             object_store_memory=500 * 1024**2,
             _temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"),  # short: Ray's socket paths are length-limited
         )
     yield ray
     ray.shutdown()
+
+
+def wait_for_placement_groups_removed(ray, within_s: float = 60) -> None:
+    """Every placement group of the session is REMOVED (Train workers and Tune trials gave their CPUs back)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        table = ray.util.placement_group_table()
+        alive = {pg_id: pg["state"] for pg_id, pg in table.items() if pg["state"] != "REMOVED"}
+        if not alive:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"placement groups still holding resources after {within_s} s: {alive}")
+        time.sleep(1)
 
 
 @pytest.fixture

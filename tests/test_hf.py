@@ -259,6 +259,7 @@ def test_align_your_own_model_end_to_end(hf_dirs, tmp_path):
         assert type(pipeline.model).__name__ == "Qwen2ForCausalLM"
     finally:
         mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])

@@ -156,7 +156,7 @@ def test_job_submit_align_logs_one_mlflow_run(ray_head, tmp_path):
     # The embedded default store: sqlite under output_dir, written by the job's driver and its rank-0 worker.
     db = output_dir / "mlflow.db"
     assert db.is_file()
-    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}", registry_uri=f"sqlite:///{db}")  # not the global one
     experiment = client.get_experiment_by_name("job-submit-test")
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1, [r.info.run_name for r in runs]  # one run per job: not one per Ray Train worker

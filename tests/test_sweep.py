@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import wait_for_placement_groups_removed
 
 from ray_dpo.config import ConfigError, load_config
 from ray_dpo.demo import write_sort_task
@@ -100,6 +101,7 @@ def test_four_trial_asha_sweep_logs_nested_runs_best_config_and_frontier(ray_ses
 
     frontier = matplotlib.image.imread(result.sweep_dir / "plots" / "reward_vs_kl.png")
     assert frontier.shape[0] > 100 and frontier.shape[1] > 100 and np.ptp(frontier[..., :3]) > 0.5
+    wait_for_placement_groups_removed(ray_session)  # early-stopped trials gave their workers' CPUs back
 
 
 def test_interrupted_sweep_restores_without_rerunning_finished_trials(ray_session, mlflow_uri, tmp_path, monkeypatch):

@@ -268,7 +268,7 @@ def test_server_round_trip(mlflow_server, tmp_path, empty_cwd):
     assert [m.value for m in client.get_metric_history(run_id, "train/loss")] == [0.7, 0.6]
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied by the server, not a client path
     assert tracking.download_artifacts(uri, run_id, "config.yaml").read_text() == note.read_text()
-    stored = list((root / "artifacts").rglob("config.yaml"))  # landed in --artifacts-destination
+    stored = list((root / "artifacts").rglob(f"{run_id}/**/config.yaml"))  # in --artifacts-destination (shared)
     assert len(stored) == 1 and stored[0].read_text() == note.read_text()
 
     loaded, _ = serving.load_registered_model(model_uri, uri)
