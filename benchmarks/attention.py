@@ -1,6 +1,7 @@
 """Attention kernels on this CPU: PyTorch SDPA vs the explicit matmul path `ray_dpo.model.attend` takes for bf16.
 
     python benchmarks/attention.py [--repeats 15] [--out benchmarks/results/attention.json]
+    python benchmarks/attention.py --smoke --out /tmp/attention.json   # short rows, 1 repeat: seconds, for tests
 
 Causal self-attention, forward + backward, 4 heads of 64, batch chosen so every shape holds ~4k query tokens
 (the DPO benchmark's 2 x 8 rows of 255). Where `attend` switches to SDPA (MATMUL_ATTENTION_MAX_KEYS) should sit
@@ -28,8 +29,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--smoke", action="store_true", help="two short key lengths, 1 repeat, 1 thread: checks it runs")
     ap.add_argument("--out", default="benchmarks/results/attention.json")
     args = ap.parse_args()
+    key_lengths, query_tokens = (256, 512, 768, 1024, 2048), 4096
+    if args.smoke:
+        key_lengths, query_tokens, args.repeats, args.threads = (64, 128), 256, 1, 1
     env = setup(args.threads)
     kernels = {
         "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
@@ -38,8 +43,8 @@ def main() -> None:
     }
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
-        for keys in (256, 512, 768, 1024, 2048):
-            batch = max(1, 4096 // keys)
+        for keys in key_lengths:
+            batch = max(1, query_tokens // keys)
             q, k, v = (torch.randn(batch, 4, keys, 64, dtype=dtype, requires_grad=True) for _ in range(3))
             grad = torch.randn_like(q)
             step = lambda kernel, q=q, k=k, v=v, grad=grad: kernel(q, k, v).backward(grad)
@@ -72,13 +77,13 @@ def main() -> None:
         ("attend_ms", "attend (ms)", ".1f"),
         ("matmul_speedup", "SDPA / matmul", ".2f"),
     ]
-    title = f"causal attention fwd+bwd, 4 heads x 64, ~4k query tokens, {env['threads']} threads"
+    title = f"causal attention fwd+bwd, 4 heads x 64, ~{query_tokens} query tokens, {env['threads']} threads"
     print_table(
         f"{title}: median of {args.repeats}; attend switches to SDPA above {MATMUL_ATTENTION_MAX_KEYS} keys",
         rows,
         columns,
     )
-    path = write_json(args.out, dict(env=env, max_keys=MATMUL_ATTENTION_MAX_KEYS, rows=rows))
+    path = write_json(args.out, dict(env=env, smoke=args.smoke, max_keys=MATMUL_ATTENTION_MAX_KEYS, rows=rows))
     print(f"\nwrote {path}")
 
 

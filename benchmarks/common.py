@@ -7,6 +7,7 @@ process and run as the workload it is compared with.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -57,13 +58,58 @@ def summarize(times: Sequence[float]) -> dict:
     }
 
 
-def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 10, device: str | torch.device = "cpu") -> dict:
-    """Achieved FLOP/s of a square `size` matmul (2 n^3 FLOPs) in `dtype`: the practical peak MFU divides by."""
+def matmul_peak(
+    dtype: torch.dtype,
+    size: int = 2048,
+    repeats: int = 10,
+    device: str | torch.device = "cpu",
+    backend: str = "torch",
+    warmup: int = 3,
+) -> dict:
+    """Achieved FLOP/s of a square `size` matmul (2 n^3 FLOPs) in `dtype`: the practical peak MFU divides by.
+
+    backend "torch": `a @ b` (on CPU: MKL for fp32, oneDNN for bf16); "onednn": oneDNN's matmul for any dtype
+    (`torch.ops.mkldnn._linear_pointwise`, what `ray_dpo.model.linear` runs for fp32 on CPU).
+    """
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
-    times = time_fn(lambda: a @ b, warmup=3, repeats=repeats)
+    if backend == "onednn":
+        fn = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [None], "")
+    else:
+        fn = lambda: a @ b
+    times = time_fn(fn, warmup=warmup, repeats=repeats)
     median = statistics.median(times)
-    return {"dtype": str(dtype).removeprefix("torch."), "size": size, "median_s": median, "flops": 2 * size**3 / median}
+    name = str(dtype).removeprefix("torch.")
+    return {"dtype": name, "backend": backend, "size": size, "median_s": median, "flops": 2 * size**3 / median}
+
+
+def cpu_info() -> dict:
+    """What the CPU is (a VM may hide the model name: family / model numbers say the generation) and the matmul
+    features that decide the peaks (AVX-512, AVX-512 BF16, AMX)."""
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    flags = set(info.get("flags", "").split())
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return {
+        "model": info.get("model name", platform.processor() or platform.machine()),
+        "vendor": info.get("vendor_id", ""),
+        "family_model": f"{info.get('cpu family', '?')}/{info.get('model', '?')}",
+        "logical_cpus": os.cpu_count(),
+        "features": [f for f in wanted if f in flags],
+    }
+
+
+def load_average() -> list[float]:
+    """1, 5 and 15 minute load averages: on a shared machine, how busy it was around a measurement."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
 
 
 def print_table(title: str, rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> None:

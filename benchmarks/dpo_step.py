@@ -1,20 +1,34 @@
-"""DPO training-step benchmark (issues 2 and 8): step time, tokens/s and MFU, ours vs x-transformers' `DPO`.
+"""DPO training step, ours vs x-transformers' own `DPO` at equal precision (issue #16): s/step, tokens/s, MFU.
 
-    python benchmarks/dpo_step.py [--steps 10] [--no-compile] [--out benchmarks/results/dpo_step.json]
+    python benchmarks/dpo_step.py [--rounds 10] [--hh-rounds 3] [--no-compile] [--xt-compile] [--out PATH]
+    python benchmarks/dpo_step.py --smoke --out /tmp/dpo_step.json     # tiny shapes, every code path, < 30 s
 
-One step = policy forward + backward on the chosen and rejected sequences, a live-reference forward on the same,
-the loss, and an AdamW step. Numbers are medians of repeats on a shared, noisy machine.
+Ours is what the trainer runs: `ray_dpo.dpo.DPO(TransformerLM, prefix_sharing=True)` with a live reference (a frozen
+deep copy), `DPO.batch_loss`, backward and a fused AdamW step; "+ compile" also wraps the policy and the reference in
+`torch.compile` (what `train.compile=true` does). "concatenated" is ours without prefix sharing (context). "fp32
+ours, MKL matmuls" is ours with `ray_dpo.model.linear`'s oneDNN path switched off (`F.linear`, which runs fp32 CPU
+matmuls in MKL): the A/B that justifies that path.
+x-transformers: `x_transformers.dpo.DPO` on its own `TransformerWrapper(Decoder)` of the same width, depth, heads
+and vocabulary (its defaults: learned absolute positions, LayerNorm, GELU MLP of 4 x dim), AdamW. Both run in fp32,
+and both under `torch.autocast("cpu", torch.bfloat16)` (fp32 master weights, bf16 matmuls) for "bf16".
 
-FLOPs are counted analytically (PaLM appendix B) and as executed: 2 x (matmul weights, output projection included)
-per token fed to a model, pads included, + 4 x depth x dim per (query, key) pair attention computes (no causal
-discount, as PaLM / nanoGPT). Concatenated: 2B rows of N - 1 tokens, (N - 1)^2 pairs each. Prefix sharing
-(`dpo.pack_pairs`): B rows of split + W tokens, split^2 + W (P + W) pairs each, where split = max(p + longer
-response), W = max(shorter response), P = max(p). A DPO step runs the policy forward + backward (3 x forward) and
-the live reference forward (1 x). MFU = those FLOPs / step time / this run's measured matmul FLOP/s in the same
-dtype (bf16 autocast rows against the bf16 peak).
+Workloads: the synthetic shape (dim 256, depth 4, heads 4, vocab 256; 8 pairs of 256 tokens sharing a 64-token
+prompt, both responses filling the row) and HH-RLHF batches of 8 (the repository's sample, byte tokens, prompt
+<= 384 kept from its end, sequence <= 512).
 
-tokens/s counts the pair's real tokens, prompt counted in both sequences and no pads: sum(2 p + c + r) per step.
-Every row of a table has the same numerator, so the ratio of tokens/s is the speedup.
+Timing. Each round runs every setting once (one step, or one pass over the HH batches) and measures the matmul
+peaks, so load from other jobs on a shared machine falls on all settings alike. Reported: the median wall seconds
+per step; "vs x-transformers" = the median over rounds of (x-transformers' time / ours) in the same round and
+precision; process CPU seconds per step (all threads; robust to time-slicing, not to threads spinning while they
+wait for a core); the load average before and after.
+
+FLOPs are counted as executed (PaLM appendix B): 2 x matmul weights per token each layer is fed (the output
+projection only where it runs: every position for x-transformers, scored tokens for ours), plus 4 x depth x dim per
+(query, key) pair attention multiplies (no causal discount, as PaLM / nanoGPT). A step = policy forward + backward
+(3 x forward) + reference forward (1 x). MFU = those FLOPs / median step time / the fastest matmul of that dtype
+measured in the same run (fp32: the faster of torch.matmul, which is MKL, and oneDNN; bf16: torch.matmul = oneDNN).
+tokens/s counts each pair's real tokens with the prompt in both sequences, no pads: sum(2 p + c + r) per step, the
+same numerator for every setting of a workload.
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ import copy
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,13 +48,18 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import matmul_peak, print_table, setup, summarize, write_json  # noqa: E402
+from common import cpu_info, load_average, matmul_peak, print_table, setup, write_json  # noqa: E402
 
-from ray_dpo.dpo import DPO, pack_pairs  # noqa: E402
+import ray_dpo.model as model_lib  # noqa: E402
+from ray_dpo.dpo import DPO, pack_pairs, response_mask_from_lengths  # noqa: E402
 from ray_dpo.model import ModelConfig, TransformerLM  # noqa: E402
 from ray_dpo.tokenizer import ByteTokenizer  # noqa: E402
 
 HH_PATH = Path(__file__).resolve().parents[1] / "data" / "hh_rlhf" / "hh_rlhf_harmless_train_1812.parquet"
+FULL = dict(dim=256, depth=4, heads=4, vocab=256, batch=8, seq=256, prompt=64, hh_len=512, hh_prompt=384)
+SMOKE = dict(dim=64, depth=2, heads=2, vocab=256, batch=2, seq=48, prompt=12, hh_len=64, hh_prompt=32)
+TARGETS = {"fp32": 1.2, "bf16": 1.3}  # issue #16: ours / x-transformers speed at equal precision
+MFU_TARGET_BF16 = 0.6
 
 
 # --- batches in the training contract --------------------------------------------------------------------------------
@@ -97,47 +117,96 @@ def pair_tokens(batch: dict) -> int:
 # --- FLOPs --------------------------------------------------------------------------------------------------------
 
 
-def linear_flops_per_token(model: nn.Module, depth: int, dim: int, seq_len: int) -> float:
-    """Forward FLOPs/token from the model's actual nn.Linear weights (tied weights once) + attention."""
+def linear_weights(model: nn.Module, head: nn.Linear) -> tuple[int, int]:
+    """(matmul weights of the body, of the output projection): every nn.Linear once (tied weights once)."""
     weights = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)}
-    return 2 * sum(weights.values()) + 4 * depth * seq_len * dim
+    return sum(weights.values()) - head.weight.numel(), head.weight.numel()
 
 
-def dpo_step_flops(fwd_per_token, batch: dict, prefix_sharing: bool) -> float:
-    """Executed FLOPs of one step: (policy 3x + reference 1x) forward over what the models are fed.
+def step_flops(batch: dict, *, body: int, head: int, depth: int, dim: int, layout: str) -> float:
+    """Executed FLOPs of one DPO step (policy 3 x forward + reference 1 x) for a `layout`:
 
-    `fwd_per_token(keys)` is the forward FLOPs of a token attending to `keys` keys: its value at 0 is the matmul
-    weights' part, and each key adds fwd_per_token(1) - fwd_per_token(0).
+    "packed": ours with prefix sharing (`dpo.pack_pairs`): B rows of split + W tokens, split^2 + W (P + W) pairs
+    each (split = max(p + longer response), W = max(shorter response), P = max(p)), head on scored tokens only.
+    "concatenated": 2B rows of N - 1 tokens, (N - 1)^2 pairs each, head on scored tokens only (ours).
+    "full_logits": as "concatenated", head on every position (x-transformers).
     """
-    per_token, per_pair = fwd_per_token(0), fwd_per_token(1) - fwd_per_token(0)
-    rows = batch["chosen"].shape[0]
-    if prefix_sharing:  # the layout dpo.pack_pairs builds
-        lengths = (batch[k] for k in ("prompt_len", "chosen_len", "rejected_len"))
+    rows, n = batch["chosen"].shape
+    lengths = [batch[k] for k in ("prompt_len", "chosen_len", "rejected_len")]
+    scored = int(sum(response_mask_from_lengths(n, lengths[0], x)[:, 1:].sum() for x in lengths[1:]))
+    if layout == "packed":
         packed = pack_pairs(batch["chosen"], batch["rejected"], *lengths)
         split, prompt = packed.attn_mask.split, packed.attn_mask.prompt_keys
         width = packed.tokens.shape[1] - split
         tokens, pairs = rows * (split + width), rows * (split**2 + width * (prompt + width))
     else:
-        n = batch["chosen"].shape[1] - 1
-        tokens, pairs = 2 * rows * n, 2 * rows * n**2
-    return 4 * (tokens * per_token + pairs * per_pair)
+        tokens, pairs = 2 * rows * (n - 1), 2 * rows * (n - 1) ** 2
+    head_tokens = tokens if layout == "full_logits" else scored
+    forward = 2 * body * tokens + 2 * head * head_tokens + 4 * depth * dim * pairs
+    return 4 * forward
 
 
 # --- steps --------------------------------------------------------------------------------------------------------
 
 
-def our_step(model: TransformerLM, *, prefix_sharing: bool, bf16: bool, fused: bool, compile: bool, pad_id: int):
+def autocast(bf16: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def fp32_matmuls(onednn: bool):
+    """`ray_dpo.model.linear` as shipped (oneDNN for fp32 on CPU) or, with `onednn=False`, plain `F.linear` (MKL)."""
+    shipped = model_lib.ONEDNN_FP32
+    model_lib.ONEDNN_FP32 = shipped and onednn
+    try:
+        yield
+    finally:
+        model_lib.ONEDNN_FP32 = shipped
+
+
+def our_step(
+    model: TransformerLM, *, prefix_sharing: bool, bf16: bool, compile: bool, pad_id: int, onednn: bool = True
+) -> Callable:
+    """`DPO.batch_loss` + backward + fused AdamW, as a training worker runs it (live reference = frozen copy)."""
     dpo = DPO(copy.deepcopy(model), beta=0.1, pad_id=pad_id, prefix_sharing=prefix_sharing)
-    optimizer = torch.optim.AdamW(dpo.parameters(), lr=1e-4, fused=fused, foreach=None if fused else True)
+    optimizer = torch.optim.AdamW(dpo.parameters(), lr=1e-4, fused=True)
     if compile:
         dpo.policy_model = torch.compile(dpo.policy_model)
         dpo.ref_model = torch.compile(dpo.ref_model)
-    device_type = next(model.parameters()).device.type
-    autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
 
     def step(batch: dict) -> None:
-        with autocast():  # fp32 master weights; matmuls in bf16
-            loss, _ = dpo.batch_loss(batch)
+        with fp32_matmuls(onednn):
+            with autocast(bf16):
+                loss, _ = dpo.batch_loss(batch)
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def xtransformers_model(c: dict, vocab: int, seq: int) -> nn.Module:
+    from x_transformers import Decoder, TransformerWrapper
+
+    return TransformerWrapper(
+        num_tokens=vocab, max_seq_len=seq, attn_layers=Decoder(dim=c["dim"], depth=c["depth"], heads=c["heads"])
+    )
+
+
+def xtransformers_step(model: nn.Module, *, bf16: bool, compile: bool, pad_id: int | None) -> Callable:
+    """x-transformers' own DPO step: its `DPO(model)` (reference = deep copy), AdamW."""
+    from x_transformers.dpo import DPO as XDPO
+
+    dpo = XDPO(copy.deepcopy(model), beta=0.1, pad_id=pad_id)
+    optimizer = torch.optim.AdamW(dpo.parameters(), lr=1e-4)
+    if compile:
+        dpo.policy_model = torch.compile(dpo.policy_model)
+        dpo.ref_model = torch.compile(dpo.ref_model)
+
+    def step(batch: dict) -> None:
+        prompt_mask = torch.arange(batch["chosen"].shape[1]) < batch["prompt_len"][:, None]
+        with autocast(bf16):
+            loss = dpo(batch["chosen"], batch["rejected"], prompt_mask=prompt_mask)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -145,211 +214,241 @@ def our_step(model: TransformerLM, *, prefix_sharing: bool, bf16: bool, fused: b
     return step
 
 
-def xtransformers_step(vocab: int, seq: int, dim: int, depth: int, heads: int):
-    from x_transformers import Decoder, TransformerWrapper
-    from x_transformers.dpo import DPO as XDPO
-
-    model = TransformerWrapper(
-        num_tokens=vocab, max_seq_len=seq, attn_layers=Decoder(dim=dim, depth=depth, heads=heads)
-    )
-    dpo = XDPO(model, beta=0.1)
-    optimizer = torch.optim.AdamW(dpo.parameters(), lr=1e-4)
-
-    def step(batch: dict) -> None:
-        prompt_mask = torch.arange(batch["chosen"].shape[1]) < batch["prompt_len"][:, None]
-        dpo(batch["chosen"], batch["rejected"], prompt_mask=prompt_mask).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step, model
+# --- measuring ----------------------------------------------------------------------------------------------------
 
 
-def measure_round_robin(entries: list[dict], *, warmup: int, repeats: int, peaks: dict) -> None:
-    """Time every entry's step once per round, rounds interleaved with the matmul peaks.
+def measure_peaks(size: int, repeats: int, warmup: int) -> dict[str, float]:
+    """FLOP/s of square matmuls: fp32 via torch (MKL on CPU) and via oneDNN, bf16 via torch (oneDNN)."""
+    run = lambda dtype, backend: matmul_peak(dtype, size, repeats, backend=backend, warmup=warmup)["flops"]
+    return {
+        "fp32_torch": run(torch.float32, "torch"),
+        "fp32_onednn": run(torch.float32, "onednn"),
+        "bf16_torch": run(torch.bfloat16, "torch"),
+    }
 
-    Other jobs share the 2 cores: interleaving spreads their load evenly over the settings (and the peak),
-    so ratios stay fair even when absolute times drift. Fills entry["timing"] (seconds per step) and peaks.
+
+def peak_for(dtype: str, peaks: dict[str, float]) -> float:
+    """The fastest matmul of `dtype` measured: what MFU divides by."""
+    return max(v for k, v in peaks.items() if k.startswith(dtype))
+
+
+def run_round_robin(entries: list[dict], *, rounds: int, peak_size: int, peak_repeats: int) -> dict:
+    """Warm every entry on all its batches (pays torch.compile, every shape), then `rounds` interleaved rounds.
+
+    Fills entry["wall"], entry["cpu"] (seconds per step, one sample per round); returns the peaks' samples.
     """
     for entry in entries:
         start = time.perf_counter()
-        entry["step"](entry["batches"][0])  # pays for torch.compile, if any
-        entry["first_call_s"] = time.perf_counter() - start
-        for _ in range(warmup):
-            entry["step"](entry["batches"][0])
-    samples = {id(e): [] for e in entries}
-    peak_samples = {name: [] for name in peaks}
-    for _ in range(repeats):
-        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            peak_samples[name].append(matmul_peak(dtype, repeats=3)["flops"])
+        for batch in entry["batches"]:
+            entry["step"](batch)
+        entry["first_pass_s"] = time.perf_counter() - start
+        entry["wall"], entry["cpu"] = [], []
+    peaks: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for name, value in measure_peaks(peak_size, peak_repeats, warmup=1).items():
+            peaks.setdefault(name, []).append(value)
         for entry in entries:
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             for batch in entry["batches"]:
                 entry["step"](batch)
-            samples[id(entry)].append((time.perf_counter() - start) / len(entry["batches"]))
+            steps = len(entry["batches"])
+            entry["wall"].append((time.perf_counter() - wall) / steps)
+            entry["cpu"].append((time.process_time() - cpu) / steps)
+    return {name: statistics.median(values) for name, values in peaks.items()} | {"samples": peaks}
+
+
+def report(entries: list[dict], peaks: dict) -> list[dict]:
+    rows = []
     for entry in entries:
-        entry["timing"] = summarize(samples[id(entry)]) | {"first_call_s": entry["first_call_s"]}
-    for name, values in peak_samples.items():
-        peaks[name] = {"flops": statistics.median(values), "flops_samples": values, "size": 2048}
+        batches = entry["batches"]
+        flops = statistics.mean(entry["flops_fn"](b) for b in batches)
+        tokens = statistics.mean(pair_tokens(b) for b in batches)
+        wall = statistics.median(entry["wall"])
+        peak = peak_for(entry["dtype"], peaks)
+        rows.append(
+            dict(
+                setting=entry["name"],
+                dtype=entry["dtype"],
+                impl=entry["impl"],
+                compile=entry["compile"],
+                step_s=wall,
+                cpu_s=statistics.median(entry["cpu"]),
+                tokens_per_s=tokens / wall,
+                gflops=flops / wall / 1e9,
+                mfu=flops / wall / peak,
+                peak_gflops=peak / 1e9,
+                flops_per_step=flops,
+                first_pass_s=entry["first_pass_s"],
+                wall_samples=entry["wall"],
+                cpu_samples=entry["cpu"],
+            )
+        )
+    for row in rows:  # same round, same precision: the ratio of the two times of that round
+        xt = next(r for r in rows if r["impl"] == "x-transformers" and not r["compile"] and r["dtype"] == row["dtype"])
+        per_round = [x / o for x, o in zip(xt["wall_samples"], row["wall_samples"], strict=True)]
+        row["vs_xt"] = statistics.median(per_round)
+        row["vs_xt_cpu"] = statistics.median(xt["cpu_samples"]) / row["cpu_s"]
+        xt_compiled = [r for r in rows if r["impl"] == "x-transformers" and r["compile"] and r["dtype"] == row["dtype"]]
+        if xt_compiled:  # --xt-compile: compiled against compiled too
+            per_round = [x / o for x, o in zip(xt_compiled[0]["wall_samples"], row["wall_samples"], strict=True)]
+            row["vs_xt_compiled"] = statistics.median(per_round)
+    return rows
 
 
-def report_row(entry: dict, peaks: dict) -> dict:
-    stats, batches = entry["timing"], entry["batches"]
-    flops = sum(dpo_step_flops(entry["flops_fn"], b, entry["prefix_sharing"]) for b in batches) / len(batches)
-    tokens = sum(pair_tokens(b) for b in batches) / len(batches)
-    achieved = flops / stats["median_s"]
-    return dict(
-        setting=entry["name"],
-        dtype=entry["dtype"],
-        prefix_sharing=entry["prefix_sharing"],
-        fused_adamw=entry["fused"],
-        compile=entry["compile"],
-        step_s=stats["median_s"],
-        tokens_per_s=tokens / stats["median_s"],
-        gflops=achieved / 1e9,
-        mfu=achieved / peaks[entry["dtype"]]["flops"],
-        flops_per_step=flops,
-        timing=stats,
+COLUMNS = [
+    ("setting", "setting", "s"),
+    ("step_s", "s/step (median)", ".3f"),
+    ("cpu_s", "CPU s/step", ".3f"),
+    ("tokens_per_s", "tokens/s", ".0f"),
+    ("gflops", "GFLOP/s", ".1f"),
+    ("peak_gflops", "peak GFLOP/s", ".0f"),
+    ("mfu", "MFU", ".1%"),
+    ("vs_xt", "vs x-transformers (wall)", ".2f"),
+    ("vs_xt_cpu", "vs x-t (CPU time)", ".2f"),
+    ("vs_xt_compiled", "vs x-t + compile", ".2f"),
+    ("first_pass_s", "first pass (s)", ".1f"),
+]
+
+
+def workload(
+    name: str, batches: list[dict], c: dict, vocab: int, seq: int, pad_id: int | None, rounds: int, args
+) -> dict:
+    """Every setting on `batches`, interleaved; the table and the JSON section of one workload. `pad_id`: None when
+    rows have no padding (x-transformers masks every token equal to it)."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=vocab, max_seq_len=seq, dim=c["dim"], depth=c["depth"], heads=c["heads"])
+    ours_model = TransformerLM(config)
+    xt_model = xtransformers_model(c, vocab, seq)
+    ours_w = linear_weights(ours_model, ours_model.to_logits)
+    xt_w = linear_weights(xt_model, xt_model.to_logits)
+    flops = lambda weights, layout: (
+        lambda b: step_flops(b, body=weights[0], head=weights[1], depth=c["depth"], dim=c["dim"], layout=layout)
     )
+    entries = []
+    for dtype in ("fp32", "bf16"):
+        bf16 = dtype == "bf16"
+        settings = [("ours, concatenated", "ours-concat", False, "concatenated", True)]
+        settings.append(("ours", "ours", False, "packed", True))
+        if not bf16 and model_lib.ONEDNN_FP32:
+            settings.append(("ours, MKL matmuls", "ours-mkl", False, "packed", False))
+        if args.compile:
+            settings.append(("ours + compile", "ours", True, "packed", True))
+        for label, impl, compile, layout, onednn in settings:
+            kw = dict(prefix_sharing=layout == "packed", bf16=bf16, compile=compile, pad_id=pad_id or 0, onednn=onednn)
+            step = our_step(ours_model, **kw)
+            entries.append(dict(name=f"{dtype} {label}", impl=impl, dtype=dtype, compile=compile, step=step))
+            entries[-1]["flops_fn"] = flops(ours_w, layout)
+        for compile in (False, True) if args.xt_compile else (False,):
+            step = xtransformers_step(xt_model, bf16=bf16, compile=compile, pad_id=pad_id)
+            label = f"{dtype} x-transformers" + (" + compile" if compile else "")
+            entries.append(dict(name=label, impl="x-transformers", dtype=dtype, compile=compile, step=step))
+            entries[-1]["flops_fn"] = flops(xt_w, "full_logits")
+    for entry in entries:
+        entry["batches"] = batches
+    load_before = load_average()
+    print(f"\n{name}: {len(entries)} settings x {rounds} interleaved rounds (load {load_before}) ...", flush=True)
+    peaks = run_round_robin(entries, rounds=rounds, peak_size=args.peak_size, peak_repeats=args.peak_repeats)
+    load_after = load_average()
+    rows = report(entries, peaks)
+    peak_text = ", ".join(f"{k} {peaks[k] / 1e9:.0f}" for k in ("fp32_torch", "fp32_onednn", "bf16_torch"))
+    print_table(
+        f"{name}: median of {rounds} rounds; {CPU['model']} ({CPU['family_model']}), {torch.get_num_threads()} "
+        f"threads; matmul peaks this run (GFLOP/s, {args.peak_size}^3): {peak_text}; load {load_before} -> "
+        f"{load_after}",
+        rows,
+        COLUMNS,
+    )
+    return dict(rows=rows, peaks=peaks, load_before=load_before, load_after=load_after, summary=summarize(rows))
 
 
-# --- main ---------------------------------------------------------------------------------------------------------
+def summarize(rows: list[dict]) -> dict:
+    """Per precision: ours eager and compiled vs x-transformers, MFU, and whether the issue's targets are met."""
+    out = {}
+    for dtype, target in TARGETS.items():
+        ours = {
+            ("compile" if r["compile"] else "eager"): r for r in rows if r["impl"] == "ours" and r["dtype"] == dtype
+        }
+        best = max(ours.values(), key=lambda r: r["vs_xt"])
+        out[dtype] = dict(
+            vs_xt_eager=ours["eager"]["vs_xt"],
+            vs_xt_compiled=ours["compile"]["vs_xt"] if "compile" in ours else None,
+            mfu_eager=ours["eager"]["mfu"],
+            mfu_compiled=ours["compile"]["mfu"] if "compile" in ours else None,
+            vs_xt_cpu_eager=ours["eager"]["vs_xt_cpu"],
+            vs_xt_cpu_compiled=ours["compile"]["vs_xt_cpu"] if "compile" in ours else None,
+            compiled_vs_xt_compiled=ours["compile"].get("vs_xt_compiled") if "compile" in ours else None,
+            best=best["setting"],
+            target=target,
+            meets_target=best["vs_xt"] >= target,
+        )
+    eager = next(r for r in rows if r["impl"] == "ours" and not r["compile"] and r["dtype"] == "fp32")
+    mkl = [r for r in rows if r["impl"] == "ours-mkl"]
+    if mkl:  # same round: the MKL time over the oneDNN time
+        per_round = [m / o for m, o in zip(mkl[0]["wall_samples"], eager["wall_samples"], strict=True)]
+        out["fp32"]["onednn_vs_mkl"] = statistics.median(per_round)
+    out["bf16"]["mfu_target"] = MFU_TARGET_BF16
+    out["bf16"]["meets_mfu_target"] = max(r["mfu"] for r in rows if r["impl"] == "ours" and r["dtype"] == "bf16") >= (
+        MFU_TARGET_BF16
+    )
+    return out
+
+
+CPU = cpu_info()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=10, help="timed rounds (synthetic); median reported")
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=10, help="interleaved rounds (synthetic); medians reported")
+    ap.add_argument("--hh-rounds", type=int, default=3, help="interleaved rounds over the HH-RLHF batches")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="also time torch.compile")
-    ap.add_argument("--xt", action=argparse.BooleanOptionalAction, default=True, help="time x-transformers' DPO")
-    ap.add_argument("--hh-batches", type=int, default=6, help="HH-RLHF batches per timed pass (0 = skip)")
-    ap.add_argument("--hh-passes", type=int, default=5, help="timed passes over the HH batches; median reported")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="time ours + compile")
+    ap.add_argument("--xt-compile", action=argparse.BooleanOptionalAction, default=False, help="x-t + compile too")
+    ap.add_argument("--hh-batches", type=int, default=6, help="HH-RLHF batches per round (0 = skip)")
+    ap.add_argument("--peak-size", type=int, default=2048)
+    ap.add_argument("--peak-repeats", type=int, default=3)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, 1 round, 1 thread, no compile: a < 30 s check")
     ap.add_argument("--out", default="benchmarks/results/dpo_step.json")
     args = ap.parse_args()
-    env = setup(args.threads)
-    dim, depth, heads, vocab, batch, seq, prompt = 256, 4, 4, 256, 8, 256, 64
-    print(f"threads={env['threads']} torch={env['torch']}")
+    c = SMOKE if args.smoke else FULL
+    if args.smoke:
+        args.rounds = args.hh_rounds = args.peak_repeats = 1
+        args.hh_batches, args.peak_size = min(args.hh_batches, 1), 256
+        args.compile = args.xt_compile = False
+        args.threads = 1  # no threads waiting on each other on a busy machine: a smoke run checks paths, not speed
+    env = setup(args.threads) | {"cpu_info": CPU}
+    print(f"{CPU['model']} (family/model {CPU['family_model']}, {', '.join(CPU['features'])}), ", end="")
+    print(f"{env['threads']} threads, torch {env['torch']}, load {load_average()}")
 
-    model = TransformerLM(ModelConfig(vocab_size=vocab, max_seq_len=2 * seq, dim=dim, depth=depth, heads=heads))
-    fpt = lambda n: model.flops_per_token(n, training=False)
-    # flops_per_token must agree with the FLOPs of the Linear layers actually in the model
-    assert abs(fpt(255) - linear_flops_per_token(model, depth, dim, 255)) < 1, "flops_per_token disagrees"
-    synth = [synthetic_batch(batch, seq, prompt, vocab)]
-
-    def ours(name, batches, flops_fn, *, prefix_sharing, bf16, fused=False, compile=False, pad_id=0, base=model):
-        step = our_step(base, prefix_sharing=prefix_sharing, bf16=bf16, fused=fused, compile=compile, pad_id=pad_id)
-        return dict(
-            name=name,
-            step=step,
-            batches=batches,
-            flops_fn=flops_fn,
-            prefix_sharing=prefix_sharing,
-            dtype="bf16" if bf16 else "fp32",
-            fused=fused,
-            compile=compile,
-        )
-
-    entries = [
-        ours("ours fp32, concatenated (plain)", synth, fpt, prefix_sharing=False, bf16=False),
-        ours("ours fp32, prefix sharing", synth, fpt, prefix_sharing=True, bf16=False),
-        ours("ours bf16 autocast, concatenated", synth, fpt, prefix_sharing=False, bf16=True),
-        ours("ours bf16 autocast, prefix sharing", synth, fpt, prefix_sharing=True, bf16=True),
-        ours("ours bf16 autocast, prefix sharing, fused AdamW", synth, fpt, prefix_sharing=True, bf16=True, fused=True),
-    ]
-    if args.compile:  # compiling costs a minute on 2 shared cores: only the bf16 settings (the fastest eager ones)
-        for prefix in (False, True):
-            name = f"ours bf16 autocast, {'prefix sharing' if prefix else 'concatenated'}, fused AdamW, torch.compile"
-            entries.append(ours(name, synth, fpt, prefix_sharing=prefix, bf16=True, fused=True, compile=True))
-    if args.xt:
-        step, xt_model = xtransformers_step(vocab, seq, dim, depth, heads)
-        # x-transformers runs chosen and rejected as separate forwards: counted like our concatenated path
-        xt_fpt = lambda n: linear_flops_per_token(xt_model, depth, dim, n)
-        entries.append(
-            dict(
-                name="x-transformers DPO fp32 (reference)",
-                step=step,
-                batches=synth,
-                flops_fn=xt_fpt,
-                prefix_sharing=False,
-                dtype="fp32",
-                fused=False,
-                compile=False,
-            )
-        )
-
-    print(f"synthetic: {len(entries)} settings, {args.steps} interleaved rounds ...", flush=True)
-    peaks: dict = {"fp32": None, "bf16": None}
-    measure_round_robin(entries, warmup=args.warmup, repeats=args.steps, peaks=peaks)
-    for name, peak in peaks.items():
-        print(f"matmul peak {name}: {peak['flops'] / 1e9:.1f} GFLOP/s (2048^3, median over rounds)")
-    rows = [report_row(e, peaks) | {"first_call_s": e["first_call_s"]} for e in entries]
-    plain = rows[0]["step_s"]
-    xt = next((r for r in rows if r["setting"].startswith("x-transformers")), None)
-    for r in rows:
-        r["speedup_vs_plain_fp32"] = plain / r["step_s"]
-        r["speedup_vs_xtransformers"] = xt["step_s"] / r["step_s"] if xt else None
-    best = min((r for r in rows if r["setting"].startswith("ours")), key=lambda r: r["step_s"])
-    columns = [
-        ("setting", "setting", "s"),
-        ("step_s", "median step (s)", ".3f"),
-        ("tokens_per_s", "tokens/s", ".0f"),
-        ("gflops", "GFLOP/s", ".1f"),
-        ("mfu", "MFU", ".1%"),
-        ("speedup_vs_plain_fp32", "vs plain fp32", ".2f"),
-        ("speedup_vs_xtransformers", "vs x-transformers", ".2f"),
-    ]
-    title = "DPO step, dim 256 depth 4 heads 4 vocab 256, batch 8, seq 256 (prompt 64)"
-    print_table(f"{title}: median of {args.steps} interleaved rounds, {env['threads']} threads", rows, columns)
-    print(f"\nbest: {best['setting']}: {best['step_s']:.3f} s/step")
-
-    hh_rows = []
-    if args.hh_batches:
-        hh = hh_batches(HH_PATH, batch, args.hh_batches, max_len=512, max_prompt=384)
-        shapes = [(int(b["prompt_len"].float().mean()), b["chosen"].shape[1]) for b in hh]
-        print(f"\nHH-RLHF: {len(hh)} batches of {batch}; (mean prompt, padded width) per batch: {shapes}", flush=True)
-        hh_model = TransformerLM(
-            ModelConfig(vocab_size=ByteTokenizer.vocab_size, max_seq_len=512, dim=dim, depth=depth, heads=heads)
-        )
-        hh_fpt = lambda n: hh_model.flops_per_token(n, training=False)
-        hh_entries = []
-        for bf16 in (False, True):
-            for prefix in (False, True):
-                name = f"{'bf16 autocast' if bf16 else 'fp32'}, {'prefix sharing' if prefix else 'concatenated'}"
-                hh_entries.append(
-                    ours(
-                        name,
-                        hh,
-                        hh_fpt,
-                        prefix_sharing=prefix,
-                        bf16=bf16,
-                        fused=best["fused_adamw"],
-                        pad_id=ByteTokenizer.pad_id,
-                        base=hh_model,
-                    )
-                )
-        hh_peaks: dict = {"fp32": None, "bf16": None}
-        measure_round_robin(hh_entries, warmup=0, repeats=args.hh_passes, peaks=hh_peaks)
-        hh_rows = [report_row(e, hh_peaks) for e in hh_entries]
-        for concat, shared in zip(hh_rows[::2], hh_rows[1::2], strict=True):
-            shared["prefix_speedup"] = shared["tokens_per_s"] / concat["tokens_per_s"]
-        columns = [c for c in columns if c[0] not in ("speedup_vs_plain_fp32", "speedup_vs_xtransformers")]
-        columns.append(("prefix_speedup", "prefix / concat tokens/s", ".2f"))
-        title = f"DPO step, HH-RLHF batches of {batch} (byte tokens, prompt <= 384, sequence <= 512)"
-        print_table(f"{title}: median of {args.hh_passes} interleaved passes over {len(hh)} batches", hh_rows, columns)
-
-    for r in rows:
-        r.pop("step", None)
-    path = write_json(
-        args.out,
-        dict(
-            env=env,
-            peaks=peaks,
-            synthetic=rows,
-            hh_rlhf=hh_rows,
-            config=dict(dim=dim, depth=depth, heads=heads, vocab=vocab, batch=batch, seq=seq, prompt=prompt),
-            note="medians of interleaved repeats on a shared, noisy 2-core machine",
-        ),
+    synth = [synthetic_batch(c["batch"], c["seq"], c["prompt"], c["vocab"])]
+    title = (
+        f"synthetic: dim {c['dim']} depth {c['depth']} heads {c['heads']} vocab {c['vocab']}, {c['batch']} pairs x "
+        f"{c['seq']} tokens (prompt {c['prompt']})"
     )
+    result = dict(
+        env=env,
+        config=c,
+        args=vars(args),
+        synthetic=workload(title, synth, c, c["vocab"], c["seq"], None, args.rounds, args),
+    )
+    if args.hh_batches:
+        hh = hh_batches(HH_PATH, c["batch"], args.hh_batches, max_len=c["hh_len"], max_prompt=c["hh_prompt"])
+        shapes = [(int(b["prompt_len"].float().mean()), b["chosen"].shape[1]) for b in hh]
+        title = (
+            f"HH-RLHF: {len(hh)} batches of {c['batch']} pairs, byte tokens, prompt <= {c['hh_prompt']}, sequence <= "
+            f"{c['hh_len']}; (mean prompt, width) {shapes}"
+        )
+        vocab, pad = ByteTokenizer.vocab_size, ByteTokenizer.pad_id
+        result["hh_rlhf"] = workload(title, hh, c, vocab, c["hh_len"], pad, args.hh_rounds, args)
+    for name in ("synthetic", "hh_rlhf"):
+        for dtype, s in result.get(name, {}).get("summary", {}).items():
+            compiled = f", compiled {s['vs_xt_compiled']:.2f}x" if s["vs_xt_compiled"] else ""
+            print(
+                f"{name} {dtype}: ours vs x-transformers eager {s['vs_xt_eager']:.2f}x{compiled} (target "
+                f"{s['target']}x: {'met' if s['meets_target'] else 'NOT met'}); MFU eager {s['mfu_eager']:.1%}"
+                + (f", compiled {s['mfu_compiled']:.1%}" if s["mfu_compiled"] else "")
+                + (f"; oneDNN fp32 matmuls vs MKL {s['onednn_vs_mkl']:.2f}x" if "onednn_vs_mkl" in s else "")
+            )
+    path = write_json(args.out, result)
     print(f"\nwrote {path}")
 
 

@@ -104,7 +104,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
     # bf16: fp32 master weights, bf16 compute (autocast), a frozen reference held in bf16; fp32: everything fp32
     precision: Literal["fp32", "bf16"] = "bf16"
-    compile: bool = False  # torch.compile the policy
+    compile: bool = False  # torch.compile the policy and a live reference (pays off only on long runs)
     seed: int = 0  # seeds model init, data order and dropout
     log_every: int = 10  # log train/* metrics to MLflow every this many steps (and at the end)
     eval_every: int = 50  # validation every this many steps (and at the end)

@@ -17,7 +17,7 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
-from .model import SharedPrefixMask, TransformerLM
+from .model import SharedPrefixMask, TransformerLM, onednn_mm_t, use_onednn
 
 DEFAULT_CHUNK_SIZE = 1024  # rows per chunk: at V = 128k, 0.5 GB of fp32 logits (vs ~8 GB for 4 x 2048 tokens)
 
@@ -69,10 +69,13 @@ class _ChunkedTargetLogps(torch.autograd.Function):
                 h, g_out = hidden[rows].to(dtype), grad_out[rows, None].to(lse.dtype)
                 g = _logits(h, w, b).sub_(lse[rows, None]).exp_().mul_(-g_out)  # -softmax * grad
                 g = g.scatter_add_(1, targets[rows, None], g_out).to(dtype)  # + onehot * grad
+                onednn = use_onednn(g, w)
                 if need_h:
-                    grad_h[rows] = g @ w
+                    grad_h[rows] = onednn_mm_t(g, w.t()) if onednn else g @ w
                 if need_w:
-                    if dtype == acc:
+                    if onednn:
+                        grad_w += onednn_mm_t(g.t(), h.t())
+                    elif dtype == acc:
                         grad_w.addmm_(g.t(), h)
                     else:
                         grad_w += (g.t() @ h).to(acc)
@@ -84,6 +87,8 @@ class _ChunkedTargetLogps(torch.autograd.Function):
 
 def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """(rows, V) logits of one chunk in at least fp32; a fresh tensor, so callers may modify it in place."""
+    if use_onednn(hidden, weight):  # fp32 CPU: oneDNN, as model.linear
+        return onednn_mm_t(hidden, weight, bias)
     z = hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
     return z.to(torch.promote_types(z.dtype, torch.float32))  # a no-op in fp32; a copy from bf16
 

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -44,3 +46,70 @@ def test_data_benchmark_smoke(tmp_path):
     assert {"ray", "plain"} <= set(result["linear_fit"]["cpus=2"])
     assert result["python_rows_loop"]["rows_per_s"] > 0
     assert 0 < result["padded_fraction_batch_8"]["file order"] < 1
+
+
+def test_dpo_step_benchmark_smoke(tmp_path):
+    """Ours and x-transformers' own DPO at the same precision, in the same run, with the peaks MFU divides by."""
+    pytest.importorskip("x_transformers")
+    result = run_smoke("dpo_step.py", tmp_path / "dpo_step.json", timeout_s=60)
+    assert result["args"]["smoke"] is True and result["env"]["cpu_info"]["model"]
+    for name in ("synthetic", "hh_rlhf"):
+        section = result[name]
+        assert {"rows", "peaks", "load_before", "load_after", "summary"} <= section.keys()
+        assert all(section["peaks"][k] > 0 for k in ("fp32_torch", "fp32_onednn", "bf16_torch"))
+        settings = {(row["impl"], row["dtype"]) for row in section["rows"]}
+        for dtype in ("fp32", "bf16"):
+            assert {("ours", dtype), ("ours-concat", dtype), ("x-transformers", dtype)} <= settings
+        assert ("ours-mkl", "fp32") in settings  # the A/B of the oneDNN fp32 matmuls
+        for row in section["rows"]:
+            assert row["step_s"] > 0 and row["cpu_s"] > 0 and row["tokens_per_s"] > 0 and row["flops_per_step"] > 0
+            assert 0 < row["mfu"] and row["peak_gflops"] > 0 and row["vs_xt"] > 0
+        for dtype in ("fp32", "bf16"):
+            summary = section["summary"][dtype]
+            assert summary["vs_xt_eager"] > 0 and summary["mfu_eager"] > 0
+            assert isinstance(summary["meets_target"], bool)
+        assert section["summary"]["fp32"]["onednn_vs_mkl"] > 0
+
+
+def test_gpu_benchmark_smoke(tmp_path):
+    """The GPU benchmark's CPU dry run: a tiny Llama, the three DPO-step settings and HF decoding."""
+    pytest.importorskip("transformers")
+    result = run_smoke("gpu.py", tmp_path / "gpu.json", timeout_s=60)
+    assert result["device"] == "cpu" and result["preset"] == "tiny"
+    assert result["params"] > 0 and result["peak_bf16"] > 0
+    assert [row["setting"] for row in result["dpo_step"]] == ["plain", "chunked", "chunked + prefix sharing"]
+    for row in result["dpo_step"]:
+        assert row["step_s"] > 0 and row["tokens_per_s"] > 0 and row["mfu"] > 0 and row["speedup_vs_plain"] > 0
+    assert result["generation"]["tokens_per_s"] > 0
+
+
+def test_attention_benchmark_smoke(tmp_path):
+    result = run_smoke("attention.py", tmp_path / "attention.json", timeout_s=60)
+    assert result["smoke"] is True and result["max_keys"] > 0
+    assert {(row["dtype"], row["keys"]) for row in result["rows"]} == {
+        (dtype, keys) for dtype in ("float32", "bfloat16") for keys in (64, 128)
+    }
+    for row in result["rows"]:
+        assert row["sdpa_ms"] > 0 and row["matmul_ms"] > 0 and row["attend_ms"] > 0 and row["matmul_speedup"] > 0
+
+
+def test_memory_benchmark_smoke(tmp_path):
+    result = run_smoke("memory.py", tmp_path / "memory.json", timeout_s=60)
+    assert result["device"] == "cpu" and result["size"]["vocab"] > 0
+    variants = {(row["model"], row["variant"]) for row in result["rows"]}
+    assert {("ours", "plain"), ("ours", "chunked")} <= variants
+    for row in result["rows"]:
+        assert row["peak_mb"] > 0 and row["step_s"] > 0 and row["ratio"] > 0 and row["logits_mb"] > 0
+
+
+def test_generate_benchmark_smoke(tmp_path):
+    pytest.importorskip("x_transformers")
+    result = run_smoke("generate.py", tmp_path / "generate.json", timeout_s=60)
+    assert result["config"]["smoke"] is True
+    cases = {(row["batch"], row["case"]) for row in result["results"]}
+    for batch in result["config"]["batches"]:
+        assert {(batch, "ray_dpo cached"), (batch, "x-transformers cached")} <= cases
+    for row in result["results"]:
+        assert row["median_s"] > 0 and row["tokens_per_s"] > 0
+        if row["reference"]:
+            assert row["ratio"] > 0

@@ -1,6 +1,8 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
+import ray_dpo.model as model_lib
 from ray_dpo.model import ModelConfig, TransformerLM, attend, matmul_attention
 
 CONFIG = ModelConfig(vocab_size=50, max_seq_len=64, dim=32, depth=2, heads=4)
@@ -117,3 +119,65 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model(tokens).log_softmax(-1).sum().backward()
     for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-6, msg=name)
+
+
+def _values_and_grads(fn, *leaves):
+    leaves = [x.detach().clone().requires_grad_() for x in leaves]
+    out = fn(*leaves)
+    out.backward(torch.linspace(-1, 2, out.numel()).reshape(out.shape))
+    return [out.detach()] + [x.grad for x in leaves]
+
+
+@pytest.mark.skipif(not model_lib.ONEDNN_FP32, reason="PyTorch built without oneDNN")
+@pytest.mark.parametrize("shape", [(5, 16), (3, 7, 16)])
+def test_onednn_fp32_linear_equals_f_linear(shape):
+    """The fp32 CPU matmuls (oneDNN): values and both gradients equal F.linear's (MKL) to fp32 summation order."""
+    g = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(*shape, generator=g), torch.randn(24, 16, generator=g)
+    assert model_lib.use_onednn(x, weight)
+    got = _values_and_grads(model_lib.linear, x, weight)
+    want = _values_and_grads(F.linear, x, weight)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    strided = torch.randn(16, 5, generator=g).t()  # a transposed view is read as it is
+    torch.testing.assert_close(model_lib.linear(strided, weight), F.linear(strided, weight), atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast and other dtypes keep F.linear
+        assert not model_lib.use_onednn(x, weight)
+    assert not model_lib.use_onednn(x.double(), weight.double())
+
+
+@pytest.mark.skipif(not model_lib.ONEDNN_FP32, reason="PyTorch built without oneDNN")
+def test_model_logits_and_grads_equal_without_onednn(monkeypatch):
+    """The whole fp32 training forward + backward through oneDNN equals the F.linear path to 1e-5."""
+    torch.manual_seed(0)
+    model = TransformerLM(CONFIG)
+    tokens = torch.randint(0, 50, (3, 12))
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        logits = model(tokens)
+        logits.backward(torch.linspace(-1, 1, logits.numel()).reshape(logits.shape))
+        return [logits.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    got = run()
+    monkeypatch.setattr(model_lib, "ONEDNN_FP32", False)
+    want = run()
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_model_forward_and_backward_equal_eager():
+    """`train.compile`: torch.compile keeps the oneDNN fp32 matmuls (a custom op, no graph break) and gives eager's
+    logits and gradients to 1e-5."""
+    torch.manual_seed(0)
+    model = TransformerLM(CONFIG)
+    tokens = torch.randint(0, 50, (3, 12))
+    grad = torch.linspace(-1, 1, 3 * 12 * 50).reshape(3, 12, 50)
+    results = []
+    for forward in (model, torch.compile(model, fullgraph=True)):
+        model.zero_grad(set_to_none=True)
+        logits = forward(tokens)
+        logits.backward(grad)
+        results.append([logits.detach()] + [p.grad.clone() for p in model.parameters()])
+    for eager, compiled in zip(*results, strict=True):
+        torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)

@@ -211,3 +211,25 @@ def test_bf16_autocast_runs_and_stays_close():
     assert got[0].dtype == torch.float32  # log-softmax is taken in fp32 even under autocast
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=0.5, rtol=0.05)
+
+
+def test_compiled_policy_and_reference_match_eager():
+    """`train.compile`: torch.compile of the policy and the live reference gives the eager loss and gradients, also
+    once it recompiles with dynamic shapes for new row widths and splits (the third batch runs the dynamic graph)."""
+    policy, reference = tiny_model(13, depth=1), tiny_model(14, depth=1)
+    eager, compiled = (
+        DPO(copy.deepcopy(policy), pad_id=PAD, prefix_sharing=True, ref_model=copy.deepcopy(reference))
+        for _ in range(2)
+    )
+    compiled.policy_model, compiled.ref_model = torch.compile(compiled.policy_model), torch.compile(compiled.ref_model)
+    for seed, n in ((13, 16), (14, 24), (15, 32), (16, 20)):  # a new (width, split) each time
+        chosen, rejected, p, c, r = random_pairs(seed, n=n)
+        batch = dict(chosen=chosen, rejected=rejected, prompt_len=p, chosen_len=c, rejected_len=r)
+        results = []
+        for dpo in (eager, compiled):
+            dpo.zero_grad(set_to_none=True)
+            loss, _ = dpo.batch_loss(batch)
+            loss.backward()
+            results.append([loss.detach()] + [param.grad for param in dpo.parameters()])
+        for want, got in zip(*results, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

@@ -58,6 +58,8 @@ def dpo_task(spec: WorkerSpec, model: nn.Module, device: torch.device) -> Task:
         reference = models.load(spec.reference_checkpoint, device, dtype=dtype).eval().requires_grad_(False)
         if t.strategy == "fsdp":  # sharded like the policy: no rank holds a whole second model
             reference = parallel.shard(reference, device, bf16=False)
+        elif t.compile:  # compiled like the policy: its forward is a quarter of a step's FLOPs
+            reference.compile()
         reference = LogpsModel(reference)
     kwargs = dict(
         beta=d.beta,
