@@ -104,6 +104,12 @@ def cpu_info() -> dict:
     }
 
 
+def cpu_model() -> str:
+    """One line for tables and JSON: the model name, family/model numbers and the logical CPU count."""
+    info = cpu_info()
+    return f"{info['model']} (family/model {info['family_model']}), {info['logical_cpus']} logical CPUs"
+
+
 def load_average() -> list[float]:
     """1, 5 and 15 minute load averages: on a shared machine, how busy it was around a measurement."""
     try:

@@ -48,7 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, summarize, write_json  # noqa: E402
+from common import cpu_model, load_average, print_table, summarize, write_json  # noqa: E402
 
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 # Ray starts its workers at nice 15, the baseline runs at nice 0: on a machine shared with busy jobs the workers then
@@ -81,20 +81,6 @@ def generate(rows: int, path: Path, *, row_group_rows: int | None = None, seed: 
         ]
     pq.write_table(pa.table(columns), path, row_group_size=row_group_rows)
     return path
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def machine_busy_seconds() -> float | None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -30,25 +29,12 @@ from x_transformers import AutoregressiveWrapper as SeedWrapper
 from x_transformers import Decoder, TransformerWrapper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, setup, write_json  # noqa: E402
+from common import cpu_model, print_table, setup, write_json  # noqa: E402
 
 from ray_dpo.generate import generate  # noqa: E402
 from ray_dpo.model import ModelConfig, TransformerLM  # noqa: E402
 
 SMOKE = dict(batches=[1, 4], prompt=8, new=8, dim=32, depth=1, heads=2, vocab=64, repeats=2, warmup=1)
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name (/proc/cpuinfo), with the logical CPU count: the figures mean little without it."""
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} logical CPUs"
 
 
 def main() -> None:

@@ -22,7 +22,6 @@ import copy
 import importlib.util
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -33,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, setup, write_json  # noqa: E402
+from common import cpu_model, print_table, setup, write_json  # noqa: E402
 
 from ray_dpo.dpo import dpo_loss, reduce_logps, token_logps  # noqa: E402
 from ray_dpo.logps import scored_logps, scoring_path  # noqa: E402
@@ -41,19 +40,6 @@ from ray_dpo.model import ModelConfig, TransformerLM  # noqa: E402
 
 FULL = dict(vocab=128_256, seq=1024, pairs=2, prompt=256, dim=256, depth=2, heads=4)  # Llama 3's vocabulary
 SMOKE = dict(vocab=8192, seq=128, pairs=2, prompt=32, dim=64, depth=1, heads=2)
-
-
-def cpu_model() -> str:
-    """/proc/cpuinfo's model name (+ family/model numbers: a VM may hide the name) and the CPU count."""
-    info: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())
-    except OSError:
-        return platform.processor() or platform.machine()
-    family = f" (family {info['cpu family']}, model {info['model']})" if "cpu family" in info else ""
-    return f"{info.get('model name', platform.machine())}{family}, {torch.get_num_threads()} threads"
 
 
 def build_model(kind: str, size: dict) -> nn.Module:
