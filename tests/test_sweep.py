@@ -31,6 +31,15 @@ def _child_runs(uri: str, parent_run_id: str) -> list:
     return client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
 
 
+def _small_sweep(tmp_path: Path, *overrides: str):
+    """The sweep config on 96 generated sort-task pairs, 4 steps, no evaluation. No SFT (explicit data paths): a
+    fresh seeded reference is enough here and saves a Train run per sweep."""
+    paths = write_sort_task(tmp_path / "data", rows=96, seed=0)
+    base = [f"output_dir={tmp_path}", "data.synthetic=null", f"data.train_path={paths['train']}"]
+    base += [f"data.val_path={paths['val']}", "eval.enabled=false", "train.max_steps=4", "train.checkpoint_every=4"]
+    return load_config(SWEEP_YAML, [*base, *overrides])
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -105,22 +114,7 @@ def test_four_trial_asha_sweep_logs_nested_runs_best_config_and_frontier(ray_ses
 
 
 def test_interrupted_sweep_restores_without_rerunning_finished_trials(ray_session, mlflow_uri, tmp_path, monkeypatch):
-    # no SFT (explicit data paths): a fresh seeded reference is enough here and saves a Train run
-    paths = write_sort_task(tmp_path / "data", rows=96, seed=0)
-    config = load_config(
-        SWEEP_YAML,
-        [
-            f"output_dir={tmp_path}",
-            "data.synthetic=null",
-            f"data.train_path={paths['train']}",
-            f"data.val_path={paths['val']}",
-            "eval.enabled=false",
-            "tune.scheduler=fifo",
-            "tune.num_samples=1",
-            "train.max_steps=4",
-            "train.checkpoint_every=2",
-        ],
-    )
+    config = _small_sweep(tmp_path, "tune.scheduler=fifo", "tune.num_samples=1", "train.checkpoint_every=2")
     config.tune.search_space = {"train.lr": {"grid": [3e-3, 1e-3]}}
     marker = tmp_path / "failed-once"
     monkeypatch.setenv(FAIL_ENV, f"1:{marker}")  # trial 1 raises once: the first run ends with it errored
@@ -144,22 +138,8 @@ def test_interrupted_sweep_restores_without_rerunning_finished_trials(ray_sessio
 
 def test_optuna_search_with_asha_logs_nested_runs(ray_session, mlflow_uri, tmp_path):
     """`tune.search_alg=optuna` (TPE) proposes the trials; ASHA still stops weak ones; every trial a nested run."""
-    paths = write_sort_task(tmp_path / "data", rows=96, seed=0)
-    config = load_config(
-        SWEEP_YAML,
-        [
-            f"output_dir={tmp_path}",
-            "data.synthetic=null",
-            f"data.train_path={paths['train']}",
-            f"data.val_path={paths['val']}",
-            "eval.enabled=false",
-            "tune.search_alg=optuna",
-            "tune.name=optuna",
-            "tune.num_samples=4",
-            "tune.reduction_factor=4",
-            "train.max_steps=4",
-            "train.checkpoint_every=4",
-        ],
+    config = _small_sweep(
+        tmp_path, "tune.search_alg=optuna", "tune.name=optuna", "tune.num_samples=4", "tune.reduction_factor=4"
     )
     config.tune.search_space = {"train.lr": {"loguniform": [1e-9, 1e-2]}, "dpo.beta": {"choice": [0.1, 0.5]}}
     result = run_sweep(config, tracking_uri=mlflow_uri)
