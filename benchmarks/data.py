@@ -367,7 +367,7 @@ def report(result: dict) -> None:
         ("others", "other jobs' cores", ".1f"),
         ("load", "load 1 min", ".1f"),
     ]
-    title = f"read_preferences vs the plain pyarrow loop ({env['cpu_model']} x {env['cpu_count']}, max_len={MAX_LEN})"
+    title = f"read_preferences vs the plain pyarrow loop ({env['cpu_model']}, max_len={MAX_LEN})"
     print_table(title, table, columns)
     print()
     for cpus, s in result["startup"].items():
@@ -419,7 +419,7 @@ def main() -> None:
         "pyarrow": pa.__version__,
         "numpy": np.__version__,
     }
-    print(f"CPU: {env['cpu_model']} x {env['cpu_count']}, load average {env['loadavg_start']}", flush=True)
+    print(f"CPU: {env['cpu_model']}, load average {env['loadavg_start']}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="rdpo-data-") as tmp:
         out_dir = Path(args.out_dir or tmp)
