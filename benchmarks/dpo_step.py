@@ -156,12 +156,12 @@ def autocast(bf16: bool):
 @contextlib.contextmanager
 def fp32_matmuls(onednn: bool):
     """`ray_dpo.model.linear` as shipped (oneDNN for fp32 on CPU) or, with `onednn=False`, plain `F.linear` (MKL)."""
-    shipped = model_lib.ONEDNN_FP32
-    model_lib.ONEDNN_FP32 = shipped and onednn
+    shipped = model_lib.ONEDNN_LINEAR
+    model_lib.ONEDNN_LINEAR = shipped and onednn
     try:
         yield
     finally:
-        model_lib.ONEDNN_FP32 = shipped
+        model_lib.ONEDNN_LINEAR = shipped
 
 
 def our_step(
@@ -329,7 +329,7 @@ def workload(
         bf16 = dtype == "bf16"
         settings = [("ours, concatenated", "ours-concat", False, "concatenated", True)]
         settings.append(("ours", "ours", False, "packed", True))
-        if not bf16 and model_lib.ONEDNN_FP32:
+        if not bf16 and model_lib.ONEDNN_LINEAR:
             settings.append(("ours, MKL matmuls", "ours-mkl", False, "packed", False))
         if args.compile:
             settings.append(("ours + compile", "ours", True, "packed", True))

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .model import KVCache, TransformerLM, attend
+from .model import ONEDNN_LINEAR, KVCache, TransformerLM, attend
 from .tokenizer import ByteTokenizer
 
 Prompts = Tensor | Sequence[Tensor]
@@ -397,8 +397,7 @@ def _decode_weights(model: TransformerLM, batch: int, pack: bool) -> tuple:
         and w.device.type == "cpu"
         and w.dtype in (torch.float32, torch.bfloat16)
         and batch >= PACK_MIN_BATCH
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")  # private ops (what inductor emits): plain mm if they go
+        and ONEDNN_LINEAR
     )
     if pack:  # the batch size is only a hint to oneDNN: from 2 rows on it picks the same layout, so one copy serves all
         key = tuple((m.weight.data_ptr(), m.weight._version) for m in linears)

@@ -87,7 +87,8 @@ class KVCache:
 # (benchmarks/dpo_step.py). Same IEEE fp32 arithmetic, another summation order. bf16 matmuls already go to oneDNN
 # (autocast keeps F.linear); CUDA is untouched.
 
-ONEDNN_FP32 = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# oneDNN's linear op is in this torch build (a private op, what Inductor emits: plain matmuls if it ever goes)
+ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 @torch.library.custom_op("ray_dpo::onednn_mm_t", mutates_args=())
@@ -123,7 +124,7 @@ class _OneDNNLinear(torch.autograd.Function):
 def use_onednn(x: Tensor, weight: Tensor) -> bool:
     """fp32 on CPU outside autocast (where the matmul would run in MKL)."""
     cpu_fp32 = x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-    return ONEDNN_FP32 and cpu_fp32 and not torch.is_autocast_enabled("cpu")
+    return ONEDNN_LINEAR and cpu_fp32 and not torch.is_autocast_enabled("cpu")
 
 
 def linear(x: Tensor, weight: Tensor) -> Tensor:

@@ -128,7 +128,7 @@ def _values_and_grads(fn, *leaves):
     return [out.detach()] + [x.grad for x in leaves]
 
 
-@pytest.mark.skipif(not model_lib.ONEDNN_FP32, reason="PyTorch built without oneDNN")
+@pytest.mark.skipif(not model_lib.ONEDNN_LINEAR, reason="PyTorch built without oneDNN")
 @pytest.mark.parametrize("shape", [(5, 16), (3, 7, 16)])
 def test_onednn_fp32_linear_equals_f_linear(shape):
     """The fp32 CPU matmuls (oneDNN): values and both gradients equal F.linear's (MKL) to fp32 summation order."""
@@ -146,7 +146,7 @@ def test_onednn_fp32_linear_equals_f_linear(shape):
     assert not model_lib.use_onednn(x.double(), weight.double())
 
 
-@pytest.mark.skipif(not model_lib.ONEDNN_FP32, reason="PyTorch built without oneDNN")
+@pytest.mark.skipif(not model_lib.ONEDNN_LINEAR, reason="PyTorch built without oneDNN")
 def test_model_logits_and_grads_equal_without_onednn(monkeypatch):
     """The whole fp32 training forward + backward through oneDNN equals the F.linear path to 1e-5."""
     torch.manual_seed(0)
@@ -160,7 +160,7 @@ def test_model_logits_and_grads_equal_without_onednn(monkeypatch):
         return [logits.detach()] + [p.grad.clone() for p in model.parameters()]
 
     got = run()
-    monkeypatch.setattr(model_lib, "ONEDNN_FP32", False)
+    monkeypatch.setattr(model_lib, "ONEDNN_LINEAR", False)
     want = run()
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
