@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console(verbose=args.verbose)
     result = run_sweep(load_config(args.config, args.overrides), address=args.address, console=console)
-    with_columns = [c for c in result.table.columns if c != "mlflow_run_id"]
+    with_columns = [c for c in result.table.columns if c not in ("mlflow_run_id", "error")]  # errors: on stderr
     print(result.table[with_columns].to_string(index=False))
     counts = ", ".join(f"{n} {status}" for status, n in result.status_counts.items() if n)
     print(f"trials:           {counts}")

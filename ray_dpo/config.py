@@ -150,6 +150,7 @@ class TuneConfig:
     scheduler: Literal["asha", "fifo"] = "asha"  # early stopping
     grace_period: int = 1  # ASHA: optimizer steps before a trial can be stopped (rungs at grace * factor^k steps)
     reduction_factor: float = 2.0  # ASHA: keep 1/reduction_factor per rung
+    max_failures: int = 1  # retries of a failed trial within the sweep (resumes its Train checkpoint); then re-run
 
 
 @dataclass

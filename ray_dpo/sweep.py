@@ -33,7 +33,7 @@ from ray_dpo.config import Config, ConfigError, config_from_dict, flatten, save_
 from ray_dpo.console import Console
 
 logger = logging.getLogger(__name__)
-FAIL_ENV = "RAY_DPO_SWEEP_FAIL"  # "trial_index:marker_path": that trial raises once (interrupt/restore tests)
+FAIL_ENV = "RAY_DPO_SWEEP_FAIL"  # a marker path: the first trial to start makes it and raises (retry/restore tests)
 START_KEY = "sweep/start"  # in the result a trial reports before training: its MLflow run id rides along
 DONE_KEY = "sweep/done"  # in the result a trial reports after eval: without it a TERMINATED trial was stopped early
 RUN_ID_KEY = "mlflow_run_id"
@@ -112,7 +112,6 @@ def _sweep(run: recipe.Run, space: dict[str, Any]) -> SweepResult:
         "parent_run_id": parent_run_id,
         "pad_id": run.tokenizer.pad_id,
         "total_steps": total_steps,
-        "runs": _known_runs(sweep_dir),  # a restarted trial keeps its MLflow run
         "fail": os.environ.get(FAIL_ENV),
     }
     # An empty head bundle + one bundle for the trial's own tasks: Tune refuses tasks a trial launches (the trainer's
@@ -142,7 +141,8 @@ def _sweep(run: recipe.Run, space: dict[str, Any]) -> SweepResult:
             run_config=tune.RunConfig(
                 name=experiment.name,
                 storage_path=str(sweep_dir),
-                failure_config=tune.FailureConfig(max_failures=0),  # a failed trial waits for a re-run (restore)
+                # then an errored trial waits for a re-run of the sweep (Tuner.restore)
+                failure_config=tune.FailureConfig(max_failures=config.tune.max_failures),
                 callbacks=[TrialLog(str(sweep_dir / "trials"), run.console)],
                 verbose=1 if run.console.verbose else 0,
             ),
@@ -322,7 +322,8 @@ def _trial(
     config = trial_config(base, params)
     config.train.run_name = f"{base.tune.name}-{trial_id}"  # own Ray Train run: checkpoints never collide
     uri = shared["tracking_uri"]
-    run_id = shared["runs"].get(trial_id)
+    # a retried or restored trial keeps its MLflow run
+    run_id = tracking.find_child_run(uri, shared["parent_run_id"], {"ray_dpo.trial_id": trial_id})
     if run_id is None:
         run_id = tracking.start_run(
             uri,
@@ -362,14 +363,16 @@ def _trial(
     tune.report({**final, DONE_KEY: 1.0, RUN_ID_KEY: run_id, "checkpoint_path": result.uri})
 
 
-def _maybe_fail(spec: str | None, trial_id: str) -> None:
-    """Failure injection: the trial numbered `index` raises once (a marker file records that it happened)."""
-    if not spec:
+def _maybe_fail(marker: str | None, trial_id: str) -> None:
+    """Failure injection: the first trial to create `marker` (exclusive create: exactly one) raises, once."""
+    if not marker:
         return
-    index, marker = spec.split(":", 1)
-    if int(trial_id.rsplit("_", 1)[-1]) == int(index) and not os.path.exists(marker):
-        Path(marker).write_text(f"trial {trial_id} failed on purpose\n")
-        raise RuntimeError(f"sweep: trial {trial_id} failed on purpose ({FAIL_ENV})")
+    try:
+        with open(marker, "x") as out:
+            out.write(f"trial {trial_id} failed on purpose\n")
+    except FileExistsError:
+        return
+    raise RuntimeError(f"sweep: trial {trial_id} failed on purpose ({FAIL_ENV})")
 
 
 class TrialLog(tune.Callback):
@@ -390,8 +393,11 @@ class TrialLog(tune.Callback):
         else:
             self.console.stage(f"trial {trial.trial_id} ({params}) stopped early at step {last.get('step', '?')}")
 
+    def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
+        self.console.stage(f"trial {trial.trial_id} failed: {trial_error(trial)} (retrying it)")
+
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        self.console.stage(f"trial {trial.trial_id} failed (re-run the same command to retry it)")
+        self.console.stage(f"trial {trial.trial_id} failed: {trial_error(trial)} (re-run the same command to retry it)")
 
     @staticmethod
     def _metric(result: dict) -> str:
@@ -404,20 +410,20 @@ class TrialLog(tune.Callback):
             out.write(json.dumps(row, default=str) + "\n")
 
 
+def trial_error(trial) -> str:
+    """The last line of a failed trial's latest traceback ("ValueError: ..."); "" if it has none. Tune writes it on
+    the driver first (`error_file`), into the sweep's storage later (`get_error`)."""
+    local = trial.error_file
+    text = Path(local).read_text() if local and os.path.exists(local) else str(trial.get_error() or "")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
 def _records(sweep_dir: Path) -> dict[str, list[dict[str, Any]]]:
     out = {}
     for path in sorted((sweep_dir / "trials").glob("*.jsonl")):
         out[path.stem] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return out
-
-
-def _known_runs(sweep_dir: Path) -> dict[str, str]:
-    runs = {}
-    for trial_id, rows in _records(sweep_dir).items():
-        for row in rows:
-            if RUN_ID_KEY in row:
-                runs[trial_id] = row[RUN_ID_KEY]
-    return runs
 
 
 # --------------------------------------------------------------------------------------------- save
@@ -451,6 +457,7 @@ def _save(config: Config, grid, sweep_dir: Path, uri: str, parent_run_id: str) -
             "step": last.get("step"),
             **{k: last.get(k) for k in dict.fromkeys((config.tune.metric, *TABLE_METRICS))},
             RUN_ID_KEY: next((r[RUN_ID_KEY] for r in history if RUN_ID_KEY in r), None),
+            "error": trial_error(trial) if status == "errored" else "",
         }
         rows.append(row)
         run_id = row[RUN_ID_KEY]
@@ -458,6 +465,7 @@ def _save(config: Config, grid, sweep_dir: Path, uri: str, parent_run_id: str) -
             tracking.mark_early_stopped(uri, run_id, f"{config.tune.scheduler} at step {row['step']}")
             tracking.end_run(uri, run_id, "FINISHED")
         elif run_id and status == "errored":
+            tracking.set_tags(uri, run_id, {"ray_dpo.error": row["error"][:5000]})
             tracking.end_run(uri, run_id, "FAILED")
     table = pd.DataFrame(rows)
     table_path = sweep_dir / "results.csv"

@@ -269,6 +269,16 @@ def start_run(
     return run_id
 
 
+def find_child_run(uri: str, parent_run_id: str, tags: Mapping[str, Any]) -> str | None:
+    """The run nested under `parent_run_id` whose tags hold `tags` (a retried or restored sweep trial's own run)."""
+    mlflow_client = client(uri)
+    experiment_id = mlflow_client.get_run(parent_run_id).info.experiment_id
+    wanted = {PARENT_RUN_TAG: parent_run_id, **{str(k): _param_value(v) for k, v in tags.items()}}
+    query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in wanted.items())
+    runs = mlflow_client.search_runs([experiment_id], filter_string=query, max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
 def resume_run(uri: str, run_id: str, *, experiment: str, params: Mapping[str, Any] | None = None) -> bool:
     """Reopen run `run_id` of `experiment` (RUNNING again) so a re-run of the same job continues its metric history.
 

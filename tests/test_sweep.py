@@ -75,7 +75,8 @@ def test_four_trial_asha_sweep_logs_nested_runs_best_config_and_frontier(ray_ses
     result = run_sweep(config, tracking_uri=mlflow_uri)
 
     table = result.table
-    assert len(table) == 4 and set(table["status"]) <= {"completed", "early_stopped"}
+    statuses = table[["trial_id", "status", "step", "error"]].to_string()
+    assert len(table) == 4 and set(table["status"]) <= {"completed", "early_stopped"}, statuses
     assert result.status_counts["early_stopped"] >= 1, table.to_string()
     assert result.status_counts["completed"] >= 1
     stopped = table[table["status"] == "early_stopped"]
@@ -114,15 +115,21 @@ def test_four_trial_asha_sweep_logs_nested_runs_best_config_and_frontier(ray_ses
 
 
 def test_interrupted_sweep_restores_without_rerunning_finished_trials(ray_session, mlflow_uri, tmp_path, monkeypatch):
-    config = _small_sweep(tmp_path, "tune.scheduler=fifo", "tune.num_samples=1", "train.checkpoint_every=2")
+    config = _small_sweep(
+        tmp_path, "tune.scheduler=fifo", "tune.num_samples=1", "train.checkpoint_every=2", "tune.max_failures=0"
+    )
     config.tune.search_space = {"train.lr": {"grid": [3e-3, 1e-3]}}
     marker = tmp_path / "failed-once"
-    monkeypatch.setenv(FAIL_ENV, f"1:{marker}")  # trial 1 raises once: the first run ends with it errored
+    monkeypatch.setenv(FAIL_ENV, str(marker))  # one trial raises once; no retries: the first run ends with it errored
 
     first = run_sweep(config, tracking_uri=mlflow_uri)
     assert marker.is_file()
     assert first.status_counts == {"completed": 1, "early_stopped": 0, "errored": 1, "unfinished": 0}
     assert first.best_trial_id == first.table[first.table["status"] == "completed"]["trial_id"].iloc[0]
+    errored = first.table[first.table["status"] == "errored"].iloc[0]
+    assert errored["error"].startswith("RuntimeError: sweep: trial") and "failed on purpose" in errored["error"]
+    failed_run = next(r for r in _child_runs(mlflow_uri, first.parent_run_id) if r.info.status == "FAILED")
+    assert failed_run.data.tags["ray_dpo.error"] == errored["error"]  # the reason, beside the run in MLflow
 
     second = run_sweep(config, tracking_uri=mlflow_uri)  # same sweep name: Tuner.restore
     assert second.status_counts["completed"] == 2
@@ -136,14 +143,22 @@ def test_interrupted_sweep_restores_without_rerunning_finished_trials(ray_sessio
     assert load_config(second.best_config_path).train.max_steps == 4
 
 
-def test_optuna_search_with_asha_logs_nested_runs(ray_session, mlflow_uri, tmp_path):
-    """`tune.search_alg=optuna` (TPE) proposes the trials; ASHA still stops weak ones; every trial a nested run."""
+def test_optuna_search_with_asha_retries_a_failed_trial(ray_session, mlflow_uri, tmp_path, monkeypatch, capsys):
+    """`tune.search_alg=optuna` (TPE) proposes the trials; ASHA still stops weak ones; every trial a nested run.
+    One trial fails once: the sweep retries it (tune.max_failures=1, the default) and it keeps its MLflow run."""
     config = _small_sweep(
         tmp_path, "tune.search_alg=optuna", "tune.name=optuna", "tune.num_samples=4", "tune.reduction_factor=4"
     )
     config.tune.search_space = {"train.lr": {"loguniform": [1e-9, 1e-2]}, "dpo.beta": {"choice": [0.1, 0.5]}}
+    marker = tmp_path / "failed-once"
+    monkeypatch.setenv(FAIL_ENV, str(marker))
     result = run_sweep(config, tracking_uri=mlflow_uri)
-    assert len(result.table) == 4 and set(result.table["status"]) <= {"completed", "early_stopped"}
+    assert marker.is_file()
+    statuses = result.table[["trial_id", "status", "attempts", "step", "error"]].to_string()
+    assert len(result.table) == 4 and set(result.table["status"]) <= {"completed", "early_stopped"}, statuses
+    assert sorted(result.table["attempts"]) == [1, 1, 1, 2], statuses
+    retried = result.table.loc[result.table["attempts"] == 2, "trial_id"].iloc[0]
+    assert f"trial {retried} failed: RuntimeError: sweep: trial {retried} failed on purpose" in capsys.readouterr().err
     assert result.table["train.lr"].nunique() == 4, "Optuna proposed four different learning rates"
     children = _child_runs(mlflow_uri, result.parent_run_id)
     assert len(children) == 4 and {r.info.run_id for r in children} == set(result.table["mlflow_run_id"])
