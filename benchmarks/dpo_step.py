@@ -4,10 +4,10 @@
     python benchmarks/dpo_step.py --smoke --out /tmp/dpo_step.json     # tiny shapes, every code path, < 30 s
 
 Ours is what the trainer runs: `ray_dpo.dpo.DPO(TransformerLM, prefix_sharing=True)` with a live reference (a frozen
-deep copy), `DPO.batch_loss`, backward and a fused AdamW step; "+ compile" also wraps the policy and the reference in
-`torch.compile` (what `train.compile=true` does). "concatenated" is ours without prefix sharing (context). "fp32
-ours, MKL matmuls" is ours with `ray_dpo.model.linear`'s oneDNN path switched off (`F.linear`, which runs fp32 CPU
-matmuls in MKL): the A/B that justifies that path.
+deep copy, in bf16 for bf16 runs as on a training worker), `DPO.batch_loss`, backward and a fused AdamW step; "+
+compile" also wraps the policy and the reference in `torch.compile` (what `train.compile=true` does). "concatenated"
+is ours without prefix sharing (context). "fp32 ours, MKL matmuls" is ours with `ray_dpo.model.linear`'s oneDNN path
+switched off (`F.linear`, which runs fp32 CPU matmuls in MKL): the A/B that justifies that path.
 x-transformers: `x_transformers.dpo.DPO` on its own `TransformerWrapper(Decoder)` of the same width, depth, heads
 and vocabulary (its defaults: learned absolute positions, LayerNorm, GELU MLP of 4 x dim), AdamW. Both run in fp32,
 and both under `torch.autocast("cpu", torch.bfloat16)` (fp32 master weights, bf16 matmuls) for "bf16".
@@ -167,9 +167,11 @@ def fp32_matmuls(onednn: bool):
 def our_step(
     model: TransformerLM, *, prefix_sharing: bool, bf16: bool, compile: bool, pad_id: int, onednn: bool = True
 ) -> Callable:
-    """`DPO.batch_loss` + backward + fused AdamW, as a training worker runs it (live reference = frozen copy)."""
-    dpo = DPO(copy.deepcopy(model), beta=0.1, pad_id=pad_id, prefix_sharing=prefix_sharing)
-    optimizer = torch.optim.AdamW(dpo.parameters(), lr=1e-4, fused=True)
+    """`DPO.batch_loss` + backward + fused AdamW, as a training worker runs it: the live reference is a frozen copy,
+    held in bf16 for bf16 runs (`ray_dpo.train.tasks`)."""
+    reference = copy.deepcopy(model).to(torch.bfloat16 if bf16 else torch.float32).eval().requires_grad_(False)
+    dpo = DPO(copy.deepcopy(model), beta=0.1, pad_id=pad_id, prefix_sharing=prefix_sharing, ref_model=reference)
+    optimizer = torch.optim.AdamW(dpo.policy_model.parameters(), lr=1e-4, fused=True)
     if compile:
         dpo.policy_model = torch.compile(dpo.policy_model)
         dpo.ref_model = torch.compile(dpo.ref_model)
