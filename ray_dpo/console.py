@@ -51,6 +51,7 @@ class Console:
         if self.verbose:
             return
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers reads it at import too
         import mlflow  # noqa: F401  (configures its loggers at import: strip them after)
         import ray.data  # noqa: F401  (same)
 
@@ -62,8 +63,9 @@ class Console:
                     logger.removeHandler(handler)
             logger.addHandler(self._held)
             logger.propagate = False
+        libraries = r"(ray|mlflow|torch|pydantic|transformers|peft)(\..*)?$"
         for category in (DeprecationWarning, FutureWarning, UserWarning):
-            warnings.filterwarnings("ignore", category=category, module=r"(ray|mlflow|torch|pydantic)(\..*)?$")
+            warnings.filterwarnings("ignore", category=category, module=libraries)
 
     def log_to(self, log_dir: str | None) -> None:
         """Write the held and all further library log records to `<log_dir>/ray-dpo-driver.log`."""

@@ -236,6 +236,7 @@ def test_align_your_own_model_end_to_end(hf_dirs, tmp_path):
     cmd += ["train.max_steps=4", "train.eval_every=4", "train.checkpoint_every=2", "eval.num_prompts=4"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Warning" not in proc.stderr and "Loading weights" not in proc.stderr, proc.stderr  # a quiet console
 
     uri = f"sqlite:///{out / 'mlflow.db'}"
     client = MlflowClient(uri)

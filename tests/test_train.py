@@ -1,4 +1,5 @@
-"""Ray Train DPO: DDP == 1 worker, failure recovery, resume by run name, NaN stop, SFT. Real local Ray (2 CPUs)."""
+"""Ray Train DPO: DDP == 1 worker, failure recovery, resume by run name, NaN stop, SFT, FSDP + LoRA on an HF model.
+Real local Ray (2 CPUs)."""
 
 from __future__ import annotations
 
@@ -158,3 +159,30 @@ def test_nan_loss_stops_before_checkpoint_is_overwritten(ray_session, tmp_path, 
     states = (tmp_path / "ray" / "nan").glob("checkpoint_step_*/state.json")
     steps = [json.loads(state.read_text())["step"] for state in states]
     assert max(steps) == 2
+
+
+def test_fsdp_lora_on_an_hf_model_killed_after_a_checkpoint_equals_one_worker(ray_session, tmp_path, monkeypatch):
+    """LoRA on a Hugging Face model under FSDP2, 2 workers: rank 0 dies at the start of step 5 and the group resumes
+    from its sharded step-4 checkpoint (base + adapters). The final checkpoint holds the adapters and a pointer to
+    their base, with the weights of one DDP worker (grad_accum 2) trained on the same global batches."""
+    from ray_dpo.tiny_hf import build
+
+    hf = str(build(tmp_path / "hf", arch="qwen2", vocab_size=400))
+    train_ds = ray_session.data.from_items(_pairs(24, seed=1))  # 3 global batches per epoch
+    val_ds = ray_session.data.from_items(_pairs(4, seed=2))
+    lora = [f"model.hf_path={hf}", "model.lora_r=4", "model.lora_dropout=0.0", "train.epochs=2"]
+    common = dict(init_checkpoint=hf, reference_checkpoint=hf, pad_id=PAD)
+    one = _config(tmp_path, *lora, "train.num_workers=1", "train.grad_accum=2", "train.run_name=lora-one")
+    single = train_dpo(one, train_ds, val_ds, **common)
+
+    monkeypatch.setenv(FAIL_ENV, f"4:0:{tmp_path / 'failed-once'}")
+    two = _config(tmp_path, *lora, "train.num_workers=2", "train.strategy=fsdp", "train.run_name=lora-fsdp")
+    fsdp = train_dpo(two, train_ds, val_ds, **common)
+    assert (tmp_path / "failed-once").exists() and fsdp.resumed_from == 4 and fsdp.steps == 6
+
+    with local_directory(fsdp.checkpoint) as final:
+        assert models.kind(final) == "adapter" and (Path(final) / models.BASE_FILE).is_file()
+    w1, w2 = _weights(single.checkpoint), _weights(fsdp.checkpoint)
+    assert w1.keys() == w2.keys() and any("lora_B" in k and w1[k].abs().max() > 1e-4 for k in w1), "adapters moved"
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], atol=1e-5, rtol=0, msg=name)

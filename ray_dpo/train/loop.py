@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ray_dpo import models, storage
 from ray_dpo.checkpoint import load_training_state, save_training_state
-from ray_dpo.config import Config
+from ray_dpo.config import Config, ModelSettings
 from ray_dpo.errors import UserError
 from ray_dpo.logps import LogpsModel, core_model
 from ray_dpo.storage import local_directory
@@ -149,10 +149,9 @@ def setup_worker(spec: WorkerSpec) -> _Worker:
                 f"train: checkpoint {directory} was written with train.strategy={'fsdp' if sharded else 'ddp'}; "
                 f"resume it with that strategy (or start a new train.run_name)"
             )
-        model = models.skeleton(directory) if sharded else models.load(directory, trainable=True)
+        model = skeleton(directory, m, t.seed) if sharded else models.load(directory, trainable=True)
         if m.hf_path and m.lora_r and resume is None:  # fresh adapters on the base: only they train
-            kwargs = dict(alpha=m.lora_alpha, dropout=m.lora_dropout, target_modules=m.lora_target_modules)
-            model = models.add_lora(model, r=m.lora_r, seed=t.seed, **kwargs)
+            model = with_lora(model, m, t.seed)
         if m.gradient_checkpointing:
             models.enable_gradient_checkpointing(model)
         tokenizer_files = {
@@ -197,6 +196,18 @@ def setup_worker(spec: WorkerSpec) -> _Worker:
         run_path=run_path,
         known_checkpoints=known,
     )
+
+
+def with_lora(model: nn.Module, m: ModelSettings, seed: int) -> nn.Module:
+    """`model.lora_*`'s adapters on `model`."""
+    kwargs = dict(alpha=m.lora_alpha, dropout=m.lora_dropout, target_modules=m.lora_target_modules)
+    return models.add_lora(model, r=m.lora_r, seed=seed, **kwargs)
+
+
+def skeleton(directory: str | Path, m: ModelSettings, seed: int) -> nn.Module:
+    """What a sharded checkpoint's weights load into: the architecture, with LoRA's adapters when it trains them."""
+    model = models.skeleton(directory)
+    return with_lora(model, m, seed) if m.hf_path and m.lora_r else model
 
 
 def _use_bf16(train: Any, device: torch.device) -> bool:
@@ -335,9 +346,9 @@ def save_checkpoint(w: _Worker, metrics: dict[str, float]) -> None:
         if w.rank == 0:
             models.save_config(directory, core)
             if final is not None:  # the last checkpoint holds whole weights: what evaluation and export read
-                whole = models.skeleton(directory)
+                whole = skeleton(directory, w.spec.config.model, w.spec.config.train.seed)
                 whole.load_state_dict({k.removeprefix("model."): v for k, v in final.items()})
-                models.save(directory, whole)
+                models.save(directory, whole, base=base)
             save_training_state(directory, None, state)
     else:
         models.save(directory, core, base=base)
