@@ -37,6 +37,7 @@ FAIL_ENV = "RAY_DPO_SWEEP_FAIL"  # a marker path: the first trial to start makes
 START_KEY = "sweep/start"  # in the result a trial reports before training: its MLflow run id rides along
 DONE_KEY = "sweep/done"  # in the result a trial reports after eval: without it a TERMINATED trial was stopped early
 RUN_ID_KEY = "mlflow_run_id"
+ERROR_TAG = "ray_dpo.error"  # on an errored trial's MLflow run: the last line of its traceback
 SEARCH_KINDS = ("grid", "choice", "loguniform", "uniform")
 TABLE_METRICS = (
     "val/loss",
@@ -465,8 +466,10 @@ def _save(config: Config, grid, sweep_dir: Path, uri: str, parent_run_id: str) -
             tracking.mark_early_stopped(uri, run_id, f"{config.tune.scheduler} at step {row['step']}")
             tracking.end_run(uri, run_id, "FINISHED")
         elif run_id and status == "errored":
-            tracking.set_tags(uri, run_id, {"ray_dpo.error": row["error"][:5000]})
+            tracking.set_tags(uri, run_id, {ERROR_TAG: row["error"]})
             tracking.end_run(uri, run_id, "FAILED")
+        if run_id and status != "errored" and row["attempts"] > 1:  # a failed attempt's reason no longer holds
+            tracking.delete_tag(uri, run_id, ERROR_TAG)
     table = pd.DataFrame(rows)
     table_path = sweep_dir / "results.csv"
     table.to_csv(table_path, index=False)

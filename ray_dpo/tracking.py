@@ -245,6 +245,13 @@ def set_tags(uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
         mlflow_client.log_batch(run_id, tags=items[start : start + _PARAMS_PER_BATCH])
 
 
+def delete_tag(uri: str, run_id: str, key: str) -> None:
+    """Remove tag `key` from the run if it has it."""
+    mlflow_client = client(uri)
+    if key in mlflow_client.get_run(run_id).data.tags:
+        mlflow_client.delete_tag(run_id, key)
+
+
 def start_run(
     uri: str,
     *,

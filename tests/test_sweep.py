@@ -140,6 +140,7 @@ def test_interrupted_sweep_restores_without_rerunning_finished_trials(ray_sessio
     assert attempts == {done_first: 1, errored_first: 2}  # the finished trial did not run again
     children = _child_runs(mlflow_uri, first.parent_run_id)
     assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)  # the retry reused its run
+    assert not any("ray_dpo.error" in r.data.tags for r in children)  # the failed attempt's reason went with it
     assert load_config(second.best_config_path).train.max_steps == 4
 
 
