@@ -1,11 +1,14 @@
-"""Attention kernels on this CPU: PyTorch SDPA vs the explicit matmul path `ray_dpo.model.attend` takes for bf16.
+"""Attention kernels on this CPU: PyTorch SDPA vs the tiled matmul path `ray_dpo.model.attend` takes for bf16.
 
     python benchmarks/attention.py [--repeats 15] [--out benchmarks/results/attention.json]
     python benchmarks/attention.py --smoke --out /tmp/attention.json   # short rows, 1 repeat: seconds, for tests
 
 Causal self-attention, forward + backward, 4 heads of 64, batch chosen so every shape holds ~4k query tokens
-(the DPO benchmark's 2 x 8 rows of 255). Where `attend` switches to SDPA (MATMUL_ATTENTION_MAX_KEYS) should sit
-below the key length at which the matmul path stops winning in bf16. Medians of interleaved repeats.
+(the DPO benchmark's 2 x 8 rows of 255). "untiled": `matmul_attention` (two matmuls and a softmax over all
+(N, N) scores); "tiled": `tiled_attention` over `causal_tiles` (query tiles that skip the keys the causal mask
+hides), both forced for every dtype and length; "attend": what the model runs. Where `attend` switches to SDPA
+(MATMUL_ATTENTION_MAX_KEYS) should sit below the key length at which the tiled path stops winning in bf16. Medians
+of interleaved repeats.
 """
 
 from __future__ import annotations
@@ -22,7 +25,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, setup, write_json  # noqa: E402
 
-from ray_dpo.model import MATMUL_ATTENTION_MAX_KEYS, attend, matmul_attention  # noqa: E402
+from ray_dpo.model import (  # noqa: E402
+    MATMUL_ATTENTION_MAX_KEYS,
+    attend,
+    causal_tiles,
+    matmul_attention,
+    tiled_attention,
+)
 
 
 def main() -> None:
@@ -32,13 +41,14 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="two short key lengths, 1 repeat, 1 thread: checks it runs")
     ap.add_argument("--out", default="benchmarks/results/attention.json")
     args = ap.parse_args()
-    key_lengths, query_tokens = (256, 512, 768, 1024, 2048), 4096
+    key_lengths, query_tokens = (256, 512, 768, 1024, 1536, 2048), 4096
     if args.smoke:
         key_lengths, query_tokens, args.repeats, args.threads = (64, 128), 256, 1, 1
     env = setup(args.threads)
     kernels = {
         "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-        "matmul": lambda q, k, v: matmul_attention(q, k, v, None, True, 0.0),  # forced, for every dtype and length
+        "untiled": lambda q, k, v: matmul_attention(q, k, v, None, True, 0.0),  # forced, for every dtype and length
+        "tiled": lambda q, k, v: tiled_attention(q, k, v, causal_tiles(q.shape[-2], q.dtype, q.device)),
         "attend": lambda q, k, v: attend(q, k, v, None, True, 0.0),  # what the model runs
     }
     rows = []
@@ -63,9 +73,10 @@ def main() -> None:
                     keys=keys,
                     batch=batch,
                     sdpa_ms=ms["sdpa"],
-                    matmul_ms=ms["matmul"],
+                    untiled_ms=ms["untiled"],
+                    tiled_ms=ms["tiled"],
                     attend_ms=ms["attend"],
-                    matmul_speedup=ms["sdpa"] / ms["matmul"],
+                    tiled_speedup=ms["sdpa"] / ms["tiled"],
                 )
             )
     columns = [
@@ -73,9 +84,10 @@ def main() -> None:
         ("keys", "keys", "d"),
         ("batch", "batch", "d"),
         ("sdpa_ms", "SDPA fwd+bwd (ms)", ".1f"),
-        ("matmul_ms", "matmul path (ms)", ".1f"),
+        ("untiled_ms", "untiled matmuls (ms)", ".1f"),
+        ("tiled_ms", "tiled (ms)", ".1f"),
         ("attend_ms", "attend (ms)", ".1f"),
-        ("matmul_speedup", "SDPA / matmul", ".2f"),
+        ("tiled_speedup", "SDPA / tiled", ".2f"),
     ]
     title = f"causal attention fwd+bwd, 4 heads x 64, ~{query_tokens} query tokens, {env['threads']} threads"
     print_table(

@@ -23,8 +23,10 @@ precision; process CPU seconds per step (all threads; robust to time-slicing, no
 wait for a core); the load average before and after.
 
 FLOPs are counted as executed (PaLM appendix B): 2 x matmul weights per token each layer is fed (the output
-projection only where it runs: every position for x-transformers, scored tokens for ours), plus 4 x depth x dim per
-(query, key) pair attention multiplies (no causal discount, as PaLM / nanoGPT). A step = policy forward + backward
+projection only where it runs: every position for x-transformers, scored tokens for ours; our last block's output
+projection and feed-forward only from the first scored position on, `hidden_from`), plus 4 x depth x dim per
+(query, key) pair attention multiplies (no causal discount, as PaLM / nanoGPT: our bf16 attention tiles, which skip
+the key blocks a causal mask hides, execute fewer than that). A step = policy forward + backward
 (3 x forward) + reference forward (1 x). MFU = those FLOPs / median step time / the fastest matmul of that dtype
 measured in the same run (fp32: the faster of torch.matmul, which is MKL, and oneDNN; bf16: torch.matmul = oneDNN).
 tokens/s counts each pair's real tokens with the prompt in both sequences, no pads: sum(2 p + c + r) per step, the
@@ -117,19 +119,22 @@ def pair_tokens(batch: dict) -> int:
 # --- FLOPs --------------------------------------------------------------------------------------------------------
 
 
-def linear_weights(model: nn.Module, head: nn.Linear) -> tuple[int, int]:
-    """(matmul weights of the body, of the output projection): every nn.Linear once (tied weights once)."""
-    weights = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)}
-    return sum(weights.values()) - head.weight.numel(), head.weight.numel()
+def linear_weights(model: nn.Module, head: nn.Linear, tail: nn.Module | None = None) -> tuple[int, int, int]:
+    """(matmul weights of the body, of the output projection, of `tail`: the modules of the last block that run only
+    from the first scored position on): every nn.Linear once (tied weights once)."""
+    linears = lambda module: {id(m.weight): m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear)}
+    body = sum(linears(model).values()) - head.weight.numel()
+    return body, head.weight.numel(), 0 if tail is None else sum(linears(tail).values())
 
 
-def step_flops(batch: dict, *, body: int, head: int, depth: int, dim: int, layout: str) -> float:
+def step_flops(batch: dict, *, body: int, head: int, tail: int, depth: int, dim: int, layout: str) -> float:
     """Executed FLOPs of one DPO step (policy 3 x forward + reference 1 x) for a `layout`:
 
     "packed": ours with prefix sharing (`dpo.pack_pairs`): B rows of split + W tokens, split^2 + W (P + W) pairs
     each (split = max(p + longer response), W = max(shorter response), P = max(p)), head on scored tokens only.
     "concatenated": 2B rows of N - 1 tokens, (N - 1)^2 pairs each, head on scored tokens only (ours).
     "full_logits": as "concatenated", head on every position (x-transformers).
+    Ours ("packed", "concatenated"): the `tail` weights skip each row's positions before the first scored one.
     """
     rows, n = batch["chosen"].shape
     lengths = [batch[k] for k in ("prompt_len", "chosen_len", "rejected_len")]
@@ -142,7 +147,12 @@ def step_flops(batch: dict, *, body: int, head: int, depth: int, dim: int, layou
     else:
         tokens, pairs = 2 * rows * (n - 1), 2 * rows * (n - 1) ** 2
     head_tokens = tokens if layout == "full_logits" else scored
-    forward = 2 * body * tokens + 2 * head * head_tokens + 4 * depth * dim * pairs
+    skipped = 0  # rows x positions before the first scored one (`hidden_from` in `logps.scored_logps`)
+    if layout == "packed":
+        skipped = rows * int(packed.last_prompt.min())
+    elif layout == "concatenated":
+        skipped = 2 * rows * max(int(lengths[0].min()) - 1, 0)
+    forward = 2 * body * tokens - 2 * tail * skipped + 2 * head * head_tokens + 4 * depth * dim * pairs
     return 4 * forward
 
 
@@ -321,10 +331,13 @@ def workload(
     config = ModelConfig(vocab_size=vocab, max_seq_len=seq, dim=c["dim"], depth=c["depth"], heads=c["heads"])
     ours_model = TransformerLM(config)
     xt_model = xtransformers_model(c, vocab, seq)
-    ours_w = linear_weights(ours_model, ours_model.to_logits)
+    last = ours_model.blocks[-1]
+    ours_w = linear_weights(ours_model, ours_model.to_logits, nn.ModuleList([last.attn.to_out, last.ff]))
     xt_w = linear_weights(xt_model, xt_model.to_logits)
     flops = lambda weights, layout: (
-        lambda b: step_flops(b, body=weights[0], head=weights[1], depth=c["depth"], dim=c["dim"], layout=layout)
+        lambda b: step_flops(
+            b, body=weights[0], head=weights[1], tail=weights[2], depth=c["depth"], dim=c["dim"], layout=layout
+        )
     )
     entries = []
     for dtype in ("fp32", "bf16"):

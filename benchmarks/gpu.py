@@ -167,7 +167,7 @@ def main() -> None:
     peak = matmul_peak(torch.bfloat16, size=8192 if device.type == "cuda" else 512, device=device)["flops"]
     datasheet = next((v for k, v in DATASHEET_BF16_DENSE.items() if k in name), None)
     batch = {k: v.to(device) for k, v in synthetic_batch(batch_size, seq, prompt, policy.config.vocab_size).items()}
-    body, head = linear_weights(policy, policy.lm_head)
+    body, head, _ = linear_weights(policy, policy.lm_head)
     c = policy.config
     rows = []
     for kind in ("plain", "chunked", "chunked + prefix sharing"):
@@ -181,7 +181,9 @@ def main() -> None:
             base = torch.cuda.memory_allocated(device)
         stats = summarize(time_fn(lambda step=step: step(batch), warmup=1, repeats=steps))
         layout = {"plain": "full_logits", "chunked": "concatenated"}.get(kind, "packed")
-        flops = step_flops(batch, body=body, head=head, depth=c.num_hidden_layers, dim=c.hidden_size, layout=layout)
+        flops = step_flops(
+            batch, body=body, head=head, tail=0, depth=c.num_hidden_layers, dim=c.hidden_size, layout=layout
+        )
         achieved = flops / stats["median_s"]
         rows.append(
             dict(

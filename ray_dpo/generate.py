@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .model import ONEDNN_LINEAR, KVCache, TransformerLM, attend
+from .model import ONEDNN_LINEAR, KVCache, TransformerLM, attend, rope, rope_tables
 from .tokenizer import ByteTokenizer
 
 Prompts = Tensor | Sequence[Tensor]
@@ -345,8 +345,7 @@ def _step(
     ):
         qkv = _linear(F.rms_norm(x, (dim,), attn_norm, attn_eps), to_qkv)
         qk = qkv[:, : 2 * dim].view(b, 2 * heads, 2 * half)  # q and k heads side by side: one RoPE for both
-        first, second = qk.chunk(2, dim=-1)
-        qk = torch.addcmul(qk * cos, torch.cat((second, first), dim=-1), sin)
+        qk = rope(qk, cos, sin)
         k_cache.index_copy_(2, slot, qk[:, heads:, None])
         v_cache.index_copy_(2, slot, qkv[:, 2 * dim :].view(b, heads, 1, 2 * half))
         k, v = k_cache.narrow(2, 0, span), v_cache.narrow(2, 0, span)
@@ -434,12 +433,9 @@ class _DecodeStep:
         self.cache, self.decode = cache, decode
         self.weights = _decode_weights(model, cache.shape[1], pack=decode == "eager")
         # RoPE as TransformerLM.forward computes it, for every slot at once: (B or 1, L, 1, head_dim)
-        freqs = positions.unsqueeze(-1).float() * model.inv_freq
-        freqs = torch.cat((freqs, freqs), dim=-1).unsqueeze(-2)
-        freqs = freqs if freqs.dim() == 4 else freqs.unsqueeze(0)
-        dtype, half = model.token_emb.weight.dtype, freqs.shape[-1] // 2
-        self.cos, self.sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
-        self.sin[..., :half].neg_()  # rotate_half negates the first half: sign folded in here, not per token
+        cos, sin = rope_tables(positions, model.inv_freq, model.token_emb.weight.dtype)
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+        self.cos, self.sin = (cos, sin) if cos.dim() == 4 else (cos.unsqueeze(0), sin.unsqueeze(0))
         self.key_valid = None if key_valid is None else key_valid[:, None, None, :]  # (B, 1, 1, L)
         self.slots = torch.arange(positions.shape[-1], device=positions.device)
         self.graph: torch.cuda.CUDAGraph | None = None

@@ -224,7 +224,10 @@ def scored_logps(
         logps = logits.gather(1, targets[rows, cols, None]).squeeze(1) - logits.logsumexp(1)
     else:
         if path == "transformer_lm":  # call the outer module: DDP's forward (and gradient sync) and compile stay on
-            hidden = model(tokens, positions=positions, attn_mask=attn_mask, return_hidden=True)
+            # no position before the first scored one needs the last block's queries and feed-forward
+            first = int(src.min()) if len(src) else 0
+            hidden = model(tokens, positions=positions, attn_mask=attn_mask, return_hidden=True, hidden_from=first)
+            src = src - first
             head = _unwrap(model)[0].to_logits
         else:
             body, head = _hf_parts(_unwrap(model)[0])

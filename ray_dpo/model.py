@@ -5,8 +5,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -140,6 +141,34 @@ class Linear(nn.Linear):
         return linear(x, self.weight) if self.bias is None else super().forward(x)
 
 
+class _RMSNormCPU(torch.autograd.Function):
+    """RMSNorm with its backward written out, statistics and gradients in at least fp32: 4 passes forward (the output
+    already in the autocast dtype), 7 backward, where eager `F.rms_norm` runs ~12 kernels on CPU plus the next
+    matmul's cast, and mixed-dtype elementwise ops take TensorIterator's slow casting loop."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> Tensor:
+        acc = torch.promote_types(x.dtype, torch.float32)
+        mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc).square_().div_(x.shape[-1])
+        rstd = mean_square.add_(eps).rsqrt_()
+        normed = x.to(acc) * rstd
+        ctx.save_for_backward(normed, weight, rstd)  # instead of x: the same memory, one pass less in backward
+        ctx.x_dtype = x.dtype
+        return (normed * weight.to(acc)).to(out_dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
+        normed, weight, rstd = ctx.saved_tensors
+        owned = grad.dtype != normed.dtype
+        grad = grad.to(normed.dtype)  # from bf16: a new tensor, ours to modify; else the caller's: left as it is
+        grad_weight = (grad * normed).reshape(-1, normed.shape[-1]).sum(0)
+        grad_normed = grad.mul_(weight) if owned else grad * weight
+        dot = torch.linalg.vecdot(grad_normed, normed, dim=-1).unsqueeze(-1).div_(normed.shape[-1])
+        grad_x = torch.addcmul(grad_normed.mul_(rstd), normed, dot.mul_(rstd), value=-1)
+        return grad_x.to(ctx.x_dtype), grad_weight.to(weight.dtype), None, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -147,15 +176,79 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        if x.device.type != "cpu" or torch.compiler.is_compiling():  # fused there (CUDA kernel, Inductor)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        out_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        return _RMSNormCPU.apply(x, self.weight, self.eps, out_dtype)
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def rope_tables(positions: Tensor, inv_freq: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """RoPE's cos and sin at `positions`: (...) -> (..., head_dim) in `dtype`, with rotate_half's sign folded into
+    sin's first half, so `rope` is one multiply, one concatenation and one fused multiply-add."""
+    freqs = positions.unsqueeze(-1).float() * inv_freq
+    freqs = torch.cat((freqs, freqs), dim=-1)
+    sin = freqs.sin()
+    sin[..., : sin.shape[-1] // 2].neg_()
+    return freqs.cos().to(dtype), sin.to(dtype)
 
 
-MATMUL_ATTENTION_MAX_KEYS = 768  # CPU bf16: the matmul path wins up to here (benchmarks/attention.py)
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x * cos + rotate_half(x) * sin, with `rope_tables`' signed sin."""
+    first, second = x.chunk(2, dim=-1)
+    return torch.addcmul(cos * x, torch.cat((second, first), dim=-1), sin)
+
+
+class _RotaryQKV(torch.autograd.Function):
+    """(B, N, 3 * dim) projection -> q and k rotated (one (2, B, H, N, D) buffer), v (a view of the projection).
+
+    Backward writes the projection's gradient into one buffer, where autograd would add up three zero-padded
+    slices of it; RoPE's backward is RoPE with -sin (a rotation's transpose)."""
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, cos: Tensor, sin: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
+        q, k = rope(_qk_heads(qkv, heads), cos, sin)
+        ctx.save_for_backward(cos, sin)
+        ctx.heads = heads
+        return q, k, _v_heads(qkv, heads)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_q: Tensor, grad_k: Tensor, grad_v: Tensor) -> tuple[Tensor, None, None, None]:
+        cos, sin = ctx.saved_tensors
+        b, h, n, d = grad_q.shape
+        grad_qkv = grad_q.new_empty(b, n, 3 * h * d)
+        for grad, into in zip((grad_q, grad_k), _qk_heads(grad_qkv, h), strict=True):
+            first, second = grad.chunk(2, dim=-1)
+            torch.addcmul(cos * grad, torch.cat((second, first), dim=-1), sin, value=-1, out=into)
+        _v_heads(grad_qkv, h).copy_(grad_v)
+        return grad_qkv, None, None, None
+
+
+def _qk_heads(qkv: Tensor, heads: int) -> Tensor:
+    return rearrange(qkv[..., : qkv.shape[-1] * 2 // 3], "b n (two h d) -> two b h n d", two=2, h=heads)
+
+
+def _v_heads(qkv: Tensor, heads: int) -> Tensor:
+    return rearrange(qkv[..., qkv.shape[-1] * 2 // 3 :], "b n (h d) -> b h n d", h=heads)
+
+
+def rotary_qkv(qkv: Tensor, cos: Tensor, sin: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k (rotated by RoPE), v as (B, H, N, D) from the fused (B, N, 3 * dim) projection."""
+    if torch.compiler.is_compiling():
+        # Inductor fuses the plain expression. q and k each in a buffer of its own: with dynamic shapes, Inductor
+        # (torch 2.13) saves views of a shared buffer with the strides of the first length it traced.
+        q, k = (rope(x, cos, sin) for x in _qk_heads(qkv, heads))
+        return q, k, _v_heads(qkv, heads)
+    return _RotaryQKV.apply(qkv, cos, sin, heads)
+
+
+MATMUL_ATTENTION_MAX_KEYS = 1024  # CPU bf16: the matmul path wins up to here (benchmarks/attention.py)
+CAUSAL_SPLIT_MIN = 128  # `causal_tiles` halves a query tile while it has at least this many rows
+
+
+def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """bool (True = may attend) -> 0 / -inf in `dtype`: added to the scores, it masks for free in backward."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -math.inf)
 
 
 @dataclass
@@ -170,6 +263,30 @@ class SharedPrefixMask:
     split: int
     prompt_keys: int
     second_mask: Tensor  # (B, 1, columns after split, prompt_keys + columns after split) bool, True = may attend
+    _biases: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def second_bias(self, dtype: torch.dtype, heads: int) -> Tensor:
+        """`second_mask` as the matmul path's additive (B, heads, ...) bias: built once per batch, for every layer of
+        the policy and the reference (not cached while compiling: Inductor fuses it into the scores)."""
+        if torch.compiler.is_compiling():
+            return additive_mask(self.second_mask, dtype)
+        if (dtype, heads) not in self._biases:
+            bias = additive_mask(self.second_mask, dtype).expand(-1, heads, -1, -1).contiguous()
+            self._biases[dtype, heads] = bias
+        return self._biases[dtype, heads]
+
+    def tiles(self, dtype: torch.dtype, heads: int) -> list[AttentionTile]:
+        """This attention as `tiled_attention` tiles: the first block causal (`causal_tiles`); the second block's
+        queries over [prompt keys, their own keys], in two halves once it has CAUSAL_SPLIT_MIN rows (the top half
+        never sees the bottom half's keys)."""
+        width, prompt, split = self.second_mask.shape[-2], self.prompt_keys, self.split
+        bias = self.second_bias(dtype, heads).flatten(0, 1)
+        halves = ((0, width // 2), (width // 2, width)) if width >= CAUSAL_SPLIT_MIN else ((0, width),)
+        second = [
+            AttentionTile(split + a, split + b, ((0, prompt), (split, split + b)), bias[:, a:b, : prompt + b])
+            for a, b in halves
+        ]
+        return causal_tiles(split, dtype, bias.device) + second
 
     def dense(self) -> Tensor:
         """The same attention as one (B, 1, L, L) bool mask (True = may attend): for models that take a 4-D mask
@@ -183,40 +300,174 @@ class SharedPrefixMask:
         return mask
 
 
-def attend(
-    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | SharedPrefixMask | None, is_causal: bool, dropout_p: float
-) -> Tensor:
-    """Softmax attention of (B, H, N, D) queries over (B, H, keys, D); a tensor `attn_mask` is bool, True = may attend.
+def uses_matmul_attention(q: Tensor, keys: int) -> bool:
+    """bf16 on CPU over at most MATMUL_ATTENTION_MAX_KEYS keys: two bf16 matmuls and a softmax run forward +
+    backward 1.1-2.9x faster there than PyTorch's CPU flash kernel (benchmarks/attention.py)."""
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and keys <= MATMUL_ATTENTION_MAX_KEYS
 
-    SDPA, except for bf16 on CPU with at most MATMUL_ATTENTION_MAX_KEYS keys: there two bf16 matmuls and a softmax
-    run forward + backward 1.1-2.9x faster than PyTorch's CPU flash kernel (benchmarks/attention.py), and the
-    (N, keys) score matrix is small enough to keep.
+
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | SharedPrefixMask | None,
+    is_causal: bool,
+    dropout_p: float,
+    queries_from: int = 0,
+) -> Tensor:
+    """Softmax attention of (B, H, N, D) queries over (B, H, keys, D); a tensor `attn_mask` is bool (True = may
+    attend) or an additive float bias. Returns the output rows from `queries_from` on.
+
+    Where `uses_matmul_attention`: causal self-attention and packed prefix-sharing rows run as `tiled_attention`
+    (eager, without dropout; the queries before `queries_from` are skipped), other masks as `matmul_attention`;
+    elsewhere SDPA.
     """
-    if isinstance(attn_mask, SharedPrefixMask):
+    packed = isinstance(attn_mask, SharedPrefixMask)
+    keys = max(attn_mask.split, attn_mask.prompt_keys + q.shape[-2] - attn_mask.split) if packed else k.shape[-2]
+    matmul = uses_matmul_attention(q, keys)
+    tiled = matmul and dropout_p == 0 and not torch.compiler.is_compiling()
+    if packed and tiled:
+        return tiled_attention(q, k, v, attn_mask.tiles(q.dtype, q.shape[1]), queries_from)
+    if tiled and is_causal and q.shape[-2] == k.shape[-2]:
+        return tiled_attention(q, k, v, causal_tiles(q.shape[-2], q.dtype, q.device), queries_from)
+    if packed:  # two dense blocks
         split, prompt = attn_mask.split, attn_mask.prompt_keys
         # Compiled with dynamic shapes, Inductor (torch 2.13) saves these slices for backward with the strides of
         # the row width it traced, and the next width fails its stride check: there each block gets its own buffer.
         own = (lambda x: x.contiguous()) if torch.compiler.is_compiling() else (lambda x: x)
-        first = attend(own(q[..., :split, :]), own(k[..., :split, :]), own(v[..., :split, :]), None, True, dropout_p)
-        keys = lambda x: torch.cat((x[..., :prompt, :], x[..., split:, :]), dim=-2)  # a new buffer already
-        second = attend(own(q[..., split:, :]), keys(k), keys(v), attn_mask.second_mask, False, dropout_p)
-        return torch.cat((first, second), dim=-2)
-    cpu_bf16 = q.device.type == "cpu" and q.dtype == torch.bfloat16
-    if cpu_bf16 and k.shape[-2] <= MATMUL_ATTENTION_MAX_KEYS:
-        return matmul_attention(q, k, v, attn_mask, is_causal, dropout_p)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p)
+        # split, not sliced: backward concatenates the blocks' gradients instead of adding zero-padded copies
+        (q1, q2), (k1, k2), (v1, v2) = (x.split((split, x.shape[-2] - split), dim=-2) for x in (q, k, v))
+        first = attend(own(q1), own(k1), own(v1), None, True, dropout_p)
+        second_mask = attn_mask.second_bias(q.dtype, q.shape[1]) if matmul else attn_mask.second_mask
+        keys = lambda first, second: torch.cat((first[..., :prompt, :], second), dim=-2)  # a new buffer already
+        second = attend(own(q2), keys(k1, k2), keys(v1, v2), second_mask, False, dropout_p)
+        # both blocks into one (B, N, H, D) buffer: the caller's "b h n d -> b n (h d)" is then a view, not a copy
+        out = torch.cat((first.transpose(1, 2), second.transpose(1, 2)), dim=1).transpose(1, 2)
+    elif matmul:
+        out = matmul_attention(q, k, v, attn_mask, is_causal, dropout_p)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p)
+    return out[..., queries_from:, :]
 
 
 def matmul_attention(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool, dropout_p: float
 ) -> Tensor:
-    """Attention as two matmuls and a softmax over the full (N, keys) scores: SDPA's math, in the input dtype."""
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+    """Attention as two matmuls and a softmax over the full (N, keys) scores: SDPA's math, in the input dtype.
+
+    A mask shared by all rows and heads, or one per (row, head), goes into the scores matmul itself (`baddbmm`:
+    scale, matmul and mask in one kernel); a per-row mask is broadcast over heads in a separate add.
+    """
+    n, keys, d = q.shape[-2], k.shape[-2], q.shape[-1]
     if is_causal:
-        attn_mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
-    if attn_mask is not None:  # an additive bias, in place: 4x faster than masked_fill and free in backward
-        scores += torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~attn_mask, -math.inf)
+        attn_mask = torch.ones(n, keys, dtype=torch.bool, device=q.device).tril()
+    bias = q.new_zeros(()) if attn_mask is None else attn_mask
+    bias = additive_mask(bias, q.dtype) if bias.dtype == torch.bool else bias
+    if bias.dim() <= 2 or bias.shape[:-2] == q.shape[:-2]:
+        bias = bias if bias.dim() <= 2 else bias.reshape(-1, n, keys)
+        q3, k3 = q.reshape(-1, n, d), k.reshape(-1, keys, d)
+        scores = torch.baddbmm(bias, q3, k3.transpose(1, 2), alpha=d**-0.5).view(*q.shape[:-2], n, keys)
+    else:
+        scores = ((q * d**-0.5) @ k.transpose(-1, -2)).add_(bias)
     return F.dropout(scores.softmax(-1), dropout_p) @ v
+
+
+# --- tiled attention: skip the key blocks a causal mask hides -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttentionTile:
+    """Queries [start, end) over the keys in `key_ranges` (concatenated in that order), masked by the additive
+    `bias`, broadcastable to (B * H, end - start, keys)."""
+
+    start: int
+    end: int
+    key_ranges: tuple[tuple[int, int], ...]
+    bias: Tensor
+
+
+@functools.lru_cache(maxsize=64)
+def _causal_bias(start: int, end: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return additive_mask(torch.ones(end - start, end, dtype=torch.bool, device=device).tril(start), dtype)
+
+
+def causal_tiles(n: int, dtype: torch.dtype, device: torch.device) -> list[AttentionTile]:
+    """Causal self-attention over n positions as query tiles, rows [start, end) over keys [0, end): the keys after a
+    tile's last query are never multiplied. Halved from the bottom up while a tile has CAUSAL_SPLIT_MIN rows: at
+    n = 256, tiles of 64, 64 and 128 rows compute 69% of the (n, n) scores."""
+    tiles, end = [], n
+    while end:
+        start = end // 2 if end >= CAUSAL_SPLIT_MIN else 0
+        tiles.insert(0, AttentionTile(start, end, ((0, end),), _causal_bias(start, end, dtype, device)))
+        end = start
+    return tiles
+
+
+def _from_row(tiles: list[AttentionTile], row: int) -> list[AttentionTile]:
+    """The tiles' queries from `row` on: earlier tiles dropped, the one holding `row` cut (its bias too)."""
+    kept = [tile for tile in tiles if tile.end > row]
+    first = kept[0]
+    if first.start < row:
+        bias = first.bias[..., row - first.start :, :] if first.bias.dim() >= 2 else first.bias
+        kept[0] = AttentionTile(row, first.end, first.key_ranges, bias)
+    return kept
+
+
+def _tile_keys(x: Tensor, tile: AttentionTile) -> Tensor:
+    """(B * H, keys, D) rows of `x` a tile attends to: a view for one range, a (small) copy for several."""
+    ranges = [x[:, start:end] for start, end in tile.key_ranges]
+    return ranges[0] if len(ranges) == 1 else torch.cat(ranges, dim=1)
+
+
+class _TiledAttention(torch.autograd.Function):
+    """Matmul attention tile by tile, written out: each tile's softmax saved for backward, and the key and value
+    gradients accumulated in place, where autograd over the same tiles adds zero-padded slices and concatenations."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, tiles: list[AttentionTile]) -> Tensor:
+        b, h, n, d = q.shape
+        q3, k3, v3 = (x.reshape(b * h, x.shape[-2], d) for x in (q, k, v))
+        ctx.queries = n
+        probs, outs = [], []
+        for tile in tiles:
+            keys = _tile_keys(k3, tile).transpose(1, 2)
+            scores = torch.baddbmm(tile.bias, q3[:, tile.start : tile.end], keys, alpha=d**-0.5)
+            probs.append(scores.softmax(-1))
+            outs.append(torch.bmm(probs[-1], _tile_keys(v3, tile)).view(b, h, -1, d).transpose(1, 2))
+        ctx.save_for_backward(q3, k3, v3, *probs)
+        ctx.tiles = tiles
+        # one (B, N, H, D) buffer: the caller's "b h n d -> b n (h d)" is then a view, not a copy
+        return torch.cat(outs, dim=1).transpose(1, 2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
+        q3, k3, v3, *probs = ctx.saved_tensors
+        b, h, rows_out, d = grad.shape  # output rows: from the first tile's start on
+        first = ctx.tiles[0].start
+        grad3 = grad.reshape(b * h, rows_out, d)
+        grad_q = [q3.new_zeros(b * h, first, d)] if first else []  # skipped queries
+        grad_k, grad_v = torch.zeros_like(k3), torch.zeros_like(v3)
+        for tile, prob in zip(ctx.tiles, probs, strict=True):
+            rows, queries = grad3[:, tile.start - first : tile.end - first], q3[:, tile.start : tile.end]
+            grad_probs = torch.bmm(rows, _tile_keys(v3, tile).transpose(1, 2))
+            grad_scores = torch._softmax_backward_data(grad_probs, prob, -1, prob.dtype)
+            grad_q.append(torch.bmm(grad_scores, _tile_keys(k3, tile)).mul_(d**-0.5))
+            tile_grad_k = torch.bmm(grad_scores.transpose(1, 2), queries).mul_(d**-0.5)
+            tile_grad_v = torch.bmm(prob.transpose(1, 2), rows)
+            offset = 0
+            for start, end in tile.key_ranges:
+                grad_k[:, start:end] += tile_grad_k[:, offset : offset + end - start]
+                grad_v[:, start:end] += tile_grad_v[:, offset : offset + end - start]
+                offset += end - start
+        unflatten = lambda x: x.view(b, h, -1, d)
+        return unflatten(torch.cat(grad_q, dim=1)), unflatten(grad_k), unflatten(grad_v), None
+
+
+def tiled_attention(q: Tensor, k: Tensor, v: Tensor, tiles: list[AttentionTile], queries_from: int = 0) -> Tensor:
+    """(B, H, N - queries_from, D): attention tile by tile (`AttentionTile`s covering the query rows in order), for
+    the queries from `queries_from` on."""
+    return _TiledAttention.apply(q, k, v, _from_row(tiles, queries_from) if queries_from else tiles)
 
 
 class Attention(nn.Module):
@@ -234,14 +485,44 @@ class Attention(nn.Module):
         attn_mask: Tensor | SharedPrefixMask | None,
         is_causal: bool,
         cache: KVCache | None,
+        queries_from: int = 0,
     ) -> Tensor:
-        q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # under bf16 autocast, fp32 tables would promote q, k back
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        q, k, v = rotary_qkv(self.to_qkv(x), cos, sin, self.heads)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        out = attend(q, k, v, attn_mask, is_causal, dropout_p=self.dropout if self.training else 0.0)
+        out = attend(q, k, v, attn_mask, is_causal, self.dropout if self.training else 0.0, queries_from)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up of the (..., 2 * hidden) projection; backward writes both halves of the projection's gradient
+    into one buffer, where autograd would concatenate them."""
+
+    @staticmethod
+    def forward(ctx, gate_up: Tensor) -> Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        activated = F.silu(gate)
+        ctx.save_for_backward(gate_up, activated)
+        return activated * up
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> Tensor:
+        gate_up, activated = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        grad_gate_up = torch.empty_like(gate_up)
+        grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
+        torch.mul(grad, activated, out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
+        return grad_gate_up
+
+
+def swiglu(gate_up: Tensor) -> Tensor:
+    """silu(gate) * up; compiled, the plain expression (Inductor fuses it)."""
+    if torch.compiler.is_compiling():
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return _SwiGLU.apply(gate_up)
 
 
 class FeedForward(nn.Module):
@@ -253,8 +534,7 @@ class FeedForward(nn.Module):
         self.to_out = Linear(config.ff_hidden, config.dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.to_gate_up(x).chunk(2, dim=-1)
-        return self.to_out(F.silu(gate) * up)
+        return self.to_out(swiglu(self.to_gate_up(x)))
 
 
 class Block(nn.Module):
@@ -264,8 +544,10 @@ class Block(nn.Module):
         self.ff_norm, self.ff = RMSNorm(config.dim), FeedForward(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask, is_causal, cache) -> Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, attn_mask, is_causal, cache))
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask, is_causal, cache, rows_from: int = 0) -> Tensor:
+        """The block's output rows from `rows_from` on (the earlier rows still give their keys and values)."""
+        attended = self.attn(self.attn_norm(x), cos, sin, attn_mask, is_causal, cache, rows_from)
+        x = x[:, rows_from:] + self.dropout(attended)
         return x + self.dropout(self.ff(self.ff_norm(x)))
 
 
@@ -303,6 +585,7 @@ class TransformerLM(nn.Module):
         attn_mask: Tensor | SharedPrefixMask | None = None,
         cache: KVCache | None = None,
         return_hidden: bool = False,
+        hidden_from: int = 0,
     ) -> Tensor:
         """Logits for `tokens` (B, N).
 
@@ -313,33 +596,39 @@ class TransformerLM(nn.Module):
         cache: a `KVCache`; the new keys/values are appended and `cache.length` advances by N.
         return_hidden: return the final-normed hidden states (B, N, dim) instead of logits, so a caller can run the
             output projection only where it needs it (`logps.scored_logps`).
+        hidden_from: with `return_hidden`, return rows [hidden_from, N) only: the last block then runs attention
+            queries, output projection and feed-forward only there (a caller that scores no earlier position).
         """
         if cache is not None and isinstance(attn_mask, SharedPrefixMask):
             raise ValueError("a SharedPrefixMask (packed prefix-sharing rows) cannot be used with a KV cache")
+        if hidden_from and (not return_hidden or cache is not None):
+            raise ValueError("hidden_from needs return_hidden=True and no KV cache")
         offset = cache.length if cache is not None else 0
         n = tokens.shape[1]
         if positions is None:
             positions = torch.arange(offset, offset + n, device=tokens.device)
-        # computed per call, not looked up in a table: any position works (packed prefix-sharing rows, long caches)
-        freqs = positions.unsqueeze(-1).float() * self.inv_freq
-        freqs = torch.cat((freqs, freqs), dim=-1)
-        if freqs.dim() == 3:  # per-row positions: (B, N, D) -> (B, 1, N, D) to broadcast over heads
-            freqs = freqs.unsqueeze(1)
-        cos, sin = freqs.cos(), freqs.sin()
+        # computed per call, not looked up in a table: any position works (packed prefix-sharing rows, long caches);
+        # in the dtype q and k come out of their matmul in (fp32 tables would promote them back under autocast)
+        device = tokens.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.token_emb.weight.dtype
+        cos, sin = rope_tables(positions, self.inv_freq, dtype)
+        if cos.dim() == 3:  # per-row positions: (B, N, D) -> (B, 1, N, D) to broadcast over heads
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
 
-        is_causal = attn_mask is None and offset == 0 and n > 1
+        is_causal = attn_mask is None and offset == 0  # a Python bool, also for symbolic lengths (SDPA needs one)
         if attn_mask is None and offset > 0 and n > 1:  # chunk appended to a cache: causal, bottom-right aligned
             attn_mask = torch.ones(n, offset + n, dtype=torch.bool, device=tokens.device).tril(offset)
 
         x = self.token_emb(tokens)
-        for block in self.blocks:
+        for layer, block in enumerate(self.blocks):
+            rows_from = hidden_from if layer == len(self.blocks) - 1 else 0
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 # activations recomputed in backward: memory per block instead of per op
                 x = torch.utils.checkpoint.checkpoint(
-                    block, x, cos, sin, attn_mask, is_causal, cache, use_reentrant=False
+                    block, x, cos, sin, attn_mask, is_causal, cache, rows_from, use_reentrant=False
                 )
             else:
-                x = block(x, cos, sin, attn_mask, is_causal, cache)
+                x = block(x, cos, sin, attn_mask, is_causal, cache, rows_from)
         if cache is not None:
             cache.length += n
         return self.norm(x) if return_hidden else self.to_logits(self.norm(x))

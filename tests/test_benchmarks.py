@@ -86,7 +86,7 @@ def test_attention_benchmark_smoke(tmp_path):
         (dtype, keys) for dtype in ("float32", "bfloat16") for keys in (64, 128)
     }
     for row in result["rows"]:
-        assert row["sdpa_ms"] > 0 and row["matmul_ms"] > 0 and row["attend_ms"] > 0 and row["matmul_speedup"] > 0
+        assert min(row[k] for k in ("sdpa_ms", "untiled_ms", "tiled_ms", "attend_ms", "tiled_speedup")) > 0
 
 
 def test_memory_benchmark_smoke(tmp_path):

@@ -1,9 +1,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 import ray_dpo.model as model_lib
-from ray_dpo.model import ModelConfig, TransformerLM, attend, matmul_attention
+from ray_dpo.model import ModelConfig, TransformerLM, attend, matmul_attention, rope_tables, rotary_qkv
 
 CONFIG = ModelConfig(vocab_size=50, max_seq_len=64, dim=32, depth=2, heads=4)
 
@@ -79,16 +80,20 @@ def test_bad_head_split_is_a_clear_error():
         ModelConfig(dim=30, heads=4)
 
 
-@pytest.mark.parametrize("kind", ["causal", "mask", "cache"])
+@pytest.mark.parametrize("kind", ["causal", "long_causal", "mask", "per_head", "cache"])
 def test_cpu_bf16_matmul_attention_matches_float64_sdpa(kind):
     """bf16 on CPU takes the matmul path: outputs and gradients match SDPA in float64 to bf16 precision."""
     g = torch.Generator().manual_seed(0)
-    queries, keys = (8, 24) if kind == "cache" else (24, 24)
+    queries, keys = {"cache": (8, 24), "long_causal": (300, 300)}.get(kind, (24, 24))  # 300: causal_tiles
     q, k, v = (torch.randn(2, 3, n, 16, generator=g).bfloat16() for n in (queries, keys, keys))
-    mask, is_causal = None, kind == "causal"
+    mask, is_causal = None, kind in ("causal", "long_causal")
     if kind == "mask":  # causal minus a padded key of row 1
         mask = torch.ones(2, 1, keys, keys, dtype=torch.bool).tril()
         mask[1, :, 5:, 3] = False
+    if kind == "per_head":  # one mask per (row, head): added inside the scores matmul (baddbmm)
+        mask = torch.ones(2, 3, keys, keys, dtype=torch.bool).tril()
+        mask[0, 1, 10:, 2] = False
+        mask[1, 2, 7:, 4:6] = False
     if kind == "cache":  # 8 new queries after 16 cached keys: bottom-right causal
         mask = torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries)
     grad_out = torch.randn(2, 3, queries, 16, generator=g)
@@ -98,10 +103,85 @@ def test_cpu_bf16_matmul_attention_matches_float64_sdpa(kind):
         out = attend(*leaves, mask, is_causal, 0.0)
         out.backward(grad_out.to(dtype))
         results.append([out.double()] + [x.grad.double() for x in leaves])
+        if dtype == torch.bfloat16:
+            bf16_path = type(out.grad_fn).__name__
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)
     assert (results[0][0] - results[1][0]).abs().max() > 0  # bf16 really ran in bf16 (not upcast)
-    assert torch.equal(attend(q, k, v, mask, is_causal, 0.0), matmul_attention(q, k, v, mask, is_causal, 0.0))
+    if is_causal:  # causal self-attention: tile by tile (`causal_tiles`: 75 / 75 / 150 rows at 300)
+        assert bf16_path == "_TiledAttentionBackward"
+    else:
+        assert torch.equal(attend(q, k, v, mask, is_causal, 0.0), matmul_attention(q, k, v, mask, is_causal, 0.0))
+
+
+def test_cpu_rms_norm_equals_f_rms_norm_in_float64():
+    """RMSNorm's written-out CPU backward: output and both gradients equal `F.rms_norm`'s autograd in float64
+    (fp32 to 1e-5); under bf16 autocast it hands the next matmul bf16 directly."""
+    g = torch.Generator().manual_seed(0)
+    x, grad = torch.randn(3, 5, 32, generator=g) * 3, torch.randn(3, 5, 32, generator=g)
+    weight = torch.rand(32, generator=g) + 0.5
+    want_x, want_w = x.double().requires_grad_(), weight.double().requires_grad_()
+    want = F.rms_norm(want_x, (32,), want_w, 1e-6)
+    want.backward(grad.double())
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        norm = model_lib.RMSNorm(32).to(dtype)
+        norm.weight.data.copy_(weight)
+        got_x = x.to(dtype).requires_grad_()
+        got = norm(got_x)
+        got.backward(grad.to(dtype))
+        assert type(got.grad_fn).__name__ == "_RMSNormCPUBackward"  # the written-out path ran
+        for ours, reference in ((got, want), (got_x.grad, want_x.grad), (norm.weight.grad, want_w.grad)):
+            torch.testing.assert_close(ours.double(), reference.detach(), atol=tol, rtol=tol)
+    norm = model_lib.RMSNorm(32)
+    norm.weight.data.copy_(weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), want.detach(), atol=0.05, rtol=0.01)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_equals_autograd(dtype):
+    """The SwiGLU Function (one gradient buffer for gate and up) equals autograd through silu(gate) * up."""
+    g = torch.Generator().manual_seed(0)
+    gate_up, grad = torch.randn(4, 6, 32, generator=g).to(dtype), torch.randn(4, 6, 16, generator=g).to(dtype)
+    ours = gate_up.clone().requires_grad_()
+    out = model_lib.swiglu(ours)
+    out.backward(grad)
+    plain = gate_up.clone().requires_grad_()
+    gate, up = plain.chunk(2, dim=-1)
+    want = F.silu(gate) * up
+    want.backward(grad)
+    assert type(out.grad_fn).__name__ == "_SwiGLUBackward"
+    assert torch.equal(out, want) and torch.equal(ours.grad, plain.grad)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_rotary_qkv_equals_textbook_rope_in_float64(per_row):
+    """q, k rotated with signed-sin tables, and the projection's gradient written by RoPE with -sin, equal
+    x * cos + rotate_half(x) * sin through autograd; v passes through."""
+    g = torch.Generator().manual_seed(0)
+    heads, d = 2, 8
+    qkv = torch.randn(3, 5, 3 * heads * d, generator=g, dtype=torch.float64)
+    positions = torch.randint(0, 40, (3, 5), generator=g) if per_row else torch.arange(5)
+    inv_freq = 10_000.0 ** -(torch.arange(0, d, 2, dtype=torch.float64) / d)
+    cos, sin = rope_tables(positions, inv_freq, torch.float64)
+    freqs = positions.unsqueeze(-1).double() * inv_freq
+    textbook_cos, textbook_sin = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()
+    if per_row:  # (B, N, D) -> (B, 1, N, D): broadcast over heads
+        cos, sin, textbook_cos, textbook_sin = (t.unsqueeze(1) for t in (cos, sin, textbook_cos, textbook_sin))
+    ours = qkv.clone().requires_grad_()
+    got = rotary_qkv(ours, cos, sin, heads)
+    plain = qkv.clone().requires_grad_()
+    q, k, v = rearrange(plain, "b n (three h d) -> three b h n d", three=3, h=heads)
+    rotate_half = lambda x: torch.cat((-x[..., d // 2 :], x[..., : d // 2]), dim=-1)
+    want = [x * textbook_cos + rotate_half(x) * textbook_sin for x in (q, k)] + [v]
+    grads = [torch.randn(want[0].shape, generator=g, dtype=torch.float64) for _ in range(3)]
+    torch.autograd.backward(got, grads)
+    torch.autograd.backward(want, grads)
+    for ours_out, want_out in zip(got, want, strict=True):
+        torch.testing.assert_close(ours_out, want_out)
+    torch.testing.assert_close(ours.grad, plain.grad)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
@@ -168,16 +248,18 @@ def test_model_logits_and_grads_equal_without_onednn(monkeypatch):
 
 def test_compiled_model_forward_and_backward_equal_eager():
     """`train.compile`: torch.compile keeps the oneDNN fp32 matmuls (a custom op, no graph break) and gives eager's
-    logits and gradients to 1e-5."""
+    logits and gradients to 1e-5; a second row length recompiles with dynamic shapes and still does."""
     torch.manual_seed(0)
     model = TransformerLM(CONFIG)
-    tokens = torch.randint(0, 50, (3, 12))
-    grad = torch.linspace(-1, 1, 3 * 12 * 50).reshape(3, 12, 50)
-    results = []
-    for forward in (model, torch.compile(model, fullgraph=True)):
-        model.zero_grad(set_to_none=True)
-        logits = forward(tokens)
-        logits.backward(grad)
-        results.append([logits.detach()] + [p.grad.clone() for p in model.parameters()])
-    for eager, compiled in zip(*results, strict=True):
-        torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    compiled = torch.compile(model, fullgraph=True)
+    for length in (12, 9):
+        tokens = torch.randint(0, 50, (3, length))
+        grad = torch.linspace(-1, 1, 3 * length * 50).reshape(3, length, 50)
+        results = []
+        for forward in (model, compiled):
+            model.zero_grad(set_to_none=True)
+            logits = forward(tokens)
+            logits.backward(grad)
+            results.append([logits.detach()] + [p.grad.clone() for p in model.parameters()])
+        for eager, from_compiled in zip(*results, strict=True):
+            torch.testing.assert_close(from_compiled, eager, atol=1e-5, rtol=1e-5)

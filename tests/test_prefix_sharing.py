@@ -73,9 +73,12 @@ def test_pack_layout_on_hand_made_pairs():
     assert mask.second_mask[:, 0, 0].int().tolist() == [[1, 1, 1], [1, 0, 1]]  # row 1's prompt is 1 token
 
 
-def test_shared_prefix_attention_equals_full_mask_attention():
-    """The two-block attention equals plain attention under the equivalent full (L, L) mask."""
-    chosen, rejected, p, c, r = random_pairs(3, batch=5, n=20)
+@pytest.mark.parametrize(("dtype", "n"), [(torch.float64, 20), (torch.bfloat16, 20), (torch.bfloat16, 300)])
+def test_shared_prefix_attention_equals_full_mask_attention(dtype, n):
+    """The packed attention equals plain attention under the equivalent full (L, L) mask, values and gradients: in
+    float64 (two SDPA blocks) and in bf16 on CPU (`tiled_attention`, the mask as a bias built once per batch; at
+    n = 300 both blocks are split into tiles that skip masked keys)."""
+    chosen, rejected, p, c, r = random_pairs(3, batch=5, n=n)
     packed = pack_pairs(chosen, rejected, p, c, r, pad_id=PAD)
     batch, width = packed.tokens.shape
     split = packed.attn_mask.split
@@ -86,10 +89,21 @@ def test_shared_prefix_attention_equals_full_mask_attention():
     full[:, :, split:, :prompt_keys] = packed.attn_mask.second_mask[..., :prompt_keys]
     full[:, :, split:, split:] = packed.attn_mask.second_mask[..., prompt_keys:]
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(batch, 2, width, 8, generator=g, dtype=torch.float64) for _ in range(3))
-    got = attend(q, k, v, packed.attn_mask, False, 0.0)
-    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=full)
-    torch.testing.assert_close(got, want)
+    q, k, v = (torch.randn(batch, 2, width, 8, generator=g, dtype=torch.float64).to(dtype) for _ in range(3))
+    grad = torch.randn(batch, 2, width, 8, generator=g, dtype=torch.float64)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    got = attend(*leaves, packed.attn_mask, False, 0.0)
+    got.backward(grad.to(dtype))
+    want_leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    want = torch.nn.functional.scaled_dot_product_attention(*want_leaves, attn_mask=full)
+    want.backward(grad)
+    tol = dict(atol=0.05, rtol=0.05) if dtype == torch.bfloat16 else {}
+    for ours, reference in zip([got] + [x.grad for x in leaves], [want] + [x.grad for x in want_leaves], strict=True):
+        torch.testing.assert_close(ours.double(), reference.detach(), **tol)
+    assert bool(packed.attn_mask._biases) == (dtype == torch.bfloat16)  # bf16: the tiles' cached bias
+    if n == 300:
+        assert type(got.grad_fn).__name__ == "_TiledAttentionBackward"
+        assert len(packed.attn_mask.tiles(dtype, 2)) == 5  # causal 75 / 75 / 150 rows, second block in halves
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -233,3 +247,30 @@ def test_compiled_policy_and_reference_match_eager():
             results.append([loss.detach()] + [param.grad for param in dpo.parameters()])
         for want, got in zip(*results, strict=True):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+def test_hidden_from_equals_the_rows_of_the_full_forward(packed, bf16):
+    """`hidden_from`: the last block runs no query before that row; the rows it returns and every gradient equal the
+    full forward's: fp32 to 1e-5, and bf16 on CPU (attention tiles cut at that row) to bf16 precision."""
+    model = tiny_model(0, max_seq_len=320).train()
+    chosen, rejected, p, c, r = (x[1:] for x in random_pairs(5, batch=5, n=300))  # row 0's prompt is 1 token
+    if packed:
+        pairs = pack_pairs(chosen, rejected, p, c, r, pad_id=PAD)
+        kwargs = dict(positions=pairs.positions, attn_mask=pairs.attn_mask)
+        tokens, start = pairs.tokens, int(pairs.last_prompt.min())
+    else:
+        tokens, start, kwargs = chosen, int(p.min()) - 1 + 40, {}  # 40 rows into the 75..150 causal tile
+    assert start > 0
+    grad = torch.randn(tokens.shape[0], tokens.shape[1] - start, 32, generator=torch.Generator().manual_seed(0))
+    results = []
+    for hidden_from in (0, start):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            hidden = model(tokens, return_hidden=True, hidden_from=hidden_from, **kwargs)[:, start - hidden_from :]
+        hidden.float().backward(grad)
+        results.append([hidden.float()] + [param.grad for param in model.parameters()])
+    tol = dict(atol=0.05, rtol=0.05) if bf16 else TOL
+    for full, skipped in zip(*results, strict=True):
+        torch.testing.assert_close(skipped, full, **tol)
