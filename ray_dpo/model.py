@@ -339,8 +339,8 @@ def attend(
         (q1, q2), (k1, k2), (v1, v2) = (x.split((split, x.shape[-2] - split), dim=-2) for x in (q, k, v))
         first = attend(own(q1), own(k1), own(v1), None, True, dropout_p)
         second_mask = attn_mask.second_bias(q.dtype, q.shape[1]) if matmul else attn_mask.second_mask
-        keys = lambda first, second: torch.cat((first[..., :prompt, :], second), dim=-2)  # a new buffer already
-        second = attend(own(q2), keys(k1, k2), keys(v1, v2), second_mask, False, dropout_p)
+        with_prompt = lambda first, second: torch.cat((first[..., :prompt, :], second), dim=-2)  # a new buffer
+        second = attend(own(q2), with_prompt(k1, k2), with_prompt(v1, v2), second_mask, False, dropout_p)
         # both blocks into one (B, N, H, D) buffer: the caller's "b h n d -> b n (h d)" is then a view, not a copy
         out = torch.cat((first.transpose(1, 2), second.transpose(1, 2)), dim=1).transpose(1, 2)
     elif matmul:
@@ -408,8 +408,7 @@ def _from_row(tiles: list[AttentionTile], row: int) -> list[AttentionTile]:
     kept = [tile for tile in tiles if tile.end > row]
     first = kept[0]
     if first.start < row:
-        bias = first.bias[..., row - first.start :, :] if first.bias.dim() >= 2 else first.bias
-        kept[0] = AttentionTile(row, first.end, first.key_ranges, bias)
+        kept[0] = AttentionTile(row, first.end, first.key_ranges, first.bias[..., row - first.start :, :])
     return kept
 
 
@@ -425,9 +424,8 @@ class _TiledAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, tiles: list[AttentionTile]) -> Tensor:
-        b, h, n, d = q.shape
+        b, h, _, d = q.shape
         q3, k3, v3 = (x.reshape(b * h, x.shape[-2], d) for x in (q, k, v))
-        ctx.queries = n
         probs, outs = [], []
         for tile in tiles:
             keys = _tile_keys(k3, tile).transpose(1, 2)
