@@ -158,8 +158,8 @@ def test_swiglu_equals_autograd(dtype):
 
 @pytest.mark.parametrize("per_row", [False, True])
 def test_rotary_qkv_equals_textbook_rope_in_float64(per_row):
-    """q, k rotated with signed-sin tables, and the projection's gradient written by RoPE with -sin, equal
-    x * cos + rotate_half(x) * sin through autograd; v passes through."""
+    """q, k rotated with signed-sin tables (into contiguous buffers), and the projection's gradient written by RoPE
+    with -sin, equal x * cos + rotate_half(x) * sin through autograd; v passes through."""
     g = torch.Generator().manual_seed(0)
     heads, d = 2, 8
     qkv = torch.randn(3, 5, 3 * heads * d, generator=g, dtype=torch.float64)
@@ -182,6 +182,7 @@ def test_rotary_qkv_equals_textbook_rope_in_float64(per_row):
     for ours_out, want_out in zip(got, want, strict=True):
         torch.testing.assert_close(ours_out, want_out)
     torch.testing.assert_close(ours.grad, plain.grad)
+    assert got[0].is_contiguous() and got[1].is_contiguous()  # attention takes them as (B * H, N, D) views, no copy
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

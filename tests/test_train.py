@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +73,32 @@ def test_lr_schedule_warmup_then_cosine_to_min():
     assert [f(0), f(1)] == [0.5, 1.0]
     assert f(2) == pytest.approx(1.0) and f(10) == pytest.approx(0.1)
     assert all(f(s) > f(s + 1) for s in range(2, 10))
+
+
+def test_a_worker_reuses_freed_memory_instead_of_page_faulting_it_back():
+    """Real page faults of a real process (ru_minflt): a step's worth of 4 MiB activations allocated and freed
+    five times. glibc's defaults give it back to the OS each time; after `reuse_freed_memory` it is reused."""
+    code = """
+import resource, torch
+from ray_dpo.train.loop import reuse_freed_memory
+
+def faults():
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        activations = [torch.ones(1 << 20) for _ in range(40)]
+        del activations
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
+
+before = faults()
+took = reuse_freed_memory()
+faults()  # the first pass after it grows the heap once
+print(took, before, faults())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    took, before, after = out[0] == "True", int(out[1]), int(out[2])
+    assert took
+    assert before > 50_000  # 5 x 160 MiB back from the OS: ~200k faults of 4 KiB pages
+    assert after < 100, after
 
 
 def test_ddp_two_workers_killed_after_a_checkpoint_lose_nothing(ray_session, tmp_path, init_checkpoint, monkeypatch):
