@@ -264,37 +264,36 @@ class SharedPrefixMask:
     split: int
     prompt_keys: int
     second_mask: Tensor  # (B, 1, columns after split, prompt_keys + columns after split) bool, True = may attend
-    # the same as the matmul path's additive bf16 bias, built with the mask, outside any compiled graph: compiled,
-    # a graph input is 1.2x faster (forward + backward) than a bias the graph builds, which Inductor fuses into a
-    # slower softmax
+    # `second_mask` as the bf16 matmul path's additive bias, built with the mask, outside any compiled graph:
+    # compiled, a bias that is a graph input runs forward + backward 1.2x faster than one the graph builds, which
+    # Inductor fuses into a slower softmax
     second_bias_bf16: Tensor = field(init=False, repr=False, compare=False)
     _biases: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.second_bias_bf16 = additive_mask(self.second_mask, torch.bfloat16)
 
-    def second_bias(self, dtype: torch.dtype, heads: int) -> Tensor:
-        """`second_mask` as the matmul path's additive bias: compiled, (B, 1, ...); eager, (B, heads, ...) for
-        `baddbmm`, built once per batch for every layer of the policy and the reference."""
+    def second_bias(self, heads: int) -> Tensor:
+        """The matmul path's (bf16, `uses_matmul_attention`) additive bias: compiled, `second_bias_bf16`, (B, 1, ...);
+        eager, (B, heads, ...) for `baddbmm`, built once per batch for every layer of the policy and the reference."""
         if torch.compiler.is_compiling():
-            return self.second_bias_bf16 if dtype == torch.bfloat16 else additive_mask(self.second_mask, dtype)
-        if (dtype, heads) not in self._biases:
-            bias = self.second_bias_bf16 if dtype == torch.bfloat16 else additive_mask(self.second_mask, dtype)
-            self._biases[dtype, heads] = bias.expand(-1, heads, -1, -1).contiguous()
-        return self._biases[dtype, heads]
+            return self.second_bias_bf16
+        if heads not in self._biases:
+            self._biases[heads] = self.second_bias_bf16.expand(-1, heads, -1, -1).contiguous()
+        return self._biases[heads]
 
-    def tiles(self, dtype: torch.dtype, heads: int) -> list[AttentionTile]:
+    def tiles(self, heads: int) -> list[AttentionTile]:
         """This attention as `tiled_attention` tiles: the first block causal (`causal_tiles`); the second block's
         queries over [prompt keys, their own keys], in two halves once it has CAUSAL_SPLIT_MIN rows (the top half
         never sees the bottom half's keys)."""
         width, prompt, split = self.second_mask.shape[-2], self.prompt_keys, self.split
-        bias = self.second_bias(dtype, heads).flatten(0, 1)
+        bias = self.second_bias(heads).flatten(0, 1)
         halves = ((0, width // 2), (width // 2, width)) if width >= CAUSAL_SPLIT_MIN else ((0, width),)
         second = [
             AttentionTile(split + a, split + b, ((0, prompt), (split, split + b)), bias[:, a:b, : prompt + b])
             for a, b in halves
         ]
-        return causal_tiles(split, dtype, bias.device) + second
+        return causal_tiles(split, bias.dtype, bias.device) + second
 
     def dense(self) -> Tensor:
         """The same attention as one (B, 1, L, L) bool mask (True = may attend): for models that take a 4-D mask
@@ -335,7 +334,7 @@ def attend(
     matmul = uses_matmul_attention(q, keys)
     tiled = matmul and dropout_p == 0 and not torch.compiler.is_compiling()
     if packed and tiled:
-        return tiled_attention(q, k, v, attn_mask.tiles(q.dtype, q.shape[1]), queries_from)
+        return tiled_attention(q, k, v, attn_mask.tiles(q.shape[1]), queries_from)
     if tiled and is_causal and q.shape[-2] == k.shape[-2]:
         return tiled_attention(q, k, v, causal_tiles(q.shape[-2], q.dtype, q.device), queries_from)
     if packed:  # two dense blocks
@@ -346,7 +345,7 @@ def attend(
         # split, not sliced: backward concatenates the blocks' gradients instead of adding zero-padded copies
         (q1, q2), (k1, k2), (v1, v2) = (x.split((split, x.shape[-2] - split), dim=-2) for x in (q, k, v))
         first = attend(own(q1), own(k1), own(v1), None, True, dropout_p)
-        second_mask = attn_mask.second_bias(q.dtype, q.shape[1]) if matmul else attn_mask.second_mask
+        second_mask = attn_mask.second_bias(q.shape[1]) if matmul else attn_mask.second_mask
         with_prompt = lambda first, second: torch.cat((first[..., :prompt, :], second), dim=-2)  # a new buffer
         second = attend(own(q2), with_prompt(k1, k2), with_prompt(v1, v2), second_mask, False, dropout_p)
         # both blocks into one (B, N, H, D) buffer: the caller's "b h n d -> b n (h d)" is then a view, not a copy

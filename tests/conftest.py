@@ -21,6 +21,17 @@ HH_TRAIN = os.path.join(HH_RLHF, "hh_rlhf_harmless_train_1812.parquet")
 HH_TEST = os.path.join(HH_RLHF, "hh_rlhf_harmless_test_500.parquet")
 
 
+@pytest.fixture
+def fresh_compiler():
+    """A test that compiles starts from no compiled code: torch.compile allows 8 recompiles per code object and
+    process, and the earlier tests' compiles of the same model code would count against this test's."""
+    import torch
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A real local Ray with 2 logical CPUs, shared by every test that asks for it."""

@@ -490,6 +490,7 @@ def test_static_step_equals_eager(monkeypatch):
         assert torch.equal(run(model, decode="compile"), run(model)), name
 
 
+@pytest.mark.usefixtures("fresh_compiler")
 def test_compiled_step_equals_eager():
     """torch.compile of the static step: the same tokens as eager (one shape: compiling costs seconds)."""
     model = fp32_lm()

@@ -78,6 +78,7 @@ def test_pack_layout_on_hand_made_pairs():
     [(torch.float64, 20, False), (torch.bfloat16, 20, False), (torch.bfloat16, 300, False)]
     + [(torch.bfloat16, 300, True)],
 )
+@pytest.mark.usefixtures("fresh_compiler")
 def test_shared_prefix_attention_equals_full_mask_attention(dtype, n, compiled):
     """The packed attention equals plain attention under the equivalent full (L, L) mask, values and gradients: in
     float64 (two SDPA blocks) and in bf16 on CPU (`tiled_attention`, the mask as a bias built once per batch; at
@@ -108,7 +109,7 @@ def test_shared_prefix_attention_equals_full_mask_attention(dtype, n, compiled):
     assert bool(packed.attn_mask._biases) == (dtype == torch.bfloat16 and not compiled)  # eager bf16: tiles' bias
     if n == 300 and not compiled:
         assert type(got.grad_fn).__name__ == "_TiledAttentionBackward"
-        assert len(packed.attn_mask.tiles(dtype, 2)) == 5  # causal 75 / 75 / 150 rows, second block in halves
+        assert len(packed.attn_mask.tiles(2)) == 5  # causal 75 / 75 / 150 rows, second block in halves
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -233,6 +234,7 @@ def test_bf16_autocast_runs_and_stays_close():
 
 
 @pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.usefixtures("fresh_compiler")
 def test_compiled_policy_and_reference_match_eager(bf16):
     """`train.compile`: torch.compile of the policy and the live reference gives the eager loss and gradients, also
     once it recompiles with dynamic shapes for new row widths and splits (the third batch runs the dynamic graph).
