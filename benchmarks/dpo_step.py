@@ -21,7 +21,7 @@ peaks, so load from other jobs on a shared machine falls on all settings alike. 
 per step; "vs x-transformers" = the median over rounds of (x-transformers' time / ours) in the same round and
 precision; process CPU seconds per step (all threads; robust to time-slicing, not to threads spinning while they
 wait for a core); minor page faults per step; the load average before and after. The process keeps freed memory for
-reuse, as a training worker does (`ray_dpo.train.loop.reuse_freed_memory`), for every setting alike: with glibc's
+reuse, as a training worker does (`ray_dpo.models.reuse_freed_memory`), for every setting alike: with glibc's
 defaults, whichever setting runs after larger allocations is spared the page faults and the others pay them (here
 ~10k per x-transformers step, ~40k per eager step of ours run alone), which is the allocator's doing, not the model's.
 
@@ -59,8 +59,8 @@ from common import cpu_info, load_average, matmul_peak, print_table, setup, writ
 import ray_dpo.model as model_lib  # noqa: E402
 from ray_dpo.dpo import DPO, pack_pairs, response_mask_from_lengths  # noqa: E402
 from ray_dpo.model import ModelConfig, TransformerLM  # noqa: E402
+from ray_dpo.models import reuse_freed_memory  # noqa: E402
 from ray_dpo.tokenizer import ByteTokenizer  # noqa: E402
-from ray_dpo.train.loop import reuse_freed_memory  # noqa: E402
 
 HH_PATH = Path(__file__).resolve().parents[1] / "data" / "hh_rlhf" / "hh_rlhf_harmless_train_1812.parquet"
 FULL = dict(dim=256, depth=4, heads=4, vocab=256, batch=8, seq=256, prompt=64, hh_len=512, hh_prompt=384)

@@ -130,6 +130,7 @@ class PolicyReferenceGenerator:
         reduction: str,
         seed: int,
     ):
+        models.reuse_freed_memory()
         self.device = torch.device(device)
         # the checkpoint's own tokenizer wins: it is the one the policy was trained with
         policy, self.tokenizer = models.load_with_tokenizer(policy_checkpoint, tokenizer, self.device)

@@ -32,6 +32,7 @@ class PairScorer:
     """Ray Data callable class: `{name: model}`, loaded once per actor; adds `<name>_{chosen,rejected}_logp`."""
 
     def __init__(self, models: dict[str, Model], *, reduction: str, prefix_sharing: bool, device: str):
+        loader.reuse_freed_memory()
         self.device = torch.device(device)
         self.models = {
             name: (m if isinstance(m, nn.Module) else loader.load(m, self.device))

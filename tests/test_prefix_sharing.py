@@ -233,35 +233,27 @@ def test_bf16_autocast_runs_and_stays_close():
         torch.testing.assert_close(g, w, atol=0.5, rtol=0.05)
 
 
-@pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.usefixtures("fresh_compiler")
-def test_compiled_policy_and_reference_match_eager(bf16):
+def test_compiled_policy_and_reference_match_eager():
     """`train.compile`: torch.compile of the policy and the live reference gives the eager loss and gradients, also
-    once it recompiles with dynamic shapes for new row widths and splits (the third batch runs the dynamic graph).
-    fp32 to 1e-5; bf16 autocast on CPU (compiled: untiled matmul attention with the mask's prebuilt bias; eager:
-    tiles) to bf16 precision."""
+    once it recompiles with dynamic shapes for new row widths and splits (the third batch runs the dynamic graph)."""
     policy, reference = tiny_model(13, depth=1), tiny_model(14, depth=1)
     eager, compiled = (
         DPO(copy.deepcopy(policy), pad_id=PAD, prefix_sharing=True, ref_model=copy.deepcopy(reference))
         for _ in range(2)
     )
     compiled.policy_model, compiled.ref_model = torch.compile(compiled.policy_model), torch.compile(compiled.ref_model)
-    shapes = ((13, 16), (14, 24), (15, 32), (16, 20))  # a new (width, split) each time
-    for seed, n in shapes[:3] if bf16 else shapes:
+    for seed, n in ((13, 16), (14, 24), (15, 32), (16, 20)):  # a new (width, split) each time
         chosen, rejected, p, c, r = random_pairs(seed, n=n)
         batch = dict(chosen=chosen, rejected=rejected, prompt_len=p, chosen_len=c, rejected_len=r)
         results = []
         for dpo in (eager, compiled):
             dpo.zero_grad(set_to_none=True)
-            with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-                loss, _ = dpo.batch_loss(batch)
+            loss, _ = dpo.batch_loss(batch)
             loss.backward()
             results.append([loss.detach()] + [param.grad for param in dpo.parameters()])
         for want, got in zip(*results, strict=True):
-            if bf16:
-                assert (got - want).norm() <= 0.02 * want.norm() + 1e-6
-            else:
-                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("bf16", [False, True])

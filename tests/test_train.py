@@ -75,12 +75,12 @@ def test_lr_schedule_warmup_then_cosine_to_min():
     assert all(f(s) > f(s + 1) for s in range(2, 10))
 
 
-def test_a_worker_reuses_freed_memory_instead_of_page_faulting_it_back():
+def test_a_model_process_reuses_freed_memory_instead_of_page_faulting_it_back():
     """Real page faults of a real process (ru_minflt): a step's worth of 4 MiB activations allocated and freed
     five times. glibc's defaults give it back to the OS each time; after `reuse_freed_memory` it is reused."""
     code = """
 import resource, torch
-from ray_dpo.train.loop import reuse_freed_memory
+from ray_dpo.models import reuse_freed_memory
 
 def faults():
     start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

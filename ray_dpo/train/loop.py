@@ -14,11 +14,9 @@ Failure injection for tests: RAY_DPO_FAIL_AT="step:rank:/abs/marker" in the driv
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import math
 import os
-import platform
 import random
 import tempfile
 import time
@@ -92,21 +90,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def reuse_freed_memory() -> bool:
-    """Keep the memory glibc's malloc frees in the process for the next step: True where it took (glibc only).
-
-    By default glibc hands freed blocks back to the OS (its mmap and trim thresholds), so every step pays page
-    faults to get its activations back: 37-45 thousand per eager bf16 DPO step of benchmarks/dpo_step.py's
-    synthetic shape on a 2-core CPU, 10% of the step (4% compiled). With this, none. Blocks above 32 MiB (glibc's
-    largest mmap threshold) still come from and go back to the OS; up to 1 GiB of freed memory stays.
-    """
-    if platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
-
-
 def maybe_fail(spec: str | None, step: int, rank: int, run_path: tuple[Any, str]) -> None:
     """Failure injection: this worker process dies once, at the start of `step`, right after the previous step's
     checkpoint is complete in storage: inside the window where Ray may not have registered it yet."""
@@ -151,7 +134,7 @@ def setup_worker(spec: WorkerSpec) -> _Worker:
     t = spec.config.train
     ctx = ray.train.get_context()
     torch.set_num_threads(max(1, round(t.cpus_per_worker)))  # fractional CPUs: don't oversubscribe the cores
-    reuse_freed_memory()
+    models.reuse_freed_memory()
     device = ray.train.torch.get_device()
     bf16 = _use_bf16(t, device)
     _seed_everything(t.seed)
