@@ -1,4 +1,4 @@
-"""Attention kernels on this CPU: PyTorch SDPA vs the tiled matmul path `ray_dpo.model.attend` takes for bf16.
+"""Attention kernels on this CPU: PyTorch SDPA vs the tiled matmul path `ray_dpo.core.attention.attend` takes for bf16.
 
     python benchmarks/attention.py [--repeats 15] [--out benchmarks/results/attention.json]
     python benchmarks/attention.py --smoke --out /tmp/attention.json   # short rows, 1 repeat: seconds, for tests
@@ -25,13 +25,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, setup, write_json  # noqa: E402
 
-from ray_dpo.model import (  # noqa: E402
-    MATMUL_ATTENTION_MAX_KEYS,
-    attend,
-    causal_tiles,
-    matmul_attention,
-    tiled_attention,
-)
+from ray_dpo.core.attention import MATMUL_ATTENTION_MAX_KEYS, attend, matmul_attention  # noqa: E402
+from ray_dpo.core.kernels import causal_tiles, tiled_attention  # noqa: E402
 
 
 def main() -> None:

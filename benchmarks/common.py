@@ -69,7 +69,7 @@ def matmul_peak(
     """Achieved FLOP/s of a square `size` matmul (2 n^3 FLOPs) in `dtype`: the practical peak MFU divides by.
 
     backend "torch": `a @ b` (on CPU: MKL for fp32, oneDNN for bf16); "onednn": oneDNN's matmul for any dtype
-    (`torch.ops.mkldnn._linear_pointwise`, what `ray_dpo.model.linear` runs for fp32 on CPU).
+    (`torch.ops.mkldnn._linear_pointwise`, what `ray_dpo.core.kernels.linear` runs for fp32 on CPU).
     """
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)

@@ -1,4 +1,4 @@
-"""Data stage benchmark (issue #16): rows/s of `read_preferences` (tokenize + validate + truncate + account, on a
+"""Data stage benchmark: rows/s of `read_preferences` (tokenize + validate + truncate + account, on a
 local Ray with 1 and with 2 CPUs) against a plain single-process pyarrow loop applying the same rules, on the real
 1,812-row HH-RLHF file and on generated HH-shaped files of 2k, 20k and 200k pairs; where Ray's ratio crosses 1
 and 0.8. Also the padded-token fraction at batch size 8 before/after `bucket_by_length` on the HH file.
@@ -12,8 +12,8 @@ layout (one row group up to 1Mi rows: what `pq.write_table` gives) and, for the 
 of 10,000 rows (many-row-group files, e.g. written in batches).
 
 The baseline is the loop a user who cares about speed would write: `ParquetFile.iter_batches` through the SAME
-vectorised rules (`ray_dpo.data._process`, numpy + pyarrow), bad rows filtered, batches concatenated into one
-table. It is the harder baseline: the row-at-a-time Python loop (also timed, on the 1,812-row file) is 2-4x
+vectorised rules (`ray_dpo.stages.data.read._process`, numpy + pyarrow), bad rows filtered, batches concatenated
+into one table. It is the harder baseline: the row-at-a-time Python loop (also timed, on the 1,812-row file) is 2-4x
 slower even with the byte tokenizer, so beating it would say little about Ray's overhead.
 
 Each Ray instance (num_cpus=1, then num_cpus=2) is started fresh; its start-up (ray.init, then the first call,
@@ -113,7 +113,7 @@ def cpu_seconds() -> float:
 
 def plain_loop(path: Path, tokenizer) -> tuple[pa.Table, np.ndarray]:
     """One process, no Ray: pyarrow batches through the same vectorised rules -> (token rows, rows per status)."""
-    from ray_dpo.data import _MAP_BATCH_SIZE, _STATUS, REASONS, _process
+    from ray_dpo.stages.data.read import _MAP_BATCH_SIZE, _STATUS, REASONS, _process
 
     names = {f: f for f in FIELDS}
     counts = np.zeros(2 + len(REASONS), dtype=np.int64)
@@ -157,7 +157,7 @@ def python_rows_loop(path: Path, tokenizer) -> int:
 
 
 def ray_read(path: Path, tokenizer):
-    from ray_dpo.data import read_preferences
+    from ray_dpo.stages.data import read_preferences
 
     return read_preferences(
         path, tokenizer=tokenizer, max_len=MAX_LEN, max_prompt_len=MAX_PROMPT_LEN, on_bad_row="skip"
@@ -168,7 +168,7 @@ def check_same(path: Path, tokenizer) -> None:
     """Ray's rows and accounting equal the baseline's (content compared for files up to 20k rows)."""
     import ray
 
-    from ray_dpo.data import REASONS
+    from ray_dpo.stages.data.read import REASONS
 
     table, counts = plain_loop(path, tokenizer)
     ds, stats = ray_read(path, tokenizer)
@@ -192,7 +192,7 @@ def padded_fraction(ds, batch_size: int = 8) -> float:
 
 def padding(tokenizer, windows: tuple[int, ...]) -> dict[str, float]:
     """Padded fraction at batch size 8 on the HH train file: file order vs `bucket_by_length` windows."""
-    from ray_dpo.data import bucket_by_length
+    from ray_dpo.stages.data import bucket_by_length
 
     ds, _ = ray_read(HH_TRAIN, tokenizer)
     out = {"file order": padded_fraction(ds)}
@@ -257,7 +257,7 @@ def run_instance(
     results = []
     try:
         start = time.perf_counter()
-        ray_read(HH_TRAIN, tokenizer)  # cold: starts a worker, imports ray_dpo.data (torch, Ray Data) there
+        ray_read(HH_TRAIN, tokenizer)  # cold: starts a worker, imports ray_dpo.stages.data (torch, Ray Data) there
         startup = {"ray_init_s": init_s, "first_call_s": time.perf_counter() - start}
         cpu_start = cpu_seconds()
         time.sleep(idle_s)
@@ -407,7 +407,7 @@ def main() -> None:
         args.sizes, args.repeats = [2_000], 1
     sizes = sorted(args.sizes)
 
-    from ray_dpo.tokenizer import ByteTokenizer
+    from ray_dpo.core.tokenizer import ByteTokenizer
 
     tokenizer = ByteTokenizer()
     env = {
@@ -458,7 +458,7 @@ def main() -> None:
             "repeats": args.repeats,
             "cpus": args.cpus,
             "ray_worker_niceness": int(os.environ["RAY_worker_niceness"]),
-            "baseline": "one process: ParquetFile.iter_batches through ray_dpo.data._process (same vectorised rules)",
+            "baseline": "one process: ParquetFile.iter_batches through data.read._process (same vectorised rules)",
         },
         "files": files,
         "startup": startup,

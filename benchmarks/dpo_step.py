@@ -1,12 +1,12 @@
-"""DPO training step, ours vs x-transformers' own `DPO` at equal precision (issue #16): s/step, tokens/s, MFU.
+"""DPO training step, ours vs x-transformers' own `DPO` at equal precision: s/step, tokens/s, MFU.
 
     python benchmarks/dpo_step.py [--rounds 10] [--hh-rounds 3] [--no-compile] [--xt-compile] [--out PATH]
     python benchmarks/dpo_step.py --smoke --out /tmp/dpo_step.json     # tiny shapes, every code path, < 30 s
 
-Ours is what the trainer runs: `ray_dpo.dpo.DPO(TransformerLM, prefix_sharing=True)` with a live reference (a frozen
+Ours is what the trainer runs: `ray_dpo.DPO(TransformerLM, prefix_sharing=True)` with a live reference (a frozen
 deep copy, in bf16 for bf16 runs as on a training worker), `DPO.batch_loss`, backward and a fused AdamW step; "+
 compile" also wraps the policy and the reference in `torch.compile` (what `train.compile=true` does). "concatenated"
-is ours without prefix sharing (context). "fp32 ours, MKL matmuls" is ours with `ray_dpo.model.linear`'s oneDNN path
+is ours without prefix sharing (context). "fp32 ours, MKL matmuls" is ours with `core.kernels.linear`'s oneDNN path
 switched off (`F.linear`, which runs fp32 CPU matmuls in MKL): the A/B that justifies that path.
 x-transformers: `x_transformers.dpo.DPO` on its own `TransformerWrapper(Decoder)` of the same width, depth, heads
 and vocabulary (its defaults: learned absolute positions, LayerNorm, GELU MLP of 4 x dim), AdamW. Both run in fp32,
@@ -21,7 +21,7 @@ peaks, so load from other jobs on a shared machine falls on all settings alike. 
 per step; "vs x-transformers" = the median over rounds of (x-transformers' time / ours) in the same round and
 precision; process CPU seconds per step (all threads; robust to time-slicing, not to threads spinning while they
 wait for a core); minor page faults per step; the load average before and after. The process keeps freed memory for
-reuse, as a training worker does (`ray_dpo.models.reuse_freed_memory`), for every setting alike: with glibc's
+reuse, as a training worker does (`ray_dpo.stages.models.reuse_freed_memory`), for every setting alike: with glibc's
 defaults, whichever setting runs after larger allocations is spared the page faults and the others pay them (here
 ~10k per x-transformers step, ~40k per eager step of ours run alone), which is the allocator's doing, not the model's.
 
@@ -56,16 +56,17 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_info, load_average, matmul_peak, print_table, setup, write_json  # noqa: E402
 
-import ray_dpo.model as model_lib  # noqa: E402
-from ray_dpo.dpo import DPO, pack_pairs, response_mask_from_lengths  # noqa: E402
-from ray_dpo.model import ModelConfig, TransformerLM  # noqa: E402
-from ray_dpo.models import reuse_freed_memory  # noqa: E402
-from ray_dpo.tokenizer import ByteTokenizer  # noqa: E402
+import ray_dpo.core.kernels as model_lib  # noqa: E402
+from ray_dpo.core.dpo import DPO  # noqa: E402
+from ray_dpo.core.model import ModelConfig, TransformerLM  # noqa: E402
+from ray_dpo.core.pairs import pack_pairs, response_mask_from_lengths
+from ray_dpo.core.tokenizer import ByteTokenizer  # noqa: E402
+from ray_dpo.stages.models import reuse_freed_memory  # noqa: E402
 
 HH_PATH = Path(__file__).resolve().parents[1] / "data" / "hh_rlhf" / "hh_rlhf_harmless_train_1812.parquet"
 FULL = dict(dim=256, depth=4, heads=4, vocab=256, batch=8, seq=256, prompt=64, hh_len=512, hh_prompt=384)
 SMOKE = dict(dim=64, depth=2, heads=2, vocab=256, batch=2, seq=48, prompt=12, hh_len=64, hh_prompt=32)
-TARGETS = {"fp32": 1.2, "bf16": 1.3}  # issue #16: ours / x-transformers speed at equal precision
+TARGETS = {"fp32": 1.2, "bf16": 1.3}  # ours / x-transformers speed at equal precision: the targets set for it
 MFU_TARGET_BF16 = 0.6
 
 
@@ -170,7 +171,7 @@ def autocast(bf16: bool):
 
 @contextlib.contextmanager
 def fp32_matmuls(onednn: bool):
-    """`ray_dpo.model.linear` as shipped (oneDNN for fp32 on CPU) or, with `onednn=False`, plain `F.linear` (MKL)."""
+    """`core.kernels.linear` as shipped (oneDNN for fp32 on CPU) or, with `onednn=False`, plain `F.linear` (MKL)."""
     shipped = model_lib.ONEDNN_LINEAR
     model_lib.ONEDNN_LINEAR = shipped and onednn
     try:
@@ -183,7 +184,7 @@ def our_step(
     model: TransformerLM, *, prefix_sharing: bool, bf16: bool, compile: bool, pad_id: int, onednn: bool = True
 ) -> Callable:
     """`DPO.batch_loss` + backward + fused AdamW, as a training worker runs it: the live reference is a frozen copy,
-    held in bf16 for bf16 runs (`ray_dpo.train.tasks`)."""
+    held in bf16 for bf16 runs (`ray_dpo.stages.train.tasks`)."""
     reference = copy.deepcopy(model).to(torch.bfloat16 if bf16 else torch.float32).eval().requires_grad_(False)
     dpo = DPO(copy.deepcopy(model), beta=0.1, pad_id=pad_id, prefix_sharing=prefix_sharing, ref_model=reference)
     optimizer = torch.optim.AdamW(dpo.policy_model.parameters(), lr=1e-4, fused=True)
@@ -387,7 +388,7 @@ def workload(
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Per precision: ours eager and compiled vs x-transformers, MFU, and whether the issue's targets are met."""
+    """Per precision: ours eager and compiled vs x-transformers, MFU, and whether the targets are met."""
     out = {}
     for dtype, target in TARGETS.items():
         ours = {

@@ -1,4 +1,4 @@
-"""Decoding throughput: ray_dpo.generate vs x-transformers' AutoregressiveWrapper.generate, same config, same run.
+"""Decoding throughput: ray_dpo.core.sampling vs x-transformers' AutoregressiveWrapper.generate, same config, same run.
 
     python benchmarks/generate.py [--batches 1 8 64] [--repeats 5] [--compile] [--uncached-batch 8]
     python benchmarks/generate.py --smoke [--out path.json]   # tiny model, seconds: CI runs it so it cannot rot
@@ -31,8 +31,8 @@ from x_transformers import Decoder, TransformerWrapper
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_model, print_table, setup, write_json  # noqa: E402
 
-from ray_dpo.generate import generate  # noqa: E402
-from ray_dpo.model import ModelConfig, TransformerLM  # noqa: E402
+from ray_dpo.core.model import ModelConfig, TransformerLM  # noqa: E402
+from ray_dpo.core.sampling import generate  # noqa: E402
 
 SMOKE = dict(batches=[1, 4], prompt=8, new=8, dim=32, depth=1, heads=2, vocab=64, repeats=2, warmup=1)
 

@@ -1,4 +1,4 @@
-"""One accelerator, torch only: a Llama-shaped Hugging Face model of ~0.5B parameters, DPO step and decoding (#16).
+"""One accelerator, torch only: a Llama-shaped Hugging Face model of ~0.5B parameters, DPO step and decoding.
 
     python benchmarks/gpu.py                                   # CUDA, preset 0.5b, 8 pairs x 1024 tokens
     python benchmarks/gpu.py --device cpu --preset tiny        # CPU dry run (< 30 s)
@@ -10,7 +10,7 @@ is the trainer's: `DPO(policy, ref_model=reference)`, `DPO.batch_loss` under bf1
 frozen bf16 reference, backward, fused AdamW. Three settings:
 
 - "plain": full logits, `token_logps(model(tokens).logits, targets)` on every position (the model wrapped so that
-  `ray_dpo.logps` takes its full-logits path), chosen and rejected as 2B rows;
+  `ray_dpo.core.logps` takes its full-logits path), chosen and rejected as 2B rows;
 - "chunked": `LogpsModel` (the head only on scored tokens, `chunk_size` rows at a time), 2B rows;
 - "chunked + prefix sharing": the same with `prefix_sharing=True` (one packed row per pair, a 4-D mask).
 
@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import matmul_peak, print_table, summarize, time_fn, write_json  # noqa: E402
 from dpo_step import linear_weights, pair_tokens, step_flops, synthetic_batch  # noqa: E402
 
-from ray_dpo.dpo import DPO  # noqa: E402
-from ray_dpo.logps import LogpsModel  # noqa: E402
+from ray_dpo.core.dpo import DPO  # noqa: E402
+from ray_dpo.core.logps import LogpsModel  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = {  # Llama shapes: ~0.49B parameters (untied 32k vocabulary), and a CPU-sized one for dry runs
@@ -68,7 +68,7 @@ DATASHEET_BF16_DENSE = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}  # S
 
 
 class FullLogits(nn.Module):
-    """`model(tokens).logits`: a module `ray_dpo.logps` does not recognise, so it runs the plain full-logits path."""
+    """`model(tokens).logits`: a module `core.logps` does not recognise, so it runs the plain full-logits path."""
 
     def __init__(self, model: nn.Module):
         super().__init__()

@@ -1,4 +1,4 @@
-"""Peak memory of one DPO step at a 128k vocabulary: full (B, N, V) logits vs chunked log-probs (issue #13).
+"""Peak memory of one DPO step at a 128k vocabulary: full (B, N, V) logits vs chunked log-probs.
 
     python benchmarks/memory.py [--models ours llama] [--smoke] [--out benchmarks/results/memory.json]
 
@@ -34,9 +34,11 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_model, print_table, setup, write_json  # noqa: E402
 
-from ray_dpo.dpo import dpo_loss, reduce_logps, token_logps  # noqa: E402
-from ray_dpo.logps import scored_logps, scoring_path  # noqa: E402
-from ray_dpo.model import ModelConfig, TransformerLM  # noqa: E402
+from ray_dpo.core.dpo import token_logps
+from ray_dpo.core.logps import scored_logps, scoring_path  # noqa: E402
+from ray_dpo.core.losses import dpo_loss  # noqa: E402
+from ray_dpo.core.model import ModelConfig, TransformerLM  # noqa: E402
+from ray_dpo.core.pairs import reduce_logps
 
 FULL = dict(vocab=128_256, seq=1024, pairs=2, prompt=256, dim=256, depth=2, heads=4)  # Llama 3's vocabulary
 SMOKE = dict(vocab=8192, seq=128, pairs=2, prompt=32, dim=64, depth=1, heads=2)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from ray_dpo import recipe
 from ray_dpo.config import load_config
-from ray_dpo.console import Console
 from ray_dpo.errors import exit_on_user_error
-from ray_dpo.evaluate import format_summary
+from ray_dpo.recipe.console import Console
+from ray_dpo.stages.evaluate import format_summary
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 

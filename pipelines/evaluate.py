@@ -18,10 +18,10 @@ from pathlib import Path
 
 from ray_dpo import recipe
 from ray_dpo.config import load_config
-from ray_dpo.console import Console
+from ray_dpo.core.tokenizer import TOKENIZER_FILE
 from ray_dpo.errors import exit_on_user_error
-from ray_dpo.evaluate import check_checkpoint, format_summary, load_reward_fn
-from ray_dpo.tokenizer import TOKENIZER_FILE
+from ray_dpo.recipe.console import Console
+from ray_dpo.stages.evaluate import check_checkpoint, format_summary, load_reward_fn
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 

@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 from ray_dpo.config import flatten, load_config
-from ray_dpo.console import Console
 from ray_dpo.errors import exit_on_user_error
-from ray_dpo.sweep import run_sweep
+from ray_dpo.recipe.console import Console
+from ray_dpo.recipe.sweep import run_sweep
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sweep.yaml"
 EXIT_INCOMPLETE = 1

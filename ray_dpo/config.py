@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 import yaml
 
+from ray_dpo.core.model import ModelConfig
 from ray_dpo.errors import UserError
-from ray_dpo.model import ModelConfig
 
 
 class ConfigError(UserError):

@@ -38,13 +38,13 @@ def test_align_end_to_end_tiny(ray_session, tmp_path):
     Only `data.train_path` + `data.val_fraction` are set: evaluation samples exactly the held-out rows."""
     from mlflow import MlflowClient
 
-    from ray_dpo.checkpoint import load_model
-    from ray_dpo.data import read_preferences, split_train_val
-    from ray_dpo.demo import write_sort_task
-    from ray_dpo.evaluate import SAMPLES_TABLE
-    from ray_dpo.serving import load_registered_model
-    from ray_dpo.tokenizer import ByteTokenizer
-    from ray_dpo.tracking import load_table
+    from ray_dpo.core.checkpoint import load_model
+    from ray_dpo.core.tokenizer import ByteTokenizer
+    from ray_dpo.recipe.demo import write_sort_task
+    from ray_dpo.stages.data import read_preferences, split_train_val
+    from ray_dpo.stages.evaluate import SAMPLES_TABLE
+    from ray_dpo.stages.serving import load_registered_model
+    from ray_dpo.stages.tracking import load_table
 
     files = write_sort_task(tmp_path / "sort", rows=160, seed=0)
     out = tmp_path / "out"

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from ray_dpo.checkpoint import load_model, save_model
-from ray_dpo.model import ModelConfig, TransformerLM
-from ray_dpo.tokenizer import ByteTokenizer, load_tokenizer
+from ray_dpo.core.checkpoint import load_model, save_model
+from ray_dpo.core.model import ModelConfig, TransformerLM
+from ray_dpo.core.tokenizer import ByteTokenizer, load_tokenizer
 
 
 def test_round_trip_is_bit_exact(tmp_path):

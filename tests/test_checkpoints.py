@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ray_dpo.train import all_reduce_sum, checkpoints
+from ray_dpo.stages.train import all_reduce_sum, checkpoints
 
 
 def _checkpoint(root, step: int, *, world: int = 1, drop: str | None = None, truncate: str | None = None) -> str:
@@ -36,7 +36,7 @@ def test_partial_checkpoints_are_ignored_with_one_log_line(tmp_path, caplog):
     _checkpoint(tmp_path, 4, drop="state0.json")  # a file never uploaded
     _checkpoint(tmp_path, 6, world=2, drop="manifest.rank1-of-2.json")  # a shard never written
     _checkpoint(tmp_path, 8, truncate="model0.safetensors")  # upload cut short
-    with caplog.at_level(logging.WARNING, logger="ray_dpo.train.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="ray_dpo.stages.train.checkpoints"):
         newest = checkpoints.newest_complete(fs, str(tmp_path), say_ignored=True)
     assert newest.step == 2
     lines = [r.getMessage() for r in caplog.records]
@@ -86,7 +86,7 @@ def test_reductions_run_on_the_process_group_device(fake_world_of_two, monkeypat
 
     import inspect
 
-    from ray_dpo.train import loop
+    from ray_dpo.stages.train import loop
 
     source = inspect.getsource(loop)
     assert "dist.all_reduce(" in inspect.getsource(loop.all_reduce_sum)
@@ -94,7 +94,7 @@ def test_reductions_run_on_the_process_group_device(fake_world_of_two, monkeypat
 
 
 def test_rows_are_dealt_to_ranks_by_micro_batch_and_read_once(ray_session):
-    from ray_dpo.train.shards import deal, micro_batches
+    from ray_dpo.stages.train.shards import deal, micro_batches
 
     ds = ray_session.data.range(23, override_num_blocks=4)  # blocks of 6, 6, 6, 5 rows
     ds.context.execution_options.preserve_order = True  # as every dataset of the pipeline: a fixed row order

@@ -1,4 +1,4 @@
-"""ray_dpo.data: Parquet -> token rows, on the real HH-RLHF file and on a corpus of bad files written here."""
+"""ray_dpo.stages.data: Parquet -> token rows, on the real HH-RLHF file and on a corpus of bad files written here."""
 
 import functools
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import HH_TEST, HH_TRAIN
 
-from ray_dpo.data import (
+from ray_dpo.core.tokenizer import ByteTokenizer
+from ray_dpo.stages.data import (
     DataError,
     PreferenceCollateFn,
     bucket_by_length,
@@ -17,7 +18,6 @@ from ray_dpo.data import (
     read_preferences,
     split_train_val,
 )
-from ray_dpo.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 BOS, EOS, PAD = TOK.bos_id, TOK.eos_id, TOK.pad_id
@@ -257,7 +257,7 @@ def test_split_is_deterministic_and_bucketing_cuts_padding(ray_session):
 def test_files_are_cut_into_pieces_of_whole_or_cut_row_groups_in_file_order():
     import pyarrow.fs as pafs
 
-    from ray_dpo.data import _MIN_PIECE_ROWS, _PIECE_BYTES, _Plan, _reads
+    from ray_dpo.stages.data.read import _MIN_PIECE_ROWS, _PIECE_BYTES, _Plan, _reads
 
     def plan(*groups):
         return _Plan(
@@ -294,7 +294,7 @@ def test_files_are_cut_into_pieces_of_whole_or_cut_row_groups_in_file_order():
 def test_every_file_layout_gives_the_same_rows_counts_and_bad_row_index(ray_session, tmp_path, monkeypatch):
     """Pieces of whole row groups, pieces cut from one row group, and one piece: the same rows in the same order,
     the same accounting, and the first bad row's index within its file."""
-    import ray_dpo.data as data
+    import ray_dpo.stages.data.read as data
 
     source = [row for row in pq.read_table(HH_TRAIN).to_pylist() if row["chosen"].strip()]
     source[1500]["rejected"] = None  # the only bad row, far from the first piece

@@ -10,8 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ray_dpo.demo import exact_match_reward, sort_answer, write_sort_task
 from ray_dpo.errors import UserError
+from ray_dpo.recipe.demo import exact_match_reward, sort_answer, write_sort_task
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,8 +69,8 @@ def test_demo_end_to_end_policy_beats_reference_and_logs_the_samples(tmp_path):
     """
     from mlflow import MlflowClient
 
-    from ray_dpo.evaluate import SAMPLES_PAGE, SAMPLES_TABLE
-    from ray_dpo.tracking import load_table
+    from ray_dpo.stages.evaluate import SAMPLES_PAGE, SAMPLES_TABLE
+    from ray_dpo.stages.tracking import load_table
 
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     env |= {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}

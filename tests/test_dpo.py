@@ -5,8 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from ray_dpo.dpo import DPO, dpo_loss, response_mask, response_mask_from_lengths, sequence_logps, token_logps
-from ray_dpo.model import ModelConfig, TransformerLM
+from ray_dpo.core.dpo import DPO, sequence_logps, token_logps
+from ray_dpo.core.losses import dpo_loss
+from ray_dpo.core.model import ModelConfig, TransformerLM
+from ray_dpo.core.pairs import response_mask, response_mask_from_lengths
 
 
 def logsigmoid(x: float) -> float:

@@ -1,4 +1,4 @@
-"""`ray_dpo.evaluate`: the policy/reference actor pool on a real local Ray, the metrics, the MLflow artifacts."""
+"""`ray_dpo.stages.evaluate`: the policy/reference actor pool on a real local Ray, the metrics, the MLflow artifacts."""
 
 from __future__ import annotations
 
@@ -12,12 +12,16 @@ import pytest
 import ray
 import torch
 
-from ray_dpo.checkpoint import load_model, save_model
 from ray_dpo.config import Config
-from ray_dpo.demo import make_prompt, write_sort_task
-from ray_dpo.dpo import DPO, response_mask_from_lengths, sequence_logps
+from ray_dpo.core.checkpoint import load_model, save_model
+from ray_dpo.core.dpo import DPO, sequence_logps
+from ray_dpo.core.model import ModelConfig, TransformerLM
+from ray_dpo.core.pairs import response_mask_from_lengths
+from ray_dpo.core.sampling import generate
+from ray_dpo.core.tokenizer import ByteTokenizer
 from ray_dpo.errors import UserError
-from ray_dpo.evaluate import (
+from ray_dpo.recipe.demo import make_prompt, write_sort_task
+from ray_dpo.stages.evaluate import (
     ACTOR_COLUMN,
     SAMPLES_PAGE,
     SAMPLES_TABLE,
@@ -26,9 +30,6 @@ from ray_dpo.evaluate import (
     generate_samples,
     load_reward_fn,
 )
-from ray_dpo.generate import generate
-from ray_dpo.model import ModelConfig, TransformerLM
-from ray_dpo.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 SMALL = ModelConfig(max_seq_len=48, dim=32, depth=2, heads=2)
@@ -122,7 +123,7 @@ def _dpo_steps(reference_dir: str, steps: int) -> TransformerLM:
 
 
 def test_kl_is_zero_for_identical_models_and_positive_after_training(ray_session, tmp_path, mlflow_uri):
-    from ray_dpo import tracking
+    from ray_dpo.stages import tracking
 
     reference_dir = _checkpoint(tmp_path, "reference", 3)
     config = _config(temperature=1.0, concurrency=1, batch_size=8, kl_samples=4)
@@ -190,20 +191,20 @@ def test_aggregate_win_rate_ties_count_half_and_implicit_reward_accuracy():
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("ray_dpo.demo", "must look like 'module:function'"),
+        ("ray_dpo.recipe.demo", "must look like 'module:function'"),
         ("no_such_module_xyz:f", "cannot import 'no_such_module_xyz'"),
-        ("ray_dpo.demo:no_such_fn", "has no function 'no_such_fn'"),
+        ("ray_dpo.recipe.demo:no_such_fn", "has no function 'no_such_fn'"),
     ],
 )
 def test_bad_reward_fn_is_a_one_line_user_error(spec, message):
     with pytest.raises(UserError, match=message):
         load_reward_fn(spec)
-    assert load_reward_fn("ray_dpo.demo:exact_match_reward")(["sort: cab ="], ["abc"]) == [1.0]
+    assert load_reward_fn("ray_dpo.recipe.demo:exact_match_reward")(["sort: cab ="], ["abc"]) == [1.0]
 
 
 def test_evaluate_pipeline_standalone_logs_a_run_and_fails_in_one_line(ray_session, tmp_path, monkeypatch, capsys):
     """`python pipelines/evaluate.py --checkpoint ... --reference ...` (in-process, on the session's Ray)."""
-    from ray_dpo import tracking
+    from ray_dpo.stages import tracking
 
     spec = importlib.util.spec_from_file_location(
         "evaluate_pipeline", Path(__file__).parents[1] / "pipelines" / "evaluate.py"
@@ -261,7 +262,7 @@ def test_kl_estimator_matches_exact_kl_within_its_standard_error(ray_session, tm
 
 def test_kl_estimate_of_categorical_samples():
     """The estimator alone, on two categorical distributions: within 3 standard errors of the exact KL."""
-    from ray_dpo.evaluate import kl_estimate
+    from ray_dpo.stages.evaluate import kl_estimate
 
     rng = np.random.default_rng(0)
     p, q = rng.dirichlet(np.ones(6)), rng.dirichlet(np.ones(6))

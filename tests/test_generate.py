@@ -7,21 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-import ray_dpo.generate as generate_module
-from ray_dpo.generate import (
-    PACK_MIN_BATCH,
-    AutoregressiveWrapper,
-    _Decoder,
-    _packed,
-    beam_search,
-    contrastive_decode_fn,
-    generate,
-    min_p,
-    top_a,
-    top_k,
-    top_p,
-)
-from ray_dpo.model import ModelConfig, TransformerLM
+import ray_dpo.core.decode_step as decode_step
+from ray_dpo.core.compat import AutoregressiveWrapper
+from ray_dpo.core.decode_step import PACK_MIN_BATCH, _packed
+from ray_dpo.core.model import ModelConfig, TransformerLM
+from ray_dpo.core.sampling import _Decoder, beam_search, contrastive_decode_fn, generate, min_p, top_a, top_k, top_p
 
 VOCAB = 48
 INF = float("-inf")
@@ -484,7 +474,7 @@ def test_packed_weights_fp32_equal_the_module_forward():
 def test_static_step_equals_eager(monkeypatch):
     """The shape-static step (whole-cache attention, position as a tensor) that compile and CUDA graphs run,
     here uncompiled: the same tokens as the eager step in every loop."""
-    monkeypatch.setattr(generate_module, "_compiled_static_step", generate_module._static_step)
+    monkeypatch.setattr(decode_step, "_compiled_static_step", decode_step._static_step)
     model, amateur = tiny_lm(0), tiny_lm(1)
     for name, run in decode_cases(model, amateur).items():
         assert torch.equal(run(model, decode="compile"), run(model)), name
@@ -501,7 +491,7 @@ def test_compiled_step_equals_eager():
 
 def test_decode_mode_errors():
     model, prompts = tiny_lm(), prompts_of([3, 4])
-    with pytest.raises(ValueError, match="needs a CUDA device"):
+    with pytest.raises(ValueError, match="decode must be"):
         generate(model, prompts, 4, decode="cuda_graph")
     with pytest.raises(ValueError, match="decode must be"):
         generate(model, prompts, 4, decode="fast")

@@ -11,13 +11,13 @@ import pyarrow as pa
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_hf import build
 
-from ray_dpo.dpo import DPO
-from ray_dpo.encoding import chat_head, encode_chat, keep_prompt_end
-from ray_dpo.logps import LogpsModel, core_model
-from ray_dpo.models import add_lora
-from ray_dpo.tiny_hf import build
-from ray_dpo.tokenizer import PretrainedTokenizer
+from ray_dpo.core.dpo import DPO
+from ray_dpo.core.encoding import chat_head, encode_chat, keep_prompt_end
+from ray_dpo.core.logps import LogpsModel, core_model
+from ray_dpo.core.tokenizer import PretrainedTokenizer
+from ray_dpo.stages.models import add_lora
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -209,7 +209,7 @@ def test_hf_tokenizer_pads_with_eos_and_encodes_without_specials(hf_dirs):
     llama = PretrainedTokenizer(hf_dirs["llama"])
     assert llama.bos_id is not None and llama.encode("hi there")[0] != llama.bos_id
     column = pa.array(["hi there", "sort these"])
-    from ray_dpo.encoding import encode_prompts
+    from ray_dpo.core.encoding import encode_prompts
 
     rows = encode_prompts(column, llama).rows()
     assert [r[0] for r in rows] == [llama.bos_id] * 2 and rows[0][1:].tolist() == llama.encode("hi there")
@@ -267,7 +267,7 @@ def test_align_your_own_model_end_to_end(hf_dirs, tmp_path):
 def test_hf_greedy_decoding_with_its_kv_cache_equals_model_generate(hf_dirs, arch):
     """Our generate on a Hugging Face model (its own KV cache, left-padded prompts of different lengths) gives the
     tokens of `model.generate(do_sample=False)`, and the same with the cache off; filters keep their meaning."""
-    from ray_dpo.generate import generate
+    from ray_dpo.core.sampling import generate
 
     model = _load(hf_dirs[arch], torch.float32)
     tokenizer = PretrainedTokenizer(hf_dirs[arch])

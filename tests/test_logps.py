@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from ray_dpo.dpo import pack_pairs, packed_token_logps, token_logps
-from ray_dpo.logps import scored_logps, scoring_path, target_logps
-from ray_dpo.model import ModelConfig, TransformerLM
+from ray_dpo.core.dpo import token_logps
+from ray_dpo.core.logps import scored_logps, scoring_path, target_logps
+from ray_dpo.core.model import ModelConfig, TransformerLM
+from ray_dpo.core.pairs import pack_pairs, packed_token_logps
 
 VOCAB = 97
 

@@ -3,8 +3,10 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-import ray_dpo.model as model_lib
-from ray_dpo.model import ModelConfig, TransformerLM, attend, matmul_attention, rope_tables, rotary_qkv
+import ray_dpo.core.kernels as model_lib
+from ray_dpo.core.attention import attend, matmul_attention
+from ray_dpo.core.kernels import rope_tables, rotary_qkv
+from ray_dpo.core.model import ModelConfig, RMSNorm, TransformerLM
 
 CONFIG = ModelConfig(vocab_size=50, max_seq_len=64, dim=32, depth=2, heads=4)
 
@@ -124,7 +126,7 @@ def test_cpu_rms_norm_equals_f_rms_norm_in_float64():
     want = F.rms_norm(want_x, (32,), want_w, 1e-6)
     want.backward(grad.double())
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
-        norm = model_lib.RMSNorm(32).to(dtype)
+        norm = RMSNorm(32).to(dtype)
         norm.weight.data.copy_(weight)
         got_x = x.to(dtype).requires_grad_()
         got = norm(got_x)
@@ -132,7 +134,7 @@ def test_cpu_rms_norm_equals_f_rms_norm_in_float64():
         assert type(got.grad_fn).__name__ == "_RMSNormCPUBackward"  # the written-out path ran
         for ours, reference in ((got, want), (got_x.grad, want_x.grad), (norm.weight.grad, want_w.grad)):
             torch.testing.assert_close(ours.double(), reference.detach(), atol=tol, rtol=tol)
-    norm = model_lib.RMSNorm(32)
+    norm = RMSNorm(32)
     norm.weight.data.copy_(weight)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = norm(x)
@@ -187,7 +189,7 @@ def test_rotary_qkv_equals_textbook_rope_in_float64(per_row):
 
 def test_gradient_checkpointing_gives_the_same_gradients():
     """`model.gradient_checkpointing`: activations recomputed in backward, same loss and gradients (fp32, 1e-6)."""
-    from ray_dpo.models import enable_gradient_checkpointing
+    from ray_dpo.stages.models import enable_gradient_checkpointing
 
     torch.manual_seed(0)
     plain = TransformerLM(ModelConfig(vocab_size=64, max_seq_len=32, dim=32, depth=3, heads=4))

@@ -6,20 +6,25 @@ import pytest
 import torch
 from torch import nn
 
-from ray_dpo.dpo import (
-    DPO,
+from ray_dpo.core.attention import attend
+from ray_dpo.core.dpo import DPO, sequence_logps, token_logps
+from ray_dpo.core.model import ModelConfig, TransformerLM
+from ray_dpo.core.pairs import (
     lengths_from_masks,
     pack_pairs,
     packed_token_logps,
-    prefix_shared_logps,
     response_mask_from_lengths,
-    sequence_logps,
-    token_logps,
+    score_batch,
 )
-from ray_dpo.model import ModelConfig, TransformerLM, attend
 
 PAD = 0
 TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def prefix_shared_logps(model, chosen, rejected, p, c, r, reduction="sum", pad_id=PAD):
+    """Sequence log-probs of both responses from ONE packed forward (the training batch's prefix-sharing path)."""
+    batch = dict(chosen=chosen, rejected=rejected, prompt_len=p, chosen_len=c, rejected_len=r)
+    return score_batch(model, batch, prefix_sharing=True, pad_id=pad_id).sequence(reduction)
 
 
 def tiny_model(seed: int, **overrides) -> TransformerLM:

@@ -1,15 +1,16 @@
-"""ray_dpo.reference: log-probs from the actor pool == log-probs computed directly with the model."""
+"""ray_dpo.stages.reference: log-probs from the actor pool == log-probs computed directly with the model."""
 
 import numpy as np
 import torch
 from conftest import HH_TEST
 
-from ray_dpo.checkpoint import save_model
-from ray_dpo.data import read_preferences
-from ray_dpo.dpo import response_mask_from_lengths, sequence_logps
-from ray_dpo.model import ModelConfig, TransformerLM
-from ray_dpo.reference import add_reference_logps
-from ray_dpo.tokenizer import ByteTokenizer
+from ray_dpo.core.checkpoint import save_model
+from ray_dpo.core.dpo import sequence_logps
+from ray_dpo.core.model import ModelConfig, TransformerLM
+from ray_dpo.core.pairs import response_mask_from_lengths
+from ray_dpo.core.tokenizer import ByteTokenizer
+from ray_dpo.stages.data import read_preferences
+from ray_dpo.stages.reference import add_reference_logps
 
 
 def direct_logp(model, row, side):

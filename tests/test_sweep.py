@@ -9,8 +9,8 @@ import pytest
 from conftest import wait_for_placement_groups_removed
 
 from ray_dpo.config import ConfigError, load_config
-from ray_dpo.demo import write_sort_task
-from ray_dpo.sweep import FAIL_ENV, run_sweep
+from ray_dpo.recipe.demo import write_sort_task
+from ray_dpo.recipe.sweep import FAIL_ENV, run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP_YAML = ROOT / "configs" / "sweep.yaml"

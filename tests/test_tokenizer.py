@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from ray_dpo.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from ray_dpo.core.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 TEXTS = ["plain ascii", "typographic ’quotes” • bullets", "日本語のテキスト 🙂", "", "\n\nHuman: hi\n\nAssistant:"]
 

@@ -1,4 +1,4 @@
-"""ray_dpo.tracking against real MLflow stores: a SQLite file, and once a real `mlflow server` on 127.0.0.1."""
+"""ray_dpo.stages.tracking against real MLflow stores: a SQLite file, and once a real `mlflow server` on 127.0.0.1."""
 
 import os
 import socket
@@ -11,12 +11,12 @@ import pandas
 import pytest
 import torch
 
-from ray_dpo import serving, tracking
-from ray_dpo.checkpoint import save_model
 from ray_dpo.config import Config, flatten
-from ray_dpo.model import ModelConfig, TransformerLM
-from ray_dpo.tokenizer import ByteTokenizer
-from ray_dpo.tracking import TrackingError
+from ray_dpo.core.checkpoint import save_model
+from ray_dpo.core.model import ModelConfig, TransformerLM
+from ray_dpo.core.tokenizer import ByteTokenizer
+from ray_dpo.stages import serving, tracking
+from ray_dpo.stages.tracking import TrackingError
 
 
 def _free_port() -> int:
@@ -87,7 +87,7 @@ def test_unreachable_server_is_one_fast_line_and_writes_nothing(empty_cwd):
 def test_check_tracking_uri_needs_no_mlflow_import():
     """The pre-flight check runs before a pipeline imports anything heavy."""
     code = (
-        "import sys; from ray_dpo.tracking import check_tracking_uri, resolve_tracking_uri;"
+        "import sys; from ray_dpo.stages.tracking import check_tracking_uri, resolve_tracking_uri;"
         "check_tracking_uri(resolve_tracking_uri(None, '/tmp/ray-dpo-check'));"
         "assert 'mlflow' not in sys.modules, 'mlflow imported'"
     )

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from ray_dpo import models
-from ray_dpo.checkpoint import load_training_state, save_model
 from ray_dpo.config import load_config
-from ray_dpo.model import TransformerLM
-from ray_dpo.storage import local_directory
-from ray_dpo.tokenizer import ByteTokenizer
-from ray_dpo.train import FAIL_ENV, TrainingDivergedError, lr_factor, train_dpo
+from ray_dpo.core.checkpoint import load_training_state, save_model
+from ray_dpo.core.model import TransformerLM
+from ray_dpo.core.tokenizer import ByteTokenizer
+from ray_dpo.stages import models
+from ray_dpo.stages.storage import local_directory
+from ray_dpo.stages.train import FAIL_ENV, TrainingDivergedError, lr_factor, train_dpo
 
 PAD = ByteTokenizer.pad_id
 
@@ -80,7 +80,7 @@ def test_a_model_process_reuses_freed_memory_instead_of_page_faulting_it_back():
     five times. glibc's defaults give it back to the OS each time; after `reuse_freed_memory` it is reused."""
     code = """
 import resource, torch
-from ray_dpo.models import reuse_freed_memory
+from ray_dpo.stages.models import reuse_freed_memory
 
 def faults():
     start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -107,7 +107,7 @@ def test_ddp_two_workers_killed_after_a_checkpoint_lose_nothing(ray_session, tmp
     complete in storage: inside the window where Ray's controller has not registered it. The restarted group
     resumes from step 4 anyway (found in storage, mid-epoch: its shard is sliced, 8 rows never read), every
     metric step is logged to MLflow once, and a re-run with the same run name has nothing left to do."""
-    from ray_dpo import tracking
+    from ray_dpo.stages import tracking
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     train_ds = ray_session.data.from_items(_pairs(24, seed=1))  # 3 global batches per epoch
@@ -193,7 +193,7 @@ def test_fsdp_lora_on_an_hf_model_killed_after_a_checkpoint_equals_one_worker(ra
     """LoRA on a Hugging Face model under FSDP2, 2 workers: rank 0 dies at the start of step 5 and the group resumes
     from its sharded step-4 checkpoint (base + adapters). The final checkpoint holds the adapters and a pointer to
     their base, with the weights of one DDP worker (grad_accum 2) trained on the same global batches."""
-    from ray_dpo.tiny_hf import build
+    from tiny_hf import build
 
     hf = str(build(tmp_path / "hf", arch="qwen2", vocab_size=400))
     train_ds = ray_session.data.from_items(_pairs(24, seed=1))  # 3 global batches per epoch

@@ -1,8 +1,8 @@
 """Ray Train (V2): the driver (`driver`: one TorchTrainer per run), the per-worker loop (`loop`) and what it
 optimises (`tasks`: DPO, SFT)."""
 
-from ray_dpo.train.driver import TrainingDivergedError, TrainResult, train_dpo, train_sft
-from ray_dpo.train.loop import FAIL_ENV, WorkerSpec, all_reduce_sum, lr_factor
+from ray_dpo.stages.train.driver import TrainingDivergedError, TrainResult, train_dpo, train_sft
+from ray_dpo.stages.train.loop import FAIL_ENV, WorkerSpec, all_reduce_sum, lr_factor
 
 __all__ = [
     "FAIL_ENV",

@@ -110,7 +110,7 @@ def plausible_wrong_answer(answer: str, rng: random.Random) -> str:
 def exact_match_reward(prompts: list[str], responses: list[str]) -> list[float]:
     """1.0 where the response is the sorted letters of its prompt (surrounding whitespace ignored), else 0.0.
 
-    The reward function of the demo (`eval.reward_fn: ray_dpo.demo:exact_match_reward`).
+    The reward function of the demo (`eval.reward_fn: ray_dpo.recipe.demo:exact_match_reward`).
     """
     if len(prompts) != len(responses):
         raise ValueError(f"exact_match_reward: {len(prompts)} prompts but {len(responses)} responses")

@@ -4,7 +4,7 @@
 row of a `read_preferences` dataset. Two stages use it: the optional reference pass (`add_reference_logps`: columns
 `ref_chosen_logp`, `ref_rejected_logp`, so training workers hold only the policy, `dpo.reference=precomputed`) and
 evaluation (policy and reference on held-out pairs, for the implicit-reward accuracy). Each actor loads its models
-ONCE (a callable class in `map_batches`); the scoring itself is `ray_dpo.dpo.score_batch`, the trainer's.
+ONCE (a callable class in `map_batches`); the scoring itself is `ray_dpo.core.pairs.score_batch`, the trainer's.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from ray.data.dataset import MaterializedDataset
 from ray.train import Checkpoint
 from torch import nn
 
-from ray_dpo import models as loader
-from ray_dpo.data import collate_preferences
-from ray_dpo.dpo import score_batch
+from ray_dpo.core.pairs import score_batch
 from ray_dpo.errors import UserError
+from ray_dpo.stages import models as loader
+from ray_dpo.stages.data import collate_preferences
 
 Model = str | os.PathLike | Checkpoint | nn.Module  # a checkpoint (directory, URI, staged) or a module (pickled)
 
@@ -81,7 +81,7 @@ def score_pairs_pool(
     """`dataset` with `<name>_chosen_logp`, `<name>_rejected_logp` (float32) for each model, MATERIALIZED, row order
     kept. concurrency: actors in the pool; num_gpus per actor (> 0 puts the models on cuda); num_cpus per actor,
     default 0.5 on CPU so a 2-CPU machine keeps room for the read tasks (a pool of 1-CPU actors there can hang).
-    reduction must match the trainer's (`ray_dpo.dpo.default_reduction`)."""
+    reduction must match the trainer's (`ray_dpo.core.losses.default_reduction`)."""
     if reduction not in ("sum", "mean"):
         raise UserError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     if concurrency < 1 or batch_size < 1:

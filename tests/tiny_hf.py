@@ -2,7 +2,7 @@
 BPE tokenizer trained with `tokenizers` on the repository's HH-RLHF text, a chat template. For trying the
 "align your own model" path without downloading anything, and for the tests.
 
-    python -m ray_dpo.tiny_hf outputs/hf-tiny [--arch qwen2|llama] [--vocab 600]
+    python tests/tiny_hf.py outputs/hf-tiny [--arch qwen2|llama] [--vocab 600]
 
 Needs `pip install -e ".[hf]"`. The result loads with `AutoModelForCausalLM.from_pretrained(dir)` and
 `AutoTokenizer.from_pretrained(dir)`, like any model directory from the Hub.

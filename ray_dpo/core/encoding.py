@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ray_dpo.tokenizer import ByteTokenizer
+from ray_dpo.core.tokenizer import ByteTokenizer
 
 TOKEN_TYPE = pa.int32()  # every vocabulary we meet fits; half the memory of int64 rows
 

@@ -1,13 +1,13 @@
 """The per-worker training loop of a Ray Train `TorchTrainer`: setup, one global batch per step, validation,
-reports, checkpoints and resume. What it trains comes from a `Task` (`ray_dpo.train.tasks`).
+reports, checkpoints and resume. What it trains comes from a `Task` (`ray_dpo.stages.train.tasks`).
 
 Why the loss does not depend on the number of workers: every optimizer step consumes exactly one GLOBAL batch of
-`batch_size` rows. Rank r holds the micro-batches r, r+W, r+2W, ... of one fixed row order (`ray_dpo.train.shards`),
+`batch_size` rows. Rank r holds the micro-batches r, r+W, r+2W, ... of one fixed row order (`train.shards`),
 so step s is always rows [s*G, (s+1)*G) whatever W and grad_accum are. Each micro-batch contributes
 `loss_sum * W / global_count` to the backward pass and DDP averages over W ranks: the gradient is the global mean.
 
 Workers never log to MLflow: they `ray.train.report` each logged step (train metrics, validation, checkpoints) and the
-driver logs what rank 0 reported (`ray_dpo.train.driver`). All collectives run on the process group's device.
+driver logs what rank 0 reported (`ray_dpo.stages.train.driver`). All collectives run on the process group's device.
 
 Failure injection for tests: RAY_DPO_FAIL_AT="step:rank:/abs/marker" in the driver's env (see `maybe_fail`).
 """
@@ -34,15 +34,15 @@ import torch.distributed as dist
 from ray.train import Checkpoint
 from torch import Tensor, nn
 
-from ray_dpo import models, storage
-from ray_dpo.checkpoint import load_training_state, save_training_state
 from ray_dpo.config import Config, ModelSettings
+from ray_dpo.core.checkpoint import load_training_state, save_training_state
+from ray_dpo.core.logps import LogpsModel, core_model
 from ray_dpo.errors import UserError
-from ray_dpo.logps import LogpsModel, core_model
-from ray_dpo.storage import local_directory
-from ray_dpo.train import checkpoints, parallel
-from ray_dpo.train.shards import Shard, micro_batches
-from ray_dpo.train.tasks import TASKS, Task
+from ray_dpo.stages import models, storage
+from ray_dpo.stages.storage import local_directory
+from ray_dpo.stages.train import checkpoints, parallel
+from ray_dpo.stages.train.shards import Shard, micro_batches
+from ray_dpo.stages.train.tasks import TASKS, Task
 
 FAIL_ENV = "RAY_DPO_FAIL_AT"  # "step:rank:marker_path": that rank exits once at that step (failure-recovery tests)
 

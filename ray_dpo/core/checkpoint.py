@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_model as _load_weights
 from safetensors.torch import save_model as _save_weights
 
-from ray_dpo.model import ModelConfig, TransformerLM
-from ray_dpo.tokenizer import ByteTokenizer, HFTokenizer
+from ray_dpo.core.model import ModelConfig, TransformerLM
+from ray_dpo.core.tokenizer import ByteTokenizer, HFTokenizer
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model_config.json"

@@ -1,4 +1,4 @@
-"""MLflow tracking: runs, params, metrics, artifacts and tables (with `ray_dpo.serving`, the only modules that import
+"""MLflow tracking: runs, params, metrics, artifacts and tables (with `stages.serving`, the only modules that import
 mlflow).
 
 One run per align job, logged from the driver / Ray Train rank 0 only. Every call takes the tracking URI and
@@ -11,7 +11,7 @@ in a Ray Train worker and inside a Tune trial (each a different process with a d
     log_metrics(uri, run_id, {"train/loss": 0.69}, step=1)
     end_run(uri, run_id)
 
-Packaging the policy as an MLflow model (register, download, serve) is `ray_dpo.serving`.
+Packaging the policy as an MLflow model (register, download, serve) is `ray_dpo.stages.serving`.
 
 mlflow is imported inside the functions: it costs seconds to import and `resolve_tracking_uri` /
 `check_tracking_uri` run before anything else in a pipeline (and must stay cheap there).

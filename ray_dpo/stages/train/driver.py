@@ -4,8 +4,8 @@
                        pad_id=tok.pad_id, tracking_uri=uri, run_id=run_id)   # -> TrainResult(checkpoint, steps, ...)
 
 `RunConfig(name=<run name>, storage_path=train.storage_path)`: re-running the same name resumes from the latest
-checkpoint (`ray_dpo.train.checkpoints`: also one Ray had not registered yet); `FailureConfig(max_failures)`
-restarts a failed worker group from it. Rows are dealt to ranks once, here (`ray_dpo.train.shards`). Workers
+checkpoint (`ray_dpo.stages.train.checkpoints`: also one Ray had not registered yet); `FailureConfig(max_failures)`
+restarts a failed worker group from it. Rows are dealt to ranks once, here (`ray_dpo.stages.train.shards`). Workers
 report metrics; a `UserCallback` on the controller relays them to this process, which logs them to MLflow (never a
 step twice) and shows progress: workers never talk to MLflow, so a SQLite store on the driver's disk works on a
 cluster too.
@@ -26,12 +26,12 @@ import ray.train.torch
 from ray.train import Checkpoint
 from ray.util.queue import Empty, Queue
 
-from ray_dpo import storage, tracking
 from ray_dpo.config import Config
 from ray_dpo.errors import UserError
-from ray_dpo.train import checkpoints
-from ray_dpo.train.loop import FAIL_ENV, WorkerSpec, train_loop
-from ray_dpo.train.shards import deal
+from ray_dpo.stages import storage, tracking
+from ray_dpo.stages.train import checkpoints
+from ray_dpo.stages.train.loop import FAIL_ENV, WorkerSpec, train_loop
+from ray_dpo.stages.train.shards import deal
 
 Progress = Callable[[dict[str, Any]], None]  # called with each report of rank 0 (`step`, `total_steps`, metrics)
 

@@ -2,37 +2,31 @@
 
 `generate(model, prompts, seq_len, ...)` and `beam_search(...)` return only the new tokens. They use
 `TransformerLM`'s preallocated KV cache, per-row RoPE positions and padding masks, and also work (recomputing the
-whole prefix each step) with any module mapping tokens (B, N) to logits (B, N, V). `AutoregressiveWrapper(net)`
-keeps x-transformers' `generate` / `beam_search` / loss signatures so seed code runs unchanged.
+whole prefix each step) with any module mapping tokens (B, N) to logits (B, N, V), and with Hugging Face causal LMs
+(their own KV cache). x-transformers' wrapper is `ray_dpo.core.compat.AutoregressiveWrapper`.
 
 Batch layout: prompts are LEFT-padded so every row shares one cache length (the cache has a single `length`);
 pad keys are masked and each row's positions are shifted so its first real token sits at position 0. A row's
 output therefore does not depend on the other rows of its batch.
 
-Speed: a TransformerLM decodes through `_step`, its forward re-written for one token per row: no nn.Module calls,
-fewer kernels, RoPE tables / masks / transposed (on CPU, from 2 rows on: oneDNN-prepacked) weights prepared once
-per call, keys/values written into the cache in place. Optionally compiled (`decode="compile"`) or, on CUDA,
-replayed as a CUDA graph (`decode="cuda_graph"`). Tests pin every path to the module forward's tokens.
+Speed: a TransformerLM steps through `ray_dpo.core.decode_step.DecodeStep`, its forward fused for one token per row.
 """
 
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .model import ONEDNN_LINEAR, KVCache, TransformerLM, attend, rope, rope_tables
-from .tokenizer import ByteTokenizer
+from ray_dpo.core.decode_step import DecodeMode, DecodeStep, fusable
+from ray_dpo.core.tokenizer import ByteTokenizer
 
 Prompts = Tensor | Sequence[Tensor]
 FilterFn = Callable[..., Tensor]
-DecodeMode = Literal["eager", "compile", "cuda_graph"]  # how a TransformerLM's decode step runs (`_DecodeStep`)
 
 # --------------------------------------------------------------------------------------------------------------
 # logit filters (seed semantics; they act on the last dim and return logits with dropped tokens at -inf)
@@ -156,6 +150,8 @@ def _prepare_prompts(
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
+    from ray_dpo.core.compat import AutoregressiveWrapper  # the wrapper calls this module: imported when used
+
     return model.net if isinstance(model, AutoregressiveWrapper) else model
 
 
@@ -190,7 +186,7 @@ class _Decoder:
     """Feeds a left-padded batch to one model; `prefill()` / `step(token)` return next-token logits (B, V).
 
     With the cache API: one prefill forward into a cache sized for the whole generation, then one single-token step
-    per new token. A `TransformerLM` steps through `_DecodeStep` (its forward fused for one token); another model
+    per new token. A `TransformerLM` steps through `DecodeStep` (its forward fused for one token); another model
     with the cache API through its forward, with a slice of a preallocated key-padding mask when a row is padded.
     Without a cache the whole prefix is recomputed every step.
     """
@@ -224,8 +220,8 @@ class _Decoder:
         self.crop = None if self.capable else crop
         self.cache_kv = cache_kv
         self.fused = None
-        if self.cache is not None and _fusable(model, tokens.device):
-            self.fused = _DecodeStep(model, self.cache, self.positions, self.key_valid, decode)
+        if self.cache is not None and fusable(model, tokens.device):
+            self.fused = DecodeStep(model, self.cache, self.positions, self.key_valid, decode)
         elif decode != "eager":
             raise ValueError(f"decode={decode!r} needs a TransformerLM with the KV cache on, outside autocast")
 
@@ -291,210 +287,6 @@ class _Decoder:
             self.fused.reorder(rows)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# TransformerLM's forward fused for one new token per row
-
-
-def _fusable(model: Callable, device: torch.device) -> bool:
-    """`_DecodeStep` re-implements `TransformerLM.forward`: only for that forward, and outside autocast (whose
-    per-op casts it does not mirror)."""
-    return (
-        isinstance(model, TransformerLM)
-        and type(model).forward is TransformerLM.forward
-        and not torch.is_autocast_enabled(device.type)
-    )
-
-
-def _linear(x: Tensor, weight: Tensor, residual: Tensor | None = None) -> Tensor:
-    """x @ W.T (+ residual: one kernel). `weight` is W.T (a view; the residual is then updated in place), or W
-    prepacked for oneDNN (`_decode_weights`): at decode batch sizes a plain matmul repacks W on every call."""
-    if weight.is_mkldnn:
-        if residual is None:
-            return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [None], "")
-        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, None, "add")
-    return torch.mm(x, weight) if residual is None else residual.addmm_(x, weight)
-
-
-def _step(
-    weights: tuple,
-    keys: Sequence[Tensor],
-    values: Sequence[Tensor],
-    token: Tensor,
-    slot: Tensor,
-    span: int,
-    cos: Tensor,
-    sin: Tensor,
-    mask: Tensor | None,
-) -> Tensor:
-    """One token per row through a TransformerLM: (B,) tokens -> (B, V) logits; its keys/values go to `slot`.
-
-    weights: `_decode_weights`. keys/values: the cache's layers, each (B, heads, L, head_dim) (separate tensors, not
-    one: torch.compile then writes them in place instead of copying the whole cache). Attention reads the first
-    `span` cache slots; `mask` (bool, True = may attend) hides pad keys (and, for a static span, unwritten slots).
-    cos/sin: RoPE at each row's position, (B or 1, 1, head_dim), the sign of rotate_half folded into `sin`.
-
-    The math of `TransformerLM.forward`, in fewer kernels: no nn.Module calls, q and k rotated together, the
-    residual adds fused into the output matmuls, the keys/values written in place with `index_copy_`.
-    """
-    emb, layers, (norm, eps), to_logits = weights
-    x = F.embedding(token, emb)  # (B, dim): the residual stream
-    b, dim = x.shape
-    heads, half = keys[0].shape[1], keys[0].shape[-1] // 2
-    for (attn_norm, attn_eps, to_qkv, to_out, ff_norm, ff_eps, to_gate_up, ff_out), k_cache, v_cache in zip(
-        layers, keys, values, strict=True
-    ):
-        qkv = _linear(F.rms_norm(x, (dim,), attn_norm, attn_eps), to_qkv)
-        qk = qkv[:, : 2 * dim].view(b, 2 * heads, 2 * half)  # q and k heads side by side: one RoPE for both
-        qk = rope(qk, cos, sin)
-        k_cache.index_copy_(2, slot, qk[:, heads:, None])
-        v_cache.index_copy_(2, slot, qkv[:, 2 * dim :].view(b, heads, 1, 2 * half))
-        k, v = k_cache.narrow(2, 0, span), v_cache.narrow(2, 0, span)
-        out = attend(qk[:, :heads, None], k, v, mask, False, 0.0)  # (B, heads, 1, head_dim)
-        x = _linear(out.view(b, dim), to_out, x)
-        gate, up = _linear(F.rms_norm(x, (dim,), ff_norm, ff_eps), to_gate_up).chunk(2, dim=-1)
-        x = _linear(F.silu(gate).mul_(up), ff_out, x)
-    return _linear(F.rms_norm(x, (dim,), norm, eps), to_logits)
-
-
-def _static_step(
-    weights: tuple,
-    keys: Sequence[Tensor],
-    values: Sequence[Tensor],
-    token: Tensor,
-    slot: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    key_valid: Tensor | None,
-) -> Tensor:
-    """`_step` with every shape fixed, for torch.compile and CUDA graphs: the position is a tensor, attention spans
-    the whole cache and the mask hides the slots after `slot`. cos/sin: tables (B or 1, L, 1, head_dim)."""
-    span = keys[0].shape[-2]
-    mask = (torch.arange(span, device=slot.device) <= slot).view(1, 1, 1, span)
-    mask = mask if key_valid is None else mask & key_valid  # (B or 1, 1, 1, L)
-    cos, sin = cos.index_select(1, slot).squeeze(1), sin.index_select(1, slot).squeeze(1)
-    return _step(weights, keys, values, token, slot, span, cos, sin, mask)
-
-
-_compiled_static_step: Callable | None = None  # one torch.compile for the process: its graphs are reused
-
-# CPU fp32/bf16: from 2 rows on, oneDNN-prepacked matmul weights make decoding 1.1-1.5x faster; at 1 row they are
-# slower than MKL's plain GEMV (measured on a 2-core EPYC, this model size; benchmarks/generate.py)
-PACK_MIN_BATCH = 2
-_packed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (key, weights): packed once, reused
-
-
-def _decode_weights(model: TransformerLM, batch: int, pack: bool) -> tuple:
-    """The tensors `_step` reads: (embedding, per-layer tuples, (final norm, eps), logits weight). Matmul weights
-    are W.T views, or on CPU from PACK_MIN_BATCH rows on W prepacked for oneDNN (cached while the weights are
-    unchanged: packing costs milliseconds, a small batch's whole generation)."""
-    blocks = model.blocks
-    linears = [m for b in blocks for m in (b.attn.to_qkv, b.attn.to_out, b.ff.to_gate_up, b.ff.to_out)]
-    linears.append(model.to_logits)
-    w = linears[0].weight
-    pack = (
-        pack
-        and w.device.type == "cpu"
-        and w.dtype in (torch.float32, torch.bfloat16)
-        and batch >= PACK_MIN_BATCH
-        and ONEDNN_LINEAR
-    )
-    if pack:  # the batch size is only a hint to oneDNN: from 2 rows on it picks the same layout, so one copy serves all
-        key = tuple((m.weight.data_ptr(), m.weight._version) for m in linears)
-        cached = _packed.get(model)
-        if cached is None or cached[0] != key:
-            _packed[model] = cached = (key, [torch.ops.mkldnn._reorder_linear_weight(m.weight, batch) for m in linears])
-        mats = cached[1]
-    else:
-        mats = [m.weight.t() for m in linears]  # x @ W.T without a transpose per call
-    layers = tuple(
-        (b.attn_norm.weight, b.attn_norm.eps, *mats[4 * i : 4 * i + 2], b.ff_norm.weight, b.ff_norm.eps)
-        + tuple(mats[4 * i + 2 : 4 * i + 4])
-        for i, b in enumerate(blocks)
-    )
-    return model.token_emb.weight, layers, (model.norm.weight, model.norm.eps), mats[-1]
-
-
-class _DecodeStep:
-    """`TransformerLM` decode step: (B,) tokens -> (B, V) logits, keys/values into a preallocated `KVCache`.
-
-    Everything that does not change from token to token is done once: the weights' transposes, RoPE's cos/sin for
-    every row and slot, the key-padding mask. decode: "eager" runs `_step` directly (attention over the filled
-    slots only); "compile" runs `torch.compile(_static_step)` (opt-in: on CPU it did not pay, benchmarks/generate.py
-    --compile); "cuda_graph" (CUDA only) captures `_static_step` once and replays it.
-    """
-
-    def __init__(
-        self, model: TransformerLM, cache: KVCache, positions: Tensor, key_valid: Tensor | None, decode: DecodeMode
-    ):
-        if decode not in ("eager", "compile", "cuda_graph"):
-            raise ValueError(f"decode must be 'eager', 'compile' or 'cuda_graph', got {decode!r}")
-        if decode == "cuda_graph" and positions.device.type != "cuda":
-            raise ValueError(f"decode='cuda_graph' needs a CUDA device, got {positions.device}")
-        self.cache, self.decode = cache, decode
-        self.weights = _decode_weights(model, cache.shape[1], pack=decode == "eager")
-        # RoPE as TransformerLM.forward computes it, for every slot at once: (B or 1, L, 1, head_dim)
-        cos, sin = rope_tables(positions, model.inv_freq, model.token_emb.weight.dtype)
-        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-        self.cos, self.sin = (cos, sin) if cos.dim() == 4 else (cos.unsqueeze(0), sin.unsqueeze(0))
-        self.key_valid = None if key_valid is None else key_valid[:, None, None, :]  # (B, 1, 1, L)
-        self.slots = torch.arange(positions.shape[-1], device=positions.device)
-        self.graph: torch.cuda.CUDAGraph | None = None
-
-    def __call__(self, token: Tensor) -> Tensor:
-        c = self.cache
-        n = c.length
-        if self.decode == "eager":
-            mask = None if self.key_valid is None else self.key_valid[..., : n + 1]
-            cos, sin = self.cos[:, n], self.sin[:, n]
-            keys, values = c.keys.unbind(0), c.values.unbind(0)
-            logits = _step(self.weights, keys, values, token, self.slots[n : n + 1], n + 1, cos, sin, mask)
-        elif self.decode == "compile":
-            global _compiled_static_step
-            if _compiled_static_step is None:
-                _compiled_static_step = torch.compile(_static_step, fullgraph=True, dynamic=False)
-            slot, keys, values = self.slots[n : n + 1], c.keys.unbind(0), c.values.unbind(0)
-            logits = _compiled_static_step(self.weights, keys, values, token, slot, self.cos, self.sin, self.key_valid)
-        else:
-            logits = self._replay(token, n)
-        c.length = n + 1
-        return logits
-
-    def _replay(self, token: Tensor, n: int) -> Tensor:
-        """CUDA graph of `_static_step`: captured at the first step, then one launch per token. The inputs are
-        copied into fixed buffers; the logits buffer is overwritten by the next replay (callers consume it first).
-        Not tested on a GPU (the machines this was written on have none)."""
-        if self.graph is None:
-            c = self.cache
-            self.token, self.slot = token.clone(), self.slots[n : n + 1].clone()
-            keys, values = c.keys.unbind(0), c.values.unbind(0)
-            args = (self.weights, keys, values, self.token, self.slot, self.cos, self.sin, self.key_valid)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up outside the graph; it writes slot n, which every replay rewrites
-                _static_step(*args)
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = _static_step(*args)
-        self.token.copy_(token)
-        self.slot.fill_(n)
-        self.graph.replay()
-        return self.logits
-
-    def reorder(self, rows: Tensor) -> None:
-        """Beam search: per-row tables follow their rows, in place (a captured graph keeps its addresses)."""
-        if self.graph is not None and self.cache.keys.shape[1] != self.token.shape[0]:
-            self.graph = None  # the cache was reallocated for a new batch size: capture again
-        for name in ("cos", "sin", "key_valid"):
-            table = getattr(self, name)
-            if table is None or table.shape[0] == 1:
-                continue
-            if table.shape[0] == len(rows):
-                table.copy_(table.index_select(0, rows))
-            else:
-                setattr(self, name, table.index_select(0, rows))
-
-
 def _float(logits: Tensor) -> Tensor:
     # sample and score in at least fp32 (bf16 autocast logits), keep fp64 when the model runs in it
     return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
@@ -551,8 +343,8 @@ def generate(
     applied in turn with their contrastive_decode_kwargs (default alpha=0.1, beta=0.5); disables the filter as
     the seed does. restrict_to_max_seq_len: for cache-less modules with `max_seq_len`, feed only that many last
     tokens (the seed's sliding window; our model uses RoPE and a cache sized for the whole sequence instead).
-    decode: how a TransformerLM's single-token step runs: "eager" (fused kernels, the default), "compile"
-    (torch.compile; on a 2-core CPU slower than eager, and seconds of compiling per shape) or "cuda_graph" (CUDA).
+    decode: how a TransformerLM's single-token step runs: "eager" (fused kernels, the default) or "compile"
+    (torch.compile; on a 2-core CPU slower than eager, and seconds of compiling per shape).
     """
     model = _unwrap(model)
     amateurs = () if amateur_model is None else tuple(map(_unwrap, _as_tuple(amateur_model)))
@@ -744,110 +536,3 @@ def _beam_loop(
     )
     pool_lens = torch.cat((pool_lens, torch.full_like(scores, t + 1, dtype=torch.long)), dim=1).gather(1, keep)
     return pool_tokens[..., : int(pool_lens.max())], pool_scores
-
-
-# --------------------------------------------------------------------------------------------------------------
-# the seed's wrapper
-
-
-class AutoregressiveWrapper(nn.Module):
-    """x-transformers' `AutoregressiveWrapper` surface: `generate`, `beam_search` and the next-token loss.
-
-    Differences from the seed, all fixes: variable-length prompts are masked instead of attended as pads,
-    beam search supports eos, `generator` makes sampling reproducible. Prompts may be (B, N) or (N,).
-    """
-
-    def __init__(self, net: nn.Module, ignore_index: int = -100, pad_value: int = 0):
-        super().__init__()
-        self.net, self.ignore_index, self.pad_value = net, ignore_index, pad_value
-        config = getattr(net, "config", None)
-        self.max_seq_len = getattr(net, "max_seq_len", getattr(config, "max_seq_len", None))
-
-    def generate(
-        self,
-        prompts: Prompts,
-        seq_len: int,
-        eos_token: int | None = None,
-        temperature: float = 1.0,
-        prompt_lens: Tensor | None = None,
-        filter_logits_fn: str | FilterFn = top_k,  # the seed's default
-        restrict_to_max_seq_len: bool = True,
-        amateur_model: nn.Module | Sequence[nn.Module] | None = None,
-        filter_kwargs: dict | None = None,
-        contrastive_decode_kwargs: dict | Sequence[dict] | None = None,
-        cache_kv: bool = True,
-        generator: torch.Generator | None = None,
-        padding_side: Literal["left", "right"] = "right",
-    ) -> Tensor:
-        single = isinstance(prompts, Tensor) and prompts.dim() == 1
-        out = generate(
-            self.net,
-            prompts.unsqueeze(0) if single else prompts,
-            seq_len,
-            temperature=temperature,
-            filter_logits_fn=filter_logits_fn,
-            filter_kwargs=filter_kwargs,
-            eos_token=eos_token,
-            pad_id=self.pad_value,
-            prompt_lens=prompt_lens,
-            padding_side=padding_side,
-            cache_kv=cache_kv,
-            generator=generator,
-            amateur_model=amateur_model,
-            contrastive_decode_kwargs=contrastive_decode_kwargs,
-            restrict_to_max_seq_len=restrict_to_max_seq_len,
-        )
-        return out[0] if single else out
-
-    def beam_search(
-        self,
-        prompts: Prompts,
-        seq_len: int,
-        beams: int = 4,
-        return_beams_and_scores: bool = False,
-        eos_token: int | None = None,
-        temperature: float = 1.0,
-        stochastic: bool = False,
-        prompt_lens: Tensor | None = None,
-        filter_logits_fn: str | FilterFn | None = identity,
-        restrict_to_max_seq_len: bool = True,
-        filter_kwargs: dict | None = None,
-        cache_kv: bool = True,
-        length_penalty: float = 1.0,
-        generator: torch.Generator | None = None,
-        padding_side: Literal["left", "right"] = "right",
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        single = isinstance(prompts, Tensor) and prompts.dim() == 1
-        result = beam_search(
-            self.net,
-            prompts.unsqueeze(0) if single else prompts,
-            seq_len,
-            beams,
-            eos_token=eos_token,
-            length_penalty=length_penalty,
-            return_beams_and_scores=return_beams_and_scores,
-            temperature=temperature,
-            stochastic=stochastic,
-            filter_logits_fn=filter_logits_fn,
-            filter_kwargs=filter_kwargs,
-            pad_id=self.pad_value,
-            prompt_lens=prompt_lens,
-            padding_side=padding_side,
-            cache_kv=cache_kv,
-            generator=generator,
-            restrict_to_max_seq_len=restrict_to_max_seq_len,
-        )
-        if not single:
-            return result
-        if return_beams_and_scores:
-            return result[0][:, 0], result[1][:, 0]
-        return result[0]
-
-    def forward(self, x: Tensor, return_outputs: bool = False, lens: Tensor | None = None):
-        """Next-token cross-entropy over (B, N) tokens; positions >= lens (or equal to ignore_index) are ignored."""
-        if lens is not None:
-            x = x.masked_fill(torch.arange(x.shape[1], device=x.device) >= lens.unsqueeze(-1), self.ignore_index)
-        inp, target = x.masked_fill(x == self.ignore_index, self.pad_value), x[:, 1:]
-        logits = self.net(inp)[:, :-1]
-        loss = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=self.ignore_index)
-        return (loss, logits) if return_outputs else loss

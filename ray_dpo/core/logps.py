@@ -1,4 +1,4 @@
-"""Per-token log-probs of scored targets without the (B, N, V) logits tensor (issue #13; the #16 FLOP lever).
+"""Per-token log-probs of scored targets without the (B, N, V) logits tensor.
 
 The plain path, `token_logps(model(tokens), targets)`, keeps fp32 logits for every position: at a 128k vocabulary
 and 4 x 2048 tokens that is ~8 GB per micro-batch, and as much again for their gradient. Here the model body runs to
@@ -17,7 +17,9 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
-from .model import SharedPrefixMask, TransformerLM, onednn_mm_t, use_onednn
+from ray_dpo.core.attention import SharedPrefixMask
+from ray_dpo.core.kernels import onednn_mm_t, use_onednn
+from ray_dpo.core.model import TransformerLM
 
 DEFAULT_CHUNK_SIZE = 1024  # rows per chunk: at V = 128k, 0.5 GB of fp32 logits (vs ~8 GB for 4 x 2048 tokens)
 

@@ -7,9 +7,9 @@ setup   resolve the reward function (`eval.reward_fn`, "module:function") and th
 run     1. `generate_samples`: an actor pool (`map_batches` with a callable class) in which every actor loads both
            models once and, per batch of held-out prompts (token rows of the validation split: the rows the policy
            never trained on), decodes a response from each (`eval.*`: greedy, temperature, top-k/p, min-p, top-a or
-           beam search), then scores BOTH responses under BOTH models (`ray_dpo.dpo.score_batch`, the trainer's
+           beam search), then scores BOTH responses under BOTH models (`ray_dpo.core.pairs.score_batch`, the trainer's
            pair scoring) and, with a reward function, rewards them (prompt text = the decoded prompt tokens).
-        2. `score_preferences`: the pair-scoring pool (`ray_dpo.reference.score_pairs_pool`) scores the held-out
+        2. `score_preferences`: the pair-scoring pool (`ray_dpo.stages.reference.score_pairs_pool`) scores the held-out
            preference pairs under both models, for the implicit-reward accuracy.
 save    `eval/*` metrics, the samples as an MLflow table (`eval/samples.json`) and a side-by-side HTML page
         (`eval/samples.html`) that the MLflow UI renders in the run's Artifacts tab.
@@ -51,14 +51,15 @@ import torch
 from ray.train import Checkpoint
 from torch import Tensor, nn
 
-from ray_dpo import models, tracking
 from ray_dpo.config import Config, EvalConfig
-from ray_dpo.data import collate_preferences
-from ray_dpo.dpo import default_reduction, score_batch
-from ray_dpo.encoding import fit_prompt_rows
+from ray_dpo.core.encoding import fit_prompt_rows
+from ray_dpo.core.losses import default_reduction
+from ray_dpo.core.pairs import score_batch
+from ray_dpo.core.sampling import beam_search, generate
 from ray_dpo.errors import UserError
-from ray_dpo.generate import beam_search, generate
-from ray_dpo.reference import map_batches_no_restarts, score_pairs_pool
+from ray_dpo.stages import models, tracking
+from ray_dpo.stages.data import collate_preferences
+from ray_dpo.stages.reference import map_batches_no_restarts, score_pairs_pool
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 SAMPLES_TABLE = "eval/samples.json"

@@ -3,7 +3,7 @@
     result = run_sweep(load_config("configs/sweep.yaml"))   # -> SweepResult(best_config_path, parent_run_id, ...)
 
 Layout (Ray 2.60, Train V2): a Tune FUNCTION trainable (`_trial`) builds and fits a TorchTrainer through
-`ray_dpo.train.train_dpo` with `TuneReportCallback` in the trainer's RunConfig, so every validation report of rank 0
+`stages.train.train_dpo` with `TuneReportCallback` in the trainer's RunConfig, so every validation report of rank 0
 reaches Tune (and ASHA) while training runs. Shared work happens once in the sweep driver: data loading, the SFT
 warm start / reference checkpoint, the eval prompts; trials get the materialized datasets via `tune.with_parameters`.
 
@@ -28,9 +28,10 @@ from typing import Any
 import ray
 from ray import tune
 
-from ray_dpo import recipe, tracking
+from ray_dpo import recipe
 from ray_dpo.config import Config, ConfigError, config_from_dict, flatten, save_config
-from ray_dpo.console import Console
+from ray_dpo.recipe.console import Console
+from ray_dpo.stages import tracking
 
 logger = logging.getLogger(__name__)
 FAIL_ENV = "RAY_DPO_SWEEP_FAIL"  # a marker path: the first trial to start makes it and raises (retry/restore tests)
@@ -315,8 +316,8 @@ def _trial(
     """One trial: a nested MLflow run, DPO from the shared reference (Train reports flow to Tune), then eval."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from ray_dpo.evaluate import evaluate
-    from ray_dpo.train import train_dpo
+    from ray_dpo.stages.evaluate import evaluate
+    from ray_dpo.stages.train import train_dpo
 
     trial_id = tune.get_context().get_trial_id()
     base = config_from_dict(shared["config"])

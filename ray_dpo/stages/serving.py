@@ -4,7 +4,7 @@
     model, tokenizer = load_registered_model(model_uri, uri)
     mlflow.pyfunc.load_model(...).predict(["sort: qbdka ="])                    # greedy continuations
 
-Prompts are encoded as in training (`ray_dpo.encoding.encode_prompt`) and decoded with `ray_dpo.generate`.
+Prompts are encoded as in training (`ray_dpo.core.encoding.encode_prompt`) and decoded with `ray_dpo.core.sampling`.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ray_dpo import models
-from ray_dpo.tracking import TrackingError, client, one_line
+from ray_dpo.stages import models
+from ray_dpo.stages.tracking import TrackingError, client, one_line
 
 if TYPE_CHECKING:
-    from ray_dpo.model import TransformerLM
-    from ray_dpo.tokenizer import ByteTokenizer, HFTokenizer
+    from ray_dpo.core.model import TransformerLM
+    from ray_dpo.core.tokenizer import ByteTokenizer, HFTokenizer
 
 POLICY_FILES = ("model.safetensors", "model_config.json", "tokenizer.json")  # what a served policy needs
 POLICY_ARTIFACT = "policy"  # key of the checkpoint files inside the logged MLflow model
@@ -32,7 +32,7 @@ POLICY_ARTIFACT = "policy"  # key of the checkpoint files inside the logged MLfl
 _MODEL_CODE = """\
 import mlflow
 
-from ray_dpo.serving import make_policy_pyfunc
+from ray_dpo.stages.serving import make_policy_pyfunc
 
 mlflow.models.set_model(make_policy_pyfunc())
 """
@@ -48,8 +48,8 @@ def greedy_continuations(
     """
     import torch
 
-    from ray_dpo.encoding import encode_prompt
-    from ray_dpo.generate import generate
+    from ray_dpo.core.encoding import encode_prompt
+    from ray_dpo.core.sampling import generate
 
     max_new_tokens = max(1, min(int(max_new_tokens), model.config.max_seq_len - 1))
     room = model.config.max_seq_len - max_new_tokens
@@ -82,7 +82,7 @@ def _as_prompts(model_input: Any) -> list[str]:
 def make_policy_pyfunc():
     """A `mlflow.pyfunc.PythonModel` serving the policy: list of prompts -> list of greedy continuations.
 
-    Built in a function so `import ray_dpo.tracking` does not import mlflow.
+    Built in a function so `import ray_dpo.stages.tracking` does not import mlflow.
     """
     import mlflow.pyfunc
 
@@ -91,8 +91,8 @@ def make_policy_pyfunc():
 
     class PolicyModel(mlflow.pyfunc.PythonModel):
         def load_context(self, context) -> None:
-            from ray_dpo.checkpoint import load_model
-            from ray_dpo.tokenizer import load_tokenizer
+            from ray_dpo.core.checkpoint import load_model
+            from ray_dpo.core.tokenizer import load_tokenizer
 
             policy_dir = context.artifacts[POLICY_ARTIFACT]
             self.model = load_model(policy_dir).eval()
@@ -271,8 +271,8 @@ def load_registered_model(
     model_uri: str, tracking_uri: str, device: str = "cpu"
 ) -> tuple[TransformerLM, ByteTokenizer | HFTokenizer]:
     """Download `model_uri` and rebuild our `TransformerLM` (safetensors, never pickle) and its tokenizer."""
-    from ray_dpo.checkpoint import load_model
-    from ray_dpo.tokenizer import load_tokenizer
+    from ray_dpo.core.checkpoint import load_model
+    from ray_dpo.core.tokenizer import load_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="ray-dpo-download-") as tmp:
         policy = _find_policy_dir(download_model(model_uri, tracking_uri, tmp))

@@ -7,7 +7,7 @@
 `--address` / `RAY_ADDRESS`; an already running Ray is used as it is), synthetic data when asked for, and the
 MLflow run: created, or resumed when the same name ran before (its id is kept in the run directory), the config
 logged as an artifact; FINISHED at the end, FAILED on any error. `pipelines/align.py`, `pipelines/sweep.py` (via
-`ray_dpo.sweep.run_sweep`) and `pipelines/evaluate.py` all go through it.
+`ray_dpo.recipe.sweep.run_sweep`) and `pipelines/evaluate.py` all go through it.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from typing import Any, Literal
 import torch
 from ray.train import Checkpoint
 
-from ray_dpo import storage, tracking
 from ray_dpo.config import Config, ConfigError, flatten, save_config
-from ray_dpo.console import Console
-from ray_dpo.dpo import default_reduction
+from ray_dpo.core.losses import default_reduction
+from ray_dpo.core.tokenizer import PretrainedTokenizer, Tokenizer, load_tokenizer
 from ray_dpo.errors import UserError
-from ray_dpo.tokenizer import PretrainedTokenizer, Tokenizer, load_tokenizer
+from ray_dpo.recipe.console import Console
+from ray_dpo.stages import storage, tracking
 
 RunKind = Literal["align", "sweep", "eval"]
 RUN_ID_FILE = "mlflow_run_id"
@@ -143,7 +143,7 @@ def _check_hf_model(c: Config) -> Tokenizer:
     if positions is not None and c.data.max_len > positions:
         raise ConfigError(f"config: data.max_len={c.data.max_len} exceeds the model's {positions} positions")
     if c.model.lora_r:
-        from ray_dpo.models import lora_targets_match
+        from ray_dpo.stages.models import lora_targets_match
 
         with torch.device("meta"):  # the module tree, no memory
             skeleton = AutoModelForCausalLM.from_config(hf_config)
@@ -188,7 +188,7 @@ def staged(config: Config, *parts: str) -> tuple[str, ...]:
 def write_synthetic(config: Config, run_dir: Path) -> None:
     """`data.synthetic=sort`: write the demo task, stage it in the run's storage (read tasks run on any node) and
     use it wherever the config leaves a path unset."""
-    from ray_dpo.demo import write_sort_task
+    from ray_dpo.recipe.demo import write_sort_task
 
     local = write_sort_task(run_dir / "data" / "sort", rows=config.data.synthetic_rows, seed=config.data.seed)
     files = storage.stage_directory(run_dir / "data" / "sort", config.train.storage_path, *staged(config, "sort"))
@@ -305,7 +305,7 @@ def _open_mlflow_run(config, kind, run_dir, run_name, tags, uri, params) -> str:
 def load_data(run: Run):
     """Tokenized train / val datasets; training order shuffled (seeded) unless length bucketing orders it.
     Validation is `data.val_path`, else the `data.val_fraction` held out of the training file."""
-    from ray_dpo.data import bucket_by_length, read_preferences, split_train_val
+    from ray_dpo.stages.data import bucket_by_length, read_preferences, split_train_val
 
     d = run.config.data
     kwargs = dict(
@@ -344,8 +344,8 @@ def starting_weights(run: Run) -> Checkpoint:
     a seeded fresh TransformerLM, then the SFT warm start when `sft.path` is set), saved once with the tokenizer and
     staged in the run's storage: every rank and actor loads the same reference from it, on any node, and a re-run
     of the same run name reuses it."""
-    from ray_dpo import models
-    from ray_dpo.model import TransformerLM
+    from ray_dpo.core.model import TransformerLM
+    from ray_dpo.stages import models
 
     config, console = run.config, run.console
     storage_path = config.train.storage_path
@@ -371,8 +371,8 @@ def starting_weights(run: Run) -> Checkpoint:
         torch.manual_seed(config.train.seed)
         model = TransformerLM(config.model.transformer_config())
     if config.sft.path is not None:
-        from ray_dpo.data import read_sft
-        from ray_dpo.train import train_sft
+        from ray_dpo.stages.data import read_sft
+        from ray_dpo.stages.train import train_sft
 
         models.save(run.run_dir / "sft-init", model, tokenizer=run.tokenizer)
         start = storage.stage_directory(run.run_dir / "sft-init", storage_path, *staged(config, "sft-init"))
@@ -408,7 +408,7 @@ def starting_weights(run: Run) -> Checkpoint:
 
 def precompute_reference(run: Run, datasets: list, reference: Checkpoint) -> list:
     """`dpo.reference=precomputed`: reference log-probs as columns of every dataset (one actor-pool pass)."""
-    from ray_dpo.reference import add_reference_logps
+    from ray_dpo.stages.reference import add_reference_logps
 
     d = run.config.dpo
     reduction = default_reduction(d.loss_type, d.reduction)
@@ -420,7 +420,7 @@ def evaluate_policy(
     run: Run, policy: str | Checkpoint, reference: str | Checkpoint, prompts_ds, pairs_ds
 ) -> dict[str, float]:
     """Policy vs reference on held-out prompts (the `prompt` token rows of `prompts_ds`) and pairs; logged."""
-    from ray_dpo.evaluate import evaluate
+    from ray_dpo.stages.evaluate import evaluate
 
     e = run.config.eval
     run.console.stage(f"eval: policy vs reference on {e.num_prompts} held-out prompts ({e.concurrency} actors)")
@@ -448,7 +448,7 @@ class AlignResult:
 def align(run: Run) -> AlignResult:
     """The align recipe: data -> starting weights (SFT) -> (reference pass) -> DPO training -> evaluation on the
     validation split (rows the policy never trained on) -> the final checkpoint and the registered model."""
-    from ray_dpo.train import train_dpo
+    from ray_dpo.stages.train import train_dpo
 
     config, uri = run.config, run.tracking_uri
     train_ds, val_ds = load_data(run)
@@ -472,13 +472,13 @@ def align(run: Run) -> AlignResult:
     with storage.local_directory(trained.checkpoint) as final:
         tracking.log_artifact(uri, run.run_id, final, "checkpoints/final")
         if config.model.hf_path is not None:  # your model back, in its own format (LoRA merged; the adapter too)
-            from ray_dpo.serving import export_hf
+            from ray_dpo.stages.serving import export_hf
 
             exported = export_hf(final, run.run_dir / "export")
             tracking.log_artifact(uri, run.run_id, run.run_dir / "export", "export")
             run.console.stage(f"export: {exported['model']} (a Hugging Face model directory; MLflow: export/)")
         if config.tracking.registered_model:
-            from ray_dpo.serving import register_model
+            from ray_dpo.stages.serving import register_model
 
             model_uri = register_model(uri, run.run_id, final, config.tracking.registered_model)
             run.console.stage(f"registered: {model_uri}")
@@ -495,7 +495,7 @@ def evaluate_checkpoints(
 ) -> dict[str, float]:
     """Evaluate a policy checkpoint against a reference (`pipelines/evaluate.py`). Prompts and pairs default to the
     config's validation split (`data.val_path`, or the `data.val_fraction` held out of `data.train_path`)."""
-    from ray_dpo.data import read_preferences, read_prompts
+    from ray_dpo.stages.data import read_preferences, read_prompts
 
     c = run.config
     if pairs_path is not None:

@@ -23,9 +23,9 @@ import torch
 from ray.train import Checkpoint
 from torch import nn
 
-from ray_dpo import checkpoint as ours
-from ray_dpo.storage import local_directory
-from ray_dpo.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
+from ray_dpo.core import checkpoint as ours
+from ray_dpo.core.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
+from ray_dpo.stages.storage import local_directory
 
 BASE_FILE = "base.json"  # an adapter directory's pointer to its base model (a URI every node opens)
 TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -86,7 +86,7 @@ def load(
 def skeleton(directory: str | Path) -> nn.Module:
     """The model a checkpoint directory describes, randomly initialised: what sharded (FSDP) weights load into."""
     if kind(directory) == "ours":
-        from ray_dpo.model import TransformerLM
+        from ray_dpo.core.model import TransformerLM
 
         return TransformerLM(ours.load_model_config(directory))
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -1,6 +1,6 @@
 """What a training worker optimises: a `Task` turns collated rows into (loss sum, metric sums, count, tokens).
 
-Two tasks run on the same loop (`ray_dpo.train.loop`): `dpo` (the preference loss of `ray_dpo.dpo.DPO`) and `sft`
+Two tasks run on the same loop (`train.loop`): `dpo` (the preference loss of `ray_dpo.core.dpo.DPO`) and `sft`
 (NLL of response tokens, the warm start that becomes the reference: the DPO paper's "Preferred-FT").
 Sums, not means: the loop divides by the count of the GLOBAL batch, so the loss does not depend on how rows are
 split over workers and micro-batches.
@@ -16,13 +16,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ray_dpo import models
-from ray_dpo.dpo import DPO, response_mask_from_lengths
-from ray_dpo.logps import LogpsModel, core_model, scored_logps
-from ray_dpo.train import parallel
+from ray_dpo.core.dpo import DPO
+from ray_dpo.core.logps import LogpsModel, core_model, scored_logps
+from ray_dpo.core.pairs import response_mask_from_lengths
+from ray_dpo.stages import models
+from ray_dpo.stages.train import parallel
 
 if TYPE_CHECKING:
-    from ray_dpo.train.loop import WorkerSpec
+    from ray_dpo.stages.train.loop import WorkerSpec
 
 DPO_METRICS = (
     "loss",
@@ -47,7 +48,7 @@ class Task:
 
 
 def dpo_task(spec: WorkerSpec, model: nn.Module, device: torch.device) -> Task:
-    from ray_dpo.data import PreferenceCollateFn  # imported on the worker: ray_dpo.data pulls in Ray Data
+    from ray_dpo.stages.data import PreferenceCollateFn  # imported on the worker: ray_dpo.stages.data pulls in Ray Data
 
     d, m, t = spec.config.dpo, spec.config.model, spec.config.train
     reference = None
@@ -96,7 +97,7 @@ def _sft_mask(batch: dict[str, Tensor]) -> Tensor:
 
 
 def sft_task(spec: WorkerSpec, model: nn.Module, device: torch.device) -> Task:
-    from ray_dpo.data import SFTCollateFn
+    from ray_dpo.stages.data import SFTCollateFn
 
     def score(batch: dict[str, Tensor], training: bool):
         batch = {k: v.to(device) for k, v in batch.items()}

@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from ray_dpo.logps import core_model
+from ray_dpo.core.logps import core_model
 
 SCHEDULER_FILE = "scheduler.json"
 

@@ -1,0 +1,25 @@
+"""Stage 1, data: Parquet -> validated, truncated, accounted token rows (`read`), their order and split (`order`), and
+the padded batches a training worker consumes (`batches`)."""
+
+from ray_dpo.stages.data.batches import (
+    PreferenceCollateFn,
+    SFTCollateFn,
+    collate_preferences,
+    collate_sft,
+)
+from ray_dpo.stages.data.order import bucket_by_length, split_train_val
+from ray_dpo.stages.data.read import DataError, DataStats, read_preferences, read_prompts, read_sft
+
+__all__ = [
+    "DataError",
+    "DataStats",
+    "PreferenceCollateFn",
+    "SFTCollateFn",
+    "bucket_by_length",
+    "collate_preferences",
+    "collate_sft",
+    "read_preferences",
+    "read_prompts",
+    "read_sft",
+    "split_train_val",
+]
