@@ -18,18 +18,21 @@ from pathlib import Path
 
 from ray_dpo import recipe
 from ray_dpo.config import load_config
-from ray_dpo.core.tokenizer import TOKENIZER_FILE
-from ray_dpo.errors import exit_on_user_error
+from ray_dpo.errors import exit_on_error
+from ray_dpo.recipe.checks import check_evaluation
 from ray_dpo.recipe.console import Console
-from ray_dpo.stages.evaluate import check_checkpoint, format_summary, load_reward_fn
+from ray_dpo.stages.evaluate import format_summary
+from ray_dpo.stages.tracking import redact
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
-@exit_on_user_error
+@exit_on_error
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="policy checkpoint directory (model.safetensors, ...)")
+    parser.add_argument(
+        "--checkpoint", required=True, help="policy checkpoint directory or URI (any kind align writes)"
+    )
     parser.add_argument("--reference", required=True, help="reference checkpoint directory")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/demo.yaml)")
     parser.add_argument("--prompts", default=None, help="Parquet with a prompt column (default: the validation split)")
@@ -40,22 +43,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="show Ray's and MLflow's own logs on the console")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)
-    checkpoint = check_checkpoint("--checkpoint", args.checkpoint)
-    reference = check_checkpoint("--reference", args.reference)
-    load_reward_fn(config.eval.reward_fn)
-    if (Path(checkpoint) / TOKENIZER_FILE).is_file():  # the tokenizer the policy was trained with
-        config.data.tokenizer = checkpoint
+    checked, checkpoint, reference = check_evaluation(config, args.checkpoint, args.reference)
     params = {"eval.policy_checkpoint": checkpoint, "eval.reference": reference}
     console = Console(verbose=args.verbose)
     with recipe.open_run(
-        config, address=args.address, kind="eval", run_id=args.run_id, params=params, console=console
+        config, address=args.address, kind="eval", run_id=args.run_id, params=params, console=console, checked=checked
     ) as run:
         metrics = recipe.evaluate_checkpoints(
             run, checkpoint, reference, prompts_path=args.prompts, pairs_path=args.pairs
         )
     print(format_summary(metrics))
     print(f"MLflow run:       {run.run_id}")
-    print(f"browse:           mlflow ui --backend-store-uri {run.tracking_uri}")
+    print(f"browse:           mlflow ui --backend-store-uri {redact(run.tracking_uri)}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Ray Tune sweep over DPO beta x learning rate: shared data + reference once, then one trial = train + eval.
+"""Ray Tune sweep over config keys (beta x lr, loss types, ...): data + reference once, each trial = train + eval.
 
     python pipelines/sweep.py [--config configs/sweep.yaml] [--address ADDR] [section.key=value ...]
 
@@ -13,10 +13,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from ray_dpo.config import flatten, load_config
-from ray_dpo.errors import exit_on_user_error
+from ray_dpo.config import load_config
+from ray_dpo.errors import exit_on_error
 from ray_dpo.recipe.console import Console
-from ray_dpo.recipe.sweep import run_sweep
+from ray_dpo.recipe.sweep import best_values, run_sweep
+from ray_dpo.stages.tracking import redact
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sweep.yaml"
 EXIT_INCOMPLETE = 1
@@ -31,7 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@exit_on_user_error
+@exit_on_error
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console(verbose=args.verbose)
@@ -44,13 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     if result.best_config is not None:
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in result.best_metrics.items())
         print(f"best trial:       {result.best_trial_id} ({metrics})")
-        flat = flatten(result.best_config.to_dict())
-        for key in result.best_config.tune.search_space:
-            print(f"  {key} = {flat[key]}")
+        for key, value in best_values(result).items():
+            print(f"  {key} = {value}")
         print(f"best config:      {result.best_config_path}")
         print(f"  align it:       python pipelines/align.py --config {result.best_config_path}")
     print(f"MLflow parent run: {result.parent_run_id}")
-    print(f"browse:           mlflow ui --backend-store-uri {result.tracking_uri}")
+    print(f"browse:           mlflow ui --backend-store-uri {redact(result.tracking_uri)}")
     incomplete = result.status_counts.get("errored", 0) + result.status_counts.get("unfinished", 0)
     if incomplete:
         print(f"{incomplete} trial(s) did not finish: re-run the same command to resume them", file=sys.stderr)

@@ -1,8 +1,10 @@
-"""Typed config: nested dataclasses, loaded from YAML with dotted command-line overrides (litgpt style).
+"""Typed config: nested frozen dataclasses, loaded from YAML with dotted command-line overrides (litgpt style).
 
     cfg = load_config("configs/demo.yaml", ["train.lr=3e-4", "dpo.beta=0.2"])
+    trial = override(cfg, {"dpo.beta": 0.5})          # a new, checked config; configs are never mutated
 
-Unknown keys and values of the wrong type raise `ConfigError` naming the key.
+Unknown keys and values of the wrong type raise `ConfigError` naming the key. No torch import here: a config is
+read and checked before anything heavy is imported.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ray_dpo.core.model import ModelConfig
+from ray_dpo.core.names import LossType, Reduction, ReferenceMode
 from ray_dpo.errors import UserError
 
 
@@ -24,10 +26,19 @@ class ConfigError(UserError):
     pass
 
 
-@dataclass
-class ModelSettings(ModelConfig):
-    """`model.*`: our TransformerLM's shape (ModelConfig's keys), or a Hugging Face causal LM of your own."""
+@dataclass(frozen=True)
+class ModelSettings:
+    """`model.*`: our TransformerLM's shape (`ray_dpo.core.model.ModelConfig`'s keys), or a Hugging Face causal LM."""
 
+    vocab_size: int = 259  # ByteTokenizer: 256 bytes + pad, bos, eos
+    max_seq_len: int = 512  # longest sequence RoPE tables and the KV cache are sized for
+    dim: int = 256  # residual stream width
+    depth: int = 4  # number of transformer blocks
+    heads: int = 4  # attention heads; dim must divide evenly into heads of even size
+    ff_mult: float = 4.0  # SwiGLU hidden width = 2/3 * ff_mult * dim, rounded up to a multiple of 32
+    dropout: float = 0.0  # residual and attention dropout (training only)
+    tie_embeddings: bool = True  # share the token embedding with the output projection
+    rope_base: float = 10_000.0  # RoPE frequency base
     # a directory (or hub id) `transformers.AutoModelForCausalLM.from_pretrained` reads; its tokenizer comes along
     # unless data.tokenizer names another. When set, the TransformerLM keys above are ignored.
     hf_path: str | None = None
@@ -37,12 +48,18 @@ class ModelSettings(ModelConfig):
     lora_target_modules: list[str] | str = "all-linear"  # module names (or PEFT's "all-linear") that get adapters
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
 
-    def transformer_config(self) -> ModelConfig:
-        """Our TransformerLM's own config (what its checkpoints store)."""
+    def __post_init__(self) -> None:
+        if self.dim % self.heads or (self.dim // self.heads) % 2:
+            raise ValueError(f"model.dim={self.dim} must split into {self.heads} heads of even size")
+
+    def transformer_config(self):
+        """Our TransformerLM's own `ModelConfig` (what its checkpoints store)."""
+        from ray_dpo.core.model import ModelConfig
+
         return ModelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)})
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     train_path: str | None = None  # Parquet file, directory, glob or URI with preference pairs
     val_path: str | None = None  # separate validation Parquet; if unset, `val_fraction` of train is held out
@@ -61,20 +78,23 @@ class DataConfig:
     seed: int = 0  # split and shuffle seed
 
 
-@dataclass
+@dataclass(frozen=True)
 class DPOConfig:
     beta: float = 0.1  # KL penalty strength: higher keeps the policy closer to the reference
-    loss_type: Literal["sigmoid", "robust", "ipo", "hinge", "sppo_hard", "nca_pair"] = "sigmoid"  # loss family
+    loss_type: LossType = "sigmoid"  # the loss family (README: Losses)
     label_smoothing: float = 0.0  # assumed label-noise rate (cDPO / robust); sigmoid and robust only
     rpo_alpha: float | None = None  # weight of an NLL term on chosen responses (RPO); None = off
-    reduction: Literal["sum", "mean"] | None = None  # sequence log-prob: sum (paper) or mean; None = per loss
+    reduction: Reduction | None = None  # sequence log-prob: sum (paper) or mean; None = per loss
     # live: a frozen reference model on each worker; precomputed: a log-prob pass first, trainers hold only the
     # policy; none: reference-free DPO (an implicit uniform reference)
-    reference: Literal["live", "precomputed", "none"] = "live"
+    reference: ReferenceMode = "live"
     prefix_sharing: bool = False  # run the shared prompt once per pair (packed [prompt, chosen, rejected])
+    reference_concurrency: int = 1  # actors of the precomputed reference pass (each loads the reference once)
+    reference_num_gpus: float | None = None  # GPUs per reference-pass actor; null: one when train.use_gpu
+    reference_batch_size: int = 32  # pairs per batch of the reference pass
 
 
-@dataclass
+@dataclass(frozen=True)
 class SFTConfig:
     path: str | None = None  # Parquet of (prompt, response) for a supervised warm start; None = skip SFT
     prompt_column: str = "prompt"  # column holding the prompt
@@ -84,7 +104,7 @@ class SFTConfig:
     batch_size: int = 32  # global SFT batch size
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     num_workers: int = 2  # Ray Train workers (DDP ranks)
     use_gpu: bool = False  # one GPU per worker (NCCL) instead of CPU (gloo)
@@ -108,6 +128,7 @@ class TrainConfig:
     seed: int = 0  # seeds model init, data order and dropout
     log_every: int = 10  # log train/* metrics to MLflow every this many steps (and at the end)
     eval_every: int = 50  # validation every this many steps (and at the end)
+    val_max_pairs: int | None = 2000  # validation pairs scored each time (the first of the split); null = all
     checkpoint_every: int = 100  # checkpoint every this many steps (and at the end)
     num_to_keep: int = 2  # checkpoints kept on storage (plus, briefly, the one being uploaded)
     max_failures: int = 1  # worker-group restarts from the latest checkpoint before giving up
@@ -115,7 +136,7 @@ class TrainConfig:
     storage_path: str = "outputs/ray"  # checkpoints and run state (local dir, NFS or s3://)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     enabled: bool = True  # generate from policy and reference after training
     num_prompts: int = 64  # held-out prompts to sample
@@ -127,13 +148,14 @@ class EvalConfig:
     # responses SAMPLED from each model per prompt (temperature 1, no filter) for the KL(policy||reference) and
     # reward estimates with standard errors (decoding above is for the samples table); 0 = no KL estimate
     kl_samples: int = 4
-    batch_size: int = 16  # prompts per generation batch in each actor
-    concurrency: int = 1  # generation actors
-    num_gpus: float = 0.0  # GPUs per generation actor
+    batch_size: int = 16  # rows (prompts or pairs) per batch in each actor
+    concurrency: int = 1  # evaluation actors (each loads the policy and the reference once)
+    num_gpus: float | None = None  # GPUs per evaluation actor; null: one when train.use_gpu
+    max_pairs: int = 2000  # held-out pairs scored for the implicit-reward accuracy (the first ones); 0 = none
     reward_fn: str | None = None  # "module:function"(prompts, responses) -> list[float]; None = no rewards
 
 
-@dataclass
+@dataclass(frozen=True)
 class TuneConfig:
     name: str = "ray-dpo-sweep"  # sweep name: re-running with the same name resumes it
     metric: str = "val/rewards/accuracies"  # metric to rank trials (and for ASHA)
@@ -153,7 +175,7 @@ class TuneConfig:
     max_failures: int = 1  # retries of a failed trial within the sweep (resumes its Train checkpoint); then re-run
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrackingConfig:
     uri: str | None = None  # MLflow tracking URI; MLFLOW_TRACKING_URI wins; default sqlite:///<output_dir>/mlflow.db
     experiment: str = "ray-dpo"  # MLflow experiment name
@@ -161,7 +183,7 @@ class TrackingConfig:
     registered_model: str | None = "ray-dpo-policy"  # register the final policy under this name; None = skip
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     output_dir: str = "outputs"  # local outputs (MLflow SQLite store, generated data); made absolute
     model: ModelSettings = field(default_factory=ModelSettings)
@@ -287,6 +309,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def config_from_dict(values: dict[str, Any]) -> Config:
     return _build(Config, values, "")
+
+
+def override(config: Config, values: dict[str, Any], *, where: str = "config") -> Config:
+    """A new config: `config` with dotted keys set (`{"train.lr": 1e-4}`), checked like a loaded one. `where` names
+    the setting in errors (e.g. `tune.search_space`)."""
+    nested = config.to_dict()
+    for key, value in values.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"config: {where}: unknown key '{key}'")
+            node = node[part]
+        if leaf not in node:
+            raise ConfigError(f"config: {where}: unknown key '{key}'")
+        node[leaf] = value.item() if hasattr(value, "item") else value  # numpy scalars (Tune samplers)
+    return config_from_dict(nested)
 
 
 def save_config(config: Config, path: str | Path) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ray_dpo.errors import UserError, find_user_error
+from ray_dpo.errors import UserError, find_user_error, root_cause
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -39,6 +39,7 @@ def test_align_end_to_end_tiny(ray_session, tmp_path):
     from mlflow import MlflowClient
 
     from ray_dpo.core.checkpoint import load_model
+    from ray_dpo.core.encoding import Encoding
     from ray_dpo.core.tokenizer import ByteTokenizer
     from ray_dpo.recipe.demo import write_sort_task
     from ray_dpo.stages.data import read_preferences, split_train_val
@@ -82,16 +83,16 @@ def test_align_end_to_end_tiny(ray_session, tmp_path):
 
     # held out: the evaluated prompts are exactly the validation split's, none of the rows trained on
     tok = ByteTokenizer()
-    pairs, _ = read_preferences(files["train"], tokenizer=tok, max_len=64, max_prompt_len=32)
+    pairs, _ = read_preferences(files["train"], encoding=Encoding(tok, max_len=64, max_prompt_len=32))
     train_rows, val_rows = split_train_val(pairs, 0.25, seed=0)
     prompt_texts = lambda ds: {tok.decode(row["prompt"]) for row in ds.take_all()}
     samples = load_table(uri, run.info.run_id, SAMPLES_TABLE)
     assert sorted(samples["prompt"]) == sorted(prompt_texts(val_rows)) and len(samples) == 40
     assert not set(samples["prompt"]) & prompt_texts(train_rows)
 
-    policy, tokenizer = load_registered_model(model_uri, uri)
+    policy, encoding = load_registered_model(model_uri, uri)
     expected = load_model(checkpoint).eval()
-    tokens = torch.tensor([[tokenizer.bos_id, *tokenizer.encode("sort: dcba")]])
+    tokens = torch.tensor([encoding.prompt("sort: dcba", room=64)])
     with torch.no_grad():
         torch.testing.assert_close(policy.eval()(tokens), expected(tokens), atol=0, rtol=0)
 
@@ -174,3 +175,4 @@ def test_find_user_error_unwraps_ray_errors():
     wrapped.worker_failures[1].__cause__ = cause
     assert find_user_error(wrapped) is cause
     assert find_user_error(RuntimeError("no user error")) is None
+    assert root_cause(wrapped) is cause

@@ -64,7 +64,9 @@ def test_dpo_step_benchmark_smoke(tmp_path):
         for dtype in ("fp32", "bf16"):
             summary = section["summary"][dtype]
             assert summary["vs_xt_eager"] > 0 and summary["mfu_eager"] > 0
-            assert isinstance(summary["meets_target"], bool)
+            # the verdict is the best setting's ratio against that precision's target, whichever way it went
+            best = max(r["vs_xt"] for r in section["rows"] if r["impl"] == "ours" and r["dtype"] == dtype)
+            assert summary["target"] > 1 and summary["meets_target"] == (best >= summary["target"])
         assert section["summary"]["fp32"]["onednn_vs_mkl"] > 0
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import HH_TEST, HH_TRAIN
 
+from ray_dpo.core.encoding import Encoding
 from ray_dpo.core.tokenizer import ByteTokenizer
 from ray_dpo.stages.data import (
     DataError,
@@ -63,13 +64,15 @@ def test_hh_train_accounting_roundtrip_truncation_and_padding(ray_session):
 
     # "error": one line naming the file, the column and the first bad row's index within the file.
     with pytest.raises(DataError) as err:
-        read_preferences(HH_TRAIN, tokenizer=TOK, max_len=512, max_prompt_len=256)
+        read_preferences(HH_TRAIN, encoding=Encoding(TOK, max_len=512, max_prompt_len=256))
     message = str(err.value)
     assert "\n" not in message
     assert HH_TRAIN in message and f"row {blank[0]}:" in message and "'chosen'" in message and "whitespace" in message
 
     # "skip" with room for everything: every row accounted, and decode(encode) restores the exact text.
-    ds, stats = read_preferences(HH_TRAIN, tokenizer=TOK, max_len=1 << 16, max_prompt_len=1 << 15, on_bad_row="skip")
+    ds, stats = read_preferences(
+        HH_TRAIN, encoding=Encoding(TOK, max_len=1 << 16, max_prompt_len=1 << 15), on_bad_row="skip"
+    )
     assert (stats.rows_in, stats.rows_out, stats.truncated) == (1812, 1809, 0)
     assert stats.dropped["empty"] == 3 and sum(stats.dropped.values()) == 3
     assert stats.as_dict()["data/dropped/empty"] == 3 and stats.as_dict()["data/rows_out"] == ds.count() == 1809
@@ -86,7 +89,7 @@ def test_hh_train_accounting_roundtrip_truncation_and_padding(ray_session):
     # Truncation: every row equals the hand-written rule; the prompt's END is kept.
     max_len, max_prompt_len = 256, 128
     ds, stats = read_preferences(
-        HH_TRAIN, tokenizer=TOK, max_len=max_len, max_prompt_len=max_prompt_len, on_bad_row="skip"
+        HH_TRAIN, encoding=Encoding(TOK, max_len=max_len, max_prompt_len=max_prompt_len), on_bad_row="skip"
     )
     expected = [trl_reference(w["prompt"], w["chosen"], w["rejected"], max_len, max_prompt_len) for w in kept]
     cut_prompts = 0
@@ -137,7 +140,7 @@ def good_rows(n=5):
 
 
 def test_bad_files_one_line_errors_and_skip_counts(ray_session, tmp_path):
-    cfg = dict(tokenizer=TOK, max_len=48, max_prompt_len=48)  # room for the good rows only
+    cfg = dict(encoding=Encoding(TOK, max_len=48, max_prompt_len=48))  # room for the good rows only
 
     def with_row(i, **changes):
         rows = good_rows()
@@ -230,7 +233,7 @@ def padded_fraction(ds, batch_size=8):
 
 
 def test_split_is_deterministic_and_bucketing_cuts_padding(ray_session):
-    ds, _ = read_preferences(HH_TEST, tokenizer=TOK, max_len=512, max_prompt_len=256, on_bad_row="skip")
+    ds, _ = read_preferences(HH_TEST, encoding=Encoding(TOK, max_len=512, max_prompt_len=256), on_bad_row="skip")
 
     def key(row):
         return (tuple(row["prompt"]), tuple(row["chosen"]), tuple(row["rejected"]))
@@ -299,7 +302,7 @@ def test_every_file_layout_gives_the_same_rows_counts_and_bad_row_index(ray_sess
     source = [row for row in pq.read_table(HH_TRAIN).to_pylist() if row["chosen"].strip()]
     source[1500]["rejected"] = None  # the only bad row, far from the first piece
     table = pa.Table.from_pylist(source)
-    cfg = dict(tokenizer=TOK, max_len=256, max_prompt_len=128)
+    cfg = dict(encoding=Encoding(TOK, max_len=256, max_prompt_len=128))
     one_piece = write(tmp_path / "one.parquet", **{c: table[c] for c in table.column_names})
     want_ds, want_stats = read_preferences(one_piece, on_bad_row="skip", **cfg)
 

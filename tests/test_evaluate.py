@@ -12,9 +12,10 @@ import pytest
 import ray
 import torch
 
-from ray_dpo.config import Config
+from ray_dpo.config import Config, override
 from ray_dpo.core.checkpoint import load_model, save_model
 from ray_dpo.core.dpo import DPO, sequence_logps
+from ray_dpo.core.encoding import Encoding
 from ray_dpo.core.model import ModelConfig, TransformerLM
 from ray_dpo.core.pairs import response_mask_from_lengths
 from ray_dpo.core.sampling import generate
@@ -27,11 +28,12 @@ from ray_dpo.stages.evaluate import (
     SAMPLES_TABLE,
     aggregate,
     evaluate,
-    generate_samples,
+    evaluate_rows,
     load_reward_fn,
 )
 
 TOK = ByteTokenizer()
+ENCODING = Encoding(TOK, max_len=48, max_prompt_len=32)
 SMALL = ModelConfig(max_seq_len=48, dim=32, depth=2, heads=2)
 PROMPTS = [make_prompt(letters) for letters in ("dcba", "jig", "aebfc", "hgfedc", "bca", "gfhi", "cadb", "jihgfe")] + [
     "x" * n
@@ -49,13 +51,14 @@ def _checkpoint(tmp_path, name: str, seed: int, model: TransformerLM | None = No
 
 
 def _config(**eval_overrides) -> Config:
-    config = Config()
-    config.eval.max_new_tokens = 6
-    config.eval.temperature = 0.0
-    config.eval.batch_size = 4
-    for key, value in eval_overrides.items():
-        setattr(config.eval, key, value)
-    return config
+    # fp32: the pool's models are compared with direct fp32 decoding (under bf16 they are held in bf16)
+    values = {"eval.max_new_tokens": 6, "eval.temperature": 0.0, "eval.batch_size": 4, "train.precision": "fp32"}
+    return override(Config(), values | {f"eval.{k}": v for k, v in eval_overrides.items()})
+
+
+def generate_samples(config: Config, **kwargs) -> pd.DataFrame:
+    """The sample rows of the evaluation pool (no pairs to score)."""
+    return evaluate_rows(config, preference_ds=None, encoding=ENCODING, **kwargs)[0]
 
 
 def _encode(prompt: str) -> torch.Tensor:
@@ -144,8 +147,8 @@ def test_kl_is_zero_for_identical_models_and_positive_after_training(ray_session
         reference_checkpoint=reference_dir,
         prompts_ds=prompts_ds,
         preference_ds=None,
-        tracking_uri=mlflow_uri,
-        run_id=run_id,
+        encoding=ENCODING,
+        mlflow_run=(mlflow_uri, run_id),
     )
     assert metrics["eval/kl_seq"] > 0.3 and metrics["eval/kl_token"] > 0.03, metrics  # 0.58 / 0.096 at 20 steps
     assert 0 < metrics["eval/kl_seq_se"] < metrics["eval/kl_seq"], metrics
@@ -196,7 +199,7 @@ def test_aggregate_win_rate_ties_count_half_and_implicit_reward_accuracy():
         ("ray_dpo.recipe.demo:no_such_fn", "has no function 'no_such_fn'"),
     ],
 )
-def test_bad_reward_fn_is_a_one_line_user_error(spec, message):
+def test_bad_reward_fn_is_a_one_line_config_error(spec, message):
     with pytest.raises(UserError, match=message):
         load_reward_fn(spec)
     assert load_reward_fn("ray_dpo.recipe.demo:exact_match_reward")(["sort: cab ="], ["abc"]) == [1.0]
@@ -268,5 +271,5 @@ def test_kl_estimate_of_categorical_samples():
     p, q = rng.dirichlet(np.ones(6)), rng.dirichlet(np.ones(6))
     exact = float((p * np.log(p / q)).sum())
     draws = rng.choice(6, size=(300, 4), p=p)  # 300 "prompts", 4 samples each
-    estimate, se = kl_estimate(np.log(p)[draws].ravel(), np.log(q)[draws].ravel(), np.repeat(np.arange(300), 4))
+    estimate, se = kl_estimate(np.log(p)[draws], np.log(q)[draws])
     assert abs(estimate - exact) < 3 * se and se < 0.1 * exact, (exact, estimate, se)

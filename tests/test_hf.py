@@ -216,10 +216,30 @@ def test_hf_tokenizer_pads_with_eos_and_encodes_without_specials(hf_dirs):
     assert encode_prompts(column, qwen).rows()[0].tolist() == qwen.encode("hi there")  # no bos to add
 
 
+def test_the_run_encoding_renders_training_pairs_with_the_chat_template(hf_dirs, ray_session):
+    """configs/hf_tiny.yaml turns the chat template on: the encoding the checks build from the config carries it,
+    and the pairs read with it are rendered (user turn with the generation prompt, assistant reply)."""
+    from conftest import HH_TEST
+
+    from ray_dpo.config import load_config
+    from ray_dpo.recipe import check
+    from ray_dpo.stages.data import read_preferences
+
+    config = load_config(ROOT / "configs" / "hf_tiny.yaml", [f"model.hf_path={hf_dirs['qwen2']}"])
+    encoding = check(config).encoding
+    assert encoding.chat_template and encoding.max_len == config.data.max_len
+    ds, _ = read_preferences(HH_TEST, encoding=encoding, on_bad_row="skip")
+    row = ds.take(1)[0]
+    text = encoding.tokenizer.decode(row["prompt"], skip_special_tokens=False)
+    assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_start|>assistant\n"), text[:200]
+    assert encoding.tokenizer.decode(row["chosen"], skip_special_tokens=False).endswith("<|im_end|>")
+
+
 def test_align_your_own_model_end_to_end(hf_dirs, tmp_path):
     """`python pipelines/align.py --config configs/hf_tiny.yaml`: a tiny HF Qwen2, LoRA, chat template, 2 DDP workers,
-    HH-RLHF rows. One MLflow run; the registered model predicts text; the exported directory loads with
-    AutoModelForCausalLM, with weights that differ from the initial ones; MLflow's transformers flavor loads it."""
+    HH-RLHF rows. One MLflow run; the evaluated prompts carry the chat template; the exported directory (in storage)
+    loads with AutoModelForCausalLM, with weights that differ from the initial ones; the registered model's
+    `predict` gives what the exported model's own greedy `generate` gives on the prompt rendered with its template."""
     import os
     import re
     import subprocess
@@ -227,7 +247,10 @@ def test_align_your_own_model_end_to_end(hf_dirs, tmp_path):
 
     import mlflow
     from mlflow import MlflowClient
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ray_dpo.stages.evaluate import SAMPLES_TABLE
+    from ray_dpo.stages.tracking import load_table
 
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
@@ -243,24 +266,32 @@ def test_align_your_own_model_end_to_end(hf_dirs, tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("ray-dpo-hf-tiny").experiment_id])
     assert run.info.status == "FINISHED" and "eval/kl_seq" in run.data.metrics
     assert {a.path for a in client.list_artifacts(run.info.run_id, "export")} == {"export/adapter", "export/model"}
+    samples = load_table(uri, run.info.run_id, SAMPLES_TABLE)
+    assert all(p.startswith("<|im_start|>user\n") for p in samples["prompt"]), samples["prompt"].tolist()
 
-    exported = out / "runs" / "hf-tiny" / "export" / "model"
-    trained = AutoModelForCausalLM.from_pretrained(exported)
+    exported = re.search(r"exported model:   (\S+)", proc.stdout).group(1)
+    assert exported == str(out / "ray" / "hf-tiny" / "staged" / "export" / "model")
+    trained = AutoModelForCausalLM.from_pretrained(exported).eval()
     initial = AutoModelForCausalLM.from_pretrained(hf_dirs["qwen2"])
     moved = max((a - b).abs().max().item() for a, b in zip(trained.parameters(), initial.parameters(), strict=True))
     assert moved > 1e-6, "the merged LoRA adapters changed the weights"
 
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hello there"}], add_generation_prompt=True)
+    prompt = torch.tensor([list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)])
+    with torch.no_grad():
+        greedy = trained.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    new = greedy[0, prompt.shape[1] :].tolist()
+    new = new[: new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
     model_uri = re.search(r"registered model: (\S+)", proc.stdout).group(1)
     mlflow.set_tracking_uri(uri)  # MLflow's model loaders resolve models:/ URIs through the global registry
     mlflow.set_registry_uri(uri)
     try:
-        texts = mlflow.pyfunc.load_model(model_uri).predict(["Hello there"], params={"max_new_tokens": 4})
-        assert isinstance(texts[0], str) and texts[0]
-        pipeline = mlflow.transformers.load_model(model_uri)
-        assert type(pipeline.model).__name__ == "Qwen2ForCausalLM"
+        texts = mlflow.pyfunc.load_model(model_uri).predict(["Hello there"], params={"max_new_tokens": 6})
     finally:
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
+    assert texts == [tokenizer.decode(new, skip_special_tokens=True)]
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])

@@ -6,6 +6,7 @@ from conftest import HH_TEST
 
 from ray_dpo.core.checkpoint import save_model
 from ray_dpo.core.dpo import sequence_logps
+from ray_dpo.core.encoding import Encoding
 from ray_dpo.core.model import ModelConfig, TransformerLM
 from ray_dpo.core.pairs import response_mask_from_lengths
 from ray_dpo.core.tokenizer import ByteTokenizer
@@ -25,7 +26,8 @@ def test_actor_pool_reference_logps_equal_direct(ray_session, tmp_path):
     torch.manual_seed(0)
     model = TransformerLM(ModelConfig(max_seq_len=96, dim=32, depth=2, heads=2)).eval()
     save_model(tmp_path / "ref", model, ByteTokenizer())
-    ds, stats = read_preferences(HH_TEST, tokenizer=ByteTokenizer(), max_len=96, max_prompt_len=64, on_bad_row="skip")
+    encoding = Encoding(ByteTokenizer(), max_len=96, max_prompt_len=64)
+    ds, stats = read_preferences(HH_TEST, encoding=encoding, on_bad_row="skip")
     ds = ds.limit(120).materialize()
     rows = ds.take_all()
 
@@ -33,6 +35,9 @@ def test_actor_pool_reference_logps_equal_direct(ray_session, tmp_path):
     scored = add_reference_logps(ds, str(tmp_path / "ref"), batch_size=16, concurrency=2)
     out = scored.take_all()
     assert len(out) == len(rows) and scored.schema().names[-2:] == ["ref_chosen_logp", "ref_rejected_logp"]
+    # the token columns reach the trainer as they came (list<int32>), so its collate reads them as token rows
+    types = scored.schema().base_schema
+    assert all(str(types.field(k).type) == "list<item: int32>" for k in ("prompt", "chosen", "rejected")), types
     for side in ("chosen", "rejected"):
         got = np.array([r[f"ref_{side}_logp"] for r in out])
         assert str(scored.schema().base_schema.field(f"ref_{side}_logp").type) == "float"  # float32

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import wait_for_placement_groups_removed
 
-from ray_dpo.config import ConfigError, load_config
+from ray_dpo.config import ConfigError, load_config, override
 from ray_dpo.recipe.demo import write_sort_task
 from ray_dpo.recipe.sweep import FAIL_ENV, run_sweep
 
@@ -35,7 +35,8 @@ def _small_sweep(tmp_path: Path, *overrides: str):
     """The sweep config on 96 generated sort-task pairs, 4 steps, no evaluation. No SFT (explicit data paths): a
     fresh seeded reference is enough here and saves a Train run per sweep."""
     paths = write_sort_task(tmp_path / "data", rows=96, seed=0)
-    base = [f"output_dir={tmp_path}", "data.synthetic=null", f"data.train_path={paths['train']}"]
+    base = [f"output_dir={tmp_path}", f"train.storage_path={tmp_path / 'ray'}", "data.synthetic=null"]
+    base += [f"data.train_path={paths['train']}"]
     base += [f"data.val_path={paths['val']}", "eval.enabled=false", "train.max_steps=4", "train.checkpoint_every=4"]
     return load_config(SWEEP_YAML, [*base, *overrides])
 
@@ -66,11 +67,13 @@ def test_bad_sweep_settings_fail_before_anything_runs(tmp_path, overrides, messa
 def test_four_trial_asha_sweep_logs_nested_runs_best_config_and_frontier(ray_session, mlflow_uri, tmp_path):
     import matplotlib.image
 
-    config = load_config(SWEEP_YAML, [f"output_dir={tmp_path}", "tune.reduction_factor=4"])
+    config = load_config(
+        SWEEP_YAML, [f"output_dir={tmp_path}", f"train.storage_path={tmp_path / 'ray'}", "tune.reduction_factor=4"]
+    )
     # Deterministic grid: two useful learning rates and two that cannot move the policy. The first trials to reach
     # ASHA's rung (step 2) include a useful one, so a later useless trial (margin ~0) falls below the cutoff.
-    config.tune.search_space = {"train.lr": {"grid": [3e-3, 1e-8, 1e-3, 1e-9]}, "dpo.beta": {"choice": [0.1, 0.5]}}
-    config.tune.num_samples = 1
+    space = {"train.lr": {"grid": [3e-3, 1e-8, 1e-3, 1e-9]}, "dpo.beta": {"choice": [0.1, 0.5]}}
+    config = override(config, {"tune.search_space": space, "tune.num_samples": 1})
 
     result = run_sweep(config, tracking_uri=mlflow_uri)
 
@@ -108,6 +111,10 @@ def test_four_trial_asha_sweep_logs_nested_runs_best_config_and_frontier(ray_ses
     best = load_config(result.best_config_path)
     assert best.train.lr == pytest.approx(best_row["train.lr"]) and best.dpo.beta == best_row["dpo.beta"]
     assert best.model == config.model and best.train.max_steps == config.train.max_steps
+    # the user's storage path holds the sweep: Tune's state and every trial's Train run (a cluster needs no shared disk)
+    storage = Path(config.train.storage_path)
+    assert (storage / config.tune.name / "tune").is_dir()
+    assert all((storage / f"{config.tune.name}-{t}").is_dir() for t in table["trial_id"])
 
     frontier = matplotlib.image.imread(result.sweep_dir / "plots" / "reward_vs_kl.png")
     assert frontier.shape[0] > 100 and frontier.shape[1] > 100 and np.ptp(frontier[..., :3]) > 0.5
@@ -118,7 +125,7 @@ def test_interrupted_sweep_restores_without_rerunning_finished_trials(ray_sessio
     config = _small_sweep(
         tmp_path, "tune.scheduler=fifo", "tune.num_samples=1", "train.checkpoint_every=2", "tune.max_failures=0"
     )
-    config.tune.search_space = {"train.lr": {"grid": [3e-3, 1e-3]}}
+    config = override(config, {"tune.search_space": {"train.lr": {"grid": [3e-3, 1e-3]}}})
     marker = tmp_path / "failed-once"
     monkeypatch.setenv(FAIL_ENV, str(marker))  # one trial raises once; no retries: the first run ends with it errored
 
@@ -150,7 +157,8 @@ def test_optuna_search_with_asha_retries_a_failed_trial(ray_session, mlflow_uri,
     config = _small_sweep(
         tmp_path, "tune.search_alg=optuna", "tune.name=optuna", "tune.num_samples=4", "tune.reduction_factor=4"
     )
-    config.tune.search_space = {"train.lr": {"loguniform": [1e-9, 1e-2]}, "dpo.beta": {"choice": [0.1, 0.5]}}
+    space = {"train.lr": {"loguniform": [1e-9, 1e-2]}, "dpo.beta": {"choice": [0.1, 0.5]}}
+    config = override(config, {"tune.search_space": space})
     marker = tmp_path / "failed-once"
     monkeypatch.setenv(FAIL_ENV, str(marker))
     result = run_sweep(config, tracking_uri=mlflow_uri)
@@ -164,5 +172,6 @@ def test_optuna_search_with_asha_retries_a_failed_trial(ray_session, mlflow_uri,
     children = _child_runs(mlflow_uri, result.parent_run_id)
     assert len(children) == 4 and {r.info.run_id for r in children} == set(result.table["mlflow_run_id"])
     with pytest.raises(ConfigError, match="is a grid, use choice"):
-        config.tune.search_space = {"train.lr": {"grid": [1e-3, 1e-2]}}
-        run_sweep(config, tracking_uri=mlflow_uri)
+        run_sweep(
+            override(config, {"tune.search_space": {"train.lr": {"grid": [1e-3, 1e-2]}}}), tracking_uri=mlflow_uri
+        )

@@ -179,7 +179,8 @@ def test_sqlite_round_trip(mlflow_uri, tmp_path, empty_cwd, monkeypatch):
     # the policy as a registered MLflow model: same logits through our loader, same text through pyfunc
     model_uri = serving.register_model(mlflow_uri, run_id, checkpoint, "ray-dpo-policy")
     assert model_uri == "models:/ray-dpo-policy/1"
-    loaded, tokenizer = serving.load_registered_model(model_uri, mlflow_uri)
+    loaded, encoding = serving.load_registered_model(model_uri, mlflow_uri)
+    tokenizer = encoding.tokenizer
     tokens = torch.randint(0, 256, (2, 12))
     with torch.no_grad():
         assert torch.equal(model(tokens), loaded(tokens))

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from ray_dpo.config import load_config
+from ray_dpo.core import checkpoint as layout
 from ray_dpo.core.checkpoint import load_training_state, save_model
 from ray_dpo.core.model import TransformerLM
 from ray_dpo.core.tokenizer import ByteTokenizer
@@ -61,7 +62,12 @@ def _config(tmp_path: Path, *overrides: str):
 def init_checkpoint(tmp_path) -> str:
     config = _config(tmp_path)
     torch.manual_seed(0)
-    return str(save_model(tmp_path / "init", TransformerLM(config.model), ByteTokenizer()))
+    return str(save_model(tmp_path / "init", TransformerLM(config.model.transformer_config()), ByteTokenizer()))
+
+
+def fit(config, train_ds, val_ds, **kwargs):
+    """A DPO run named after `train.run_name`, as the recipe names an align run."""
+    return train_dpo(config, train_ds, val_ds, name=config.train.run_name, **kwargs)
 
 
 def _weights(checkpoint) -> dict[str, torch.Tensor]:
@@ -97,8 +103,8 @@ print(took, before, faults())
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     took, before, after = out[0] == "True", int(out[1]), int(out[2])
     assert took
-    assert before > 50_000  # 5 x 160 MiB back from the OS: ~200k faults of 4 KiB pages
-    assert after < 100, after
+    # 5 x 160 MiB handed back to the OS and faulted in again, vs reused: at least a hundredfold fewer faults
+    assert after * 100 < before, (before, after)
 
 
 def test_ddp_two_workers_killed_after_a_checkpoint_lose_nothing(ray_session, tmp_path, init_checkpoint, monkeypatch):
@@ -114,15 +120,21 @@ def test_ddp_two_workers_killed_after_a_checkpoint_lose_nothing(ray_session, tmp
     val_ds = ray_session.data.from_items(_pairs(5, seed=2))  # odd size: ranks hold 3 and 2 rows
     common = dict(init_checkpoint=init_checkpoint, reference_checkpoint=init_checkpoint, pad_id=PAD)
     one = _config(tmp_path, "train.num_workers=1", "train.grad_accum=2", "train.epochs=2", "train.run_name=one")
-    single = train_dpo(one, train_ds, val_ds, **common)
+    single = fit(one, train_ds, val_ds, **common)
     assert single.rows_read == 24, "each epoch reads its rows once"
 
     marker = tmp_path / "failed-once"
     monkeypatch.setenv(FAIL_ENV, f"4:1:{marker}")
-    two = _config(tmp_path, "train.num_workers=2", "train.epochs=2", "train.max_failures=1", "train.run_name=two")
-    two.train.log_every = 1
+    two = _config(
+        tmp_path,
+        "train.num_workers=2",
+        "train.epochs=2",
+        "train.max_failures=1",
+        "train.run_name=two",
+        "train.log_every=1",
+    )
     run_id = tracking.start_run(uri, experiment="train-test", run_name="two")
-    ddp = train_dpo(two, train_ds, val_ds, run_id=run_id, tracking_uri=uri, **common)
+    ddp = fit(two, train_ds, val_ds, mlflow_run=(uri, run_id), **common)
 
     assert marker.exists(), "the injected worker failure did not happen"
     assert single.steps == ddp.steps == 6
@@ -150,7 +162,7 @@ def test_ddp_two_workers_killed_after_a_checkpoint_lose_nothing(ray_session, tmp
     fsdp_config = _config(
         tmp_path, "train.num_workers=2", "train.epochs=2", "train.run_name=fsdp", "train.strategy=fsdp"
     )
-    fsdp = train_dpo(fsdp_config, train_ds, val_ds, **common)
+    fsdp = fit(fsdp_config, train_ds, val_ds, **common)
     assert (tmp_path / "fsdp-failed-once").exists() and fsdp.resumed_from == 4 and fsdp.steps == 6
     assert (tmp_path / "ray" / "fsdp" / "checkpoint_step_00000006" / "__1_0.distcp").is_file(), "rank 1 wrote its shard"
     w3 = _weights(fsdp.checkpoint)
@@ -158,7 +170,7 @@ def test_ddp_two_workers_killed_after_a_checkpoint_lose_nothing(ray_session, tmp
         torch.testing.assert_close(w3[name], w1[name], atol=1e-5, rtol=0, msg=name)
 
     monkeypatch.delenv(FAIL_ENV)
-    again = train_dpo(two, train_ds, val_ds, run_id=run_id, tracking_uri=uri, **common)
+    again = fit(two, train_ds, val_ds, mlflow_run=(uri, run_id), **common)
     assert again.steps == 6 and again.resumed_from == 6
     for name in w2:
         torch.testing.assert_close(_weights(again.checkpoint)[name], w2[name], atol=0, rtol=0)
@@ -179,10 +191,7 @@ def test_nan_loss_stops_before_checkpoint_is_overwritten(ray_session, tmp_path, 
         "train.run_name=nan",
     )
     with pytest.raises(TrainingDivergedError, match="non-finite train loss .* at step 3") as err:
-        train_dpo(
-            config, train_ds, None, run_id=None, tracking_uri=None, init_checkpoint=init_checkpoint,
-            reference_checkpoint=None, pad_id=PAD,
-        )  # fmt: skip
+        fit(config, train_ds, None, init_checkpoint=init_checkpoint, reference_checkpoint=None, pad_id=PAD)
     assert "\n" not in str(err.value)
     states = (tmp_path / "ray" / "nan").glob("checkpoint_step_*/state.json")
     steps = [json.loads(state.read_text())["step"] for state in states]
@@ -201,15 +210,15 @@ def test_fsdp_lora_on_an_hf_model_killed_after_a_checkpoint_equals_one_worker(ra
     lora = [f"model.hf_path={hf}", "model.lora_r=4", "model.lora_dropout=0.0", "train.epochs=2"]
     common = dict(init_checkpoint=hf, reference_checkpoint=hf, pad_id=PAD)
     one = _config(tmp_path, *lora, "train.num_workers=1", "train.grad_accum=2", "train.run_name=lora-one")
-    single = train_dpo(one, train_ds, val_ds, **common)
+    single = fit(one, train_ds, val_ds, **common)
 
     monkeypatch.setenv(FAIL_ENV, f"4:0:{tmp_path / 'failed-once'}")
     two = _config(tmp_path, *lora, "train.num_workers=2", "train.strategy=fsdp", "train.run_name=lora-fsdp")
-    fsdp = train_dpo(two, train_ds, val_ds, **common)
+    fsdp = fit(two, train_ds, val_ds, **common)
     assert (tmp_path / "failed-once").exists() and fsdp.resumed_from == 4 and fsdp.steps == 6
 
     with local_directory(fsdp.checkpoint) as final:
-        assert models.kind(final) == "adapter" and (Path(final) / models.BASE_FILE).is_file()
+        assert models.kind(final) == "adapter" and (Path(final) / layout.BASE_FILE).is_file()
     w1, w2 = _weights(single.checkpoint), _weights(fsdp.checkpoint)
     assert w1.keys() == w2.keys() and any("lora_B" in k and w1[k].abs().max() > 1e-4 for k in w1), "adapters moved"
     for name in w1:

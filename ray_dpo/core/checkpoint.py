@@ -1,10 +1,26 @@
-"""Model weights as safetensors + `model_config.json` (+ `tokenizer.json`). Loading never unpickles."""
+"""The checkpoint layout, owned here: every file name, what kind of model a directory holds, and our TransformerLM's
+weights as safetensors + `model_config.json`. Loading never unpickles weights (`optimizer.pt` is read with
+`weights_only=True`).
+
+A model directory is one of:
+
+  ours      `model_config.json` + `model.safetensors`: our `TransformerLM`
+  hf        `config.json` + safetensors weights: any Hugging Face causal LM
+  adapter   `adapter_config.json` + `base.json`: PEFT LoRA adapters on the Hugging Face base `base.json` names
+  sharded   `.metadata` + `__<rank>_0.distcp` (FSDP, torch.distributed.checkpoint) + the architecture's config
+            (and `adapter_config.json` when it trains LoRA adapters)
+
+beside the tokenizer's files and `encoding.json` (`ray_dpo.core.encoding`). A training checkpoint adds
+`optimizer.pt` or `scheduler.json`, `state.json` and one manifest per writing rank (`ray_dpo.stages.train`).
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import fields
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import load_model as _load_weights
@@ -13,8 +29,43 @@ from safetensors.torch import save_model as _save_weights
 from ray_dpo.core.model import ModelConfig, TransformerLM
 from ray_dpo.core.tokenizer import ByteTokenizer, HFTokenizer
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "model_config.json"
+WEIGHTS_FILE = "model.safetensors"  # ours (and a small Hugging Face model's single weights file)
+CONFIG_FILE = "model_config.json"  # ours
+HF_CONFIG_FILE = "config.json"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+BASE_FILE = "base.json"  # an adapter directory's pointer to its base model (a URI every node opens)
+SHARDED_METADATA = ".metadata"  # torch.distributed.checkpoint's index of the per-rank `.distcp` files
+SCHEDULER_FILE = "scheduler.json"  # the LR schedule of a sharded checkpoint (its optimizer state is in the shards)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+DirectoryKind = Literal["ours", "hf", "adapter", "sharded"]
+
+
+def directory_kind(files: Iterable[str]) -> DirectoryKind | None:
+    """What a directory holding these file names is (whole weights win over shards); None: not a model."""
+    names = set(files)
+    weights = any(n.endswith(".safetensors") and not n.startswith("adapter_") for n in names)
+    if CONFIG_FILE in names and WEIGHTS_FILE in names:
+        return "ours"
+    if ADAPTER_CONFIG_FILE in names and any(n.startswith("adapter_model.") for n in names):
+        return "adapter"
+    if HF_CONFIG_FILE in names and weights:
+        return "hf"
+    if SHARDED_METADATA in names and (CONFIG_FILE in names or HF_CONFIG_FILE in names):
+        return "sharded"
+    return None
+
+
+def local_kind(directory: str | Path) -> DirectoryKind:
+    """`directory_kind` of a local directory; ValueError naming what a model directory holds when it is none."""
+    directory = Path(directory)
+    found = directory_kind(p.name for p in directory.iterdir()) if directory.is_dir() else None
+    if found is None:
+        raise ValueError(
+            f"{directory}: not a model checkpoint (expected model_config.json + model.safetensors, config.json + "
+            "*.safetensors, adapter_config.json, or a sharded checkpoint's .metadata)"
+        )
+    return found
 
 
 def save_model(

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ray_dpo.core.logps import scored_logps
 from ray_dpo.core.losses import default_reduction, dpo_loss
+from ray_dpo.core.names import REFERENCE_MODES
 from ray_dpo.core.pairs import (
     check_prefix_sharing,
     reduce_logps,
@@ -38,9 +39,6 @@ def sequence_logps(model: nn.Module, seq: Tensor, response_mask: Tensor, reducti
     """Log-prob of the masked tokens of each row of `seq` (B, N) under `model`: (B,)."""
     scored = response_mask[:, 1:].bool()
     return reduce_logps(scored_logps(model, seq[:, :-1], seq[:, 1:], scored), scored, reduction)
-
-
-REFERENCE_MODES = ("live", "precomputed", "none")
 
 
 class DPO(nn.Module):

@@ -1,7 +1,12 @@
 """How text becomes token rows: the one encoding contract of every stage (data, SFT, evaluation, the served model).
 
+    encoding = Encoding(tokenizer, max_len=512, max_prompt_len=256, chat_template=False)  # once, from the config
+    encoding.save(checkpoint_dir); Encoding.load(checkpoint_dir)                          # with every checkpoint
+
     prompt    [bos] + prompt tokens          (text; pre-tokenized prompts are taken as they are)
     response  response tokens + [eos]        (text and pre-tokenized alike)
+    chat      with `chat_template`, string prompts are the user turn (the assistant's turn opened), responses the
+              assistant turn up to and including the template's end of turn
 
 Truncation keeps the END of a prompt (the latest turns of a dialogue) and always its first `head` tokens (bos), then
 cuts responses to the room left: TRL's `keep_end`. A response that was cut loses its eos: it did not end there.
@@ -13,13 +18,16 @@ serving use) is the same code on a batch of one. No torch, no Ray.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ray_dpo.core.tokenizer import ByteTokenizer
+from ray_dpo.core.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 TOKEN_TYPE = pa.int32()  # every vocabulary we meet fits; half the memory of int64 rows
 
@@ -161,12 +169,6 @@ def keep_start(rows: Ragged, keep: np.ndarray) -> Ragged:
     return _gather([(rows.values, rows.offsets[:-1], np.minimum(keep, rows.lengths))])
 
 
-def encode_prompt(tokenizer, prompt: str, max_tokens: int) -> list[int]:
-    """One text prompt as the model saw prompts in training, its end kept to fit `max_tokens` (generation room)."""
-    tokens = encode_prompts(pa.array([prompt], pa.string()), tokenizer)
-    return fit_prompt_rows(tokens.rows(), max_tokens, tokenizer.bos_id)[0].tolist()
-
-
 def fit_prompt_rows(prompts: list, max_tokens: int, bos_id: int | None, head: int = 0) -> list[np.ndarray]:
     """Already-encoded prompts cut to `max_tokens` (the room generation leaves), keeping the end and the first `head`
     tokens (a chat template's opening), or a leading bos."""
@@ -220,3 +222,74 @@ def encode_chat(prompts: list, responses: list[list], tokenizer) -> tuple[Ragged
             reply = reply[: reply.index(eos) + 1] if eos in reply else [*reply, eos]
             rows.append(reply)
     return Ragged.from_rows(prompt_rows), [Ragged.from_rows(r) for r in response_rows], chat_head(tokenizer)
+
+
+# ------------------------------------------------------------------------------------------------ the spec
+
+
+ENCODING_FILE = "encoding.json"  # beside the tokenizer files of every checkpoint
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """The tokenizer and the rules every stage encodes with: built once from the config (`data.*`), saved with
+    every checkpoint, so evaluation of a checkpoint and the served model encode exactly as training did."""
+
+    tokenizer: Any  # a `ray_dpo.core.tokenizer.Tokenizer`
+    max_len: int = 512  # prompt + response tokens
+    max_prompt_len: int = 256  # prompt tokens kept (its head and its end) when a row must be cut
+    chat_template: bool = False  # render string prompts / responses with the tokenizer's chat template
+    truncation: Literal["keep_end"] = "keep_end"  # prompts keep their end (TRL's keep_end), responses their start
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_prompt_len <= self.max_len:
+            raise ValueError(
+                f"need 1 <= max_prompt_len <= max_len, got max_prompt_len={self.max_prompt_len}, max_len={self.max_len}"
+            )
+        if self.truncation != "keep_end":
+            raise ValueError(f"truncation must be 'keep_end', got {self.truncation!r}")
+        if self.chat_template and not getattr(self.tokenizer, "has_chat_template", False):
+            raise ValueError("chat_template=True but the tokenizer has no chat template")
+
+    def prompt_head(self) -> int:
+        """Leading tokens of every encoded text prompt that a cut keeps: the chat template's opening, or bos."""
+        if self.chat_template:
+            return chat_head(self.tokenizer)
+        return int(self.tokenizer.bos_id is not None)
+
+    def prompt(self, text: str | list, room: int) -> list[int]:
+        """One prompt (a string, or chat messages) as the model saw prompts in training, cut to leave `room` tokens
+        for generation within `max_positions`: what evaluation and serving feed the model."""
+        if self.chat_template or not isinstance(text, str):
+            tokens = [self.tokenizer.apply_chat_template(messages(text, "user"), add_generation_prompt=True)]
+        else:
+            tokens = encode_prompts(pa.array([text], pa.string()), self.tokenizer).rows()
+        return self.fit_prompts(tokens, room)[0].tolist()
+
+    def fit_prompts(self, prompts: list, max_tokens: int) -> list[np.ndarray]:
+        """Already-encoded prompts cut to `max_tokens` (the room generation leaves): their head (bos, the chat
+        template's opening) and their end kept."""
+        return fit_prompt_rows(prompts, max_tokens, self.tokenizer.bos_id, head=self.prompt_head())
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("max_len", "max_prompt_len", "chat_template", "truncation")}
+
+    def save(self, directory: str | Path) -> Path:
+        """`encoding.json` and the tokenizer's files into `directory`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save(directory)
+        path = directory / ENCODING_FILE
+        path.write_text(json.dumps(self.to_json(), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path, tokenizer: Tokenizer | None = None) -> Encoding:
+        """The encoding saved in a checkpoint directory (its tokenizer, unless one is given)."""
+        directory = Path(directory)
+        values = json.loads((directory / ENCODING_FILE).read_text())
+        return cls(tokenizer if tokenizer is not None else load_tokenizer(directory), **values)
+
+    @staticmethod
+    def saved_in(directory: str | Path) -> bool:
+        return (Path(directory) / ENCODING_FILE).is_file()

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ray_dpo.core.attention import SharedPrefixMask
 from ray_dpo.core.kernels import onednn_mm_t, use_onednn
+from ray_dpo.core.kinds import inner_model, is_hf, peft_base, unwrap
 from ray_dpo.core.model import TransformerLM
 
 DEFAULT_CHUNK_SIZE = 1024  # rows per chunk: at V = 128k, 0.5 GB of fp32 logits (vs ~8 GB for 4 x 2048 tokens)
@@ -129,28 +130,12 @@ _HF_LOGIT_POSTPROCESSING = {
 }
 
 
-def _unwrap(model: nn.Module) -> tuple[nn.Module, bool]:
-    """The module inside torch.compile / DDP / PEFT wrappers; whether a `.module` wrapper (DDP, FSDP) was crossed."""
-    crossed = False
-    while True:
-        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        elif isinstance(getattr(model, "module", None), nn.Module):
-            model, crossed = model.module, True
-        elif callable(getattr(model, "get_base_model", None)) and model.get_base_model() is not model:  # PEFT
-            model = model.get_base_model()
-        else:
-            return model, crossed
-
-
 def _hf_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     """(decoder body, lm_head) of a Hugging Face causal LM; None if `model` is not one; ValueError if the head
     does more than `hidden @ lm_head.weight.T + bias`."""
-    config = getattr(model, "config", None)
-    if config is None or not callable(getattr(model, "get_output_embeddings", None)):
+    if not is_hf(model):
         return None
-    if not callable(getattr(model, "get_decoder", None)):
-        return None
+    config = model.config
     name = type(model).__name__
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError(f"scored_logps: {name} is an encoder-decoder model; it needs decoder-only causal LMs")
@@ -180,7 +165,8 @@ def _hf_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
 def scoring_path(model: nn.Module) -> str:
     """How `scored_logps` scores `model`: "transformer_lm" or "hf" (chunked head) or "full_logits" (any other
     module). Raises ValueError for Hugging Face models it cannot score exactly; cheap, so callers can check early."""
-    inner, crossed = _unwrap(model)
+    inner, crossed = unwrap(model)
+    inner = peft_base(inner)
     if isinstance(inner, TransformerLM):
         return "transformer_lm"
     if _hf_parts(inner) is None:
@@ -212,7 +198,7 @@ def scored_logps(
     `SharedPrefixMask`; a Hugging Face model's `position_ids` / `attention_mask`). Equal to
     `token_logps(model(tokens).logits, targets)` under the mask, gradients included.
     """
-    if isinstance(_through(model), LogpsModel):  # its forward scores: through DDP / FSDP, gradients synced
+    if isinstance(unwrap(model)[0], LogpsModel):  # its forward scores: through DDP / FSDP, gradients synced
         return model(tokens, targets, mask, source=source, positions=positions, attn_mask=attn_mask)
     mask = mask.bool()
     rows, cols = mask.nonzero(as_tuple=True)  # one host sync: how many tokens are scored
@@ -230,9 +216,9 @@ def scored_logps(
             first = int(src.min()) if len(src) else 0
             hidden = model(tokens, positions=positions, attn_mask=attn_mask, return_hidden=True, hidden_from=first)
             src = src - first
-            head = _unwrap(model)[0].to_logits
+            head = inner_model(model).to_logits
         else:
-            body, head = _hf_parts(_unwrap(model)[0])
+            body, head = _hf_parts(inner_model(model))
             if isinstance(attn_mask, SharedPrefixMask):  # packed prefix-sharing rows: a 4-D mask + position ids
                 # additive (0 / most negative), which every attention implementation of transformers reads alike
                 dtype = head.weight.dtype
@@ -243,15 +229,6 @@ def scored_logps(
             hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         logps = target_logps(hidden[rows, src], head.weight, targets[rows, cols], bias=head.bias, chunk_size=chunk_size)
     return logps.new_zeros(mask.shape).index_put((rows, cols), logps)
-
-
-def _through(model: nn.Module) -> nn.Module:
-    """The module inside torch.compile / DDP wrappers (not PEFT)."""
-    while True:
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
 
 
 class LogpsModel(nn.Module):
@@ -284,5 +261,5 @@ class LogpsModel(nn.Module):
 
 def core_model(model: nn.Module) -> nn.Module:
     """The model a trainer holds, without its DDP / compile / LogpsModel wrappers (PEFT kept)."""
-    model = _through(model)
-    return _through(model.model) if isinstance(model, LogpsModel) else model
+    model = unwrap(model)[0]
+    return unwrap(model.model)[0] if isinstance(model, LogpsModel) else model

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "sppo_hard", "nca_pair")
+from ray_dpo.core.names import LOSS_TYPES
 
 
 def default_reduction(loss_type: str, reduction: str | None = None) -> str:

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from ray_dpo.core.attention import SharedPrefixMask
-from ray_dpo.core.logps import core_model, scored_logps
-from ray_dpo.core.model import TransformerLM
+from ray_dpo.core.kinds import architecture, module_kind
+from ray_dpo.core.logps import scored_logps
 
 
 def response_mask(
@@ -107,13 +107,12 @@ PREFIX_SHARING_HF = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM
 
 
 def check_prefix_sharing(model: nn.Module) -> None:
-    inner = core_model(model)
-    inner = inner.get_base_model() if callable(getattr(inner, "get_base_model", None)) else inner  # PEFT
-    if isinstance(inner, TransformerLM) or type(inner).__name__ in PREFIX_SHARING_HF:
+    kind, name = module_kind(model), architecture(model)
+    if kind == "ours" or (kind == "hf" and name in PREFIX_SHARING_HF):
         return
     raise TypeError(
         "dpo.prefix_sharing needs ray_dpo.core.model.TransformerLM or a Hugging Face "
-        f"{' / '.join(PREFIX_SHARING_HF)} (per-row positions and a 4-D attention mask); got {type(inner).__name__}. "
+        f"{' / '.join(PREFIX_SHARING_HF)} (per-row positions and a 4-D attention mask); got {name}. "
         "Set dpo.prefix_sharing=false for other models."
     )
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ray_dpo.core.decode_step import DecodeMode, DecodeStep, fusable
+from ray_dpo.core.kinds import is_hf
 from ray_dpo.core.tokenizer import ByteTokenizer
 
 Prompts = Tensor | Sequence[Tensor]
@@ -160,11 +161,6 @@ def _has_cache_api(model: Callable) -> bool:
     return callable(getattr(model, "init_cache", None))
 
 
-def _is_hf(model: Callable) -> bool:
-    """A Hugging Face causal LM: its own KV cache (`past_key_values`), padding mask and position ids."""
-    return hasattr(model, "config") and callable(getattr(model, "prepare_inputs_for_generation", None))
-
-
 @contextmanager
 def _eval_mode(*models: Callable):
     modules = [m for m in models if isinstance(m, nn.Module)]
@@ -201,7 +197,7 @@ class _Decoder:
         crop: int | None,
         decode: DecodeMode = "eager",
     ):
-        self.model, self.hf = model, _is_hf(model)
+        self.model, self.hf = model, is_hf(model)  # its own KV cache, padding mask, position ids
         self.capable = _has_cache_api(model) or self.hf
         b, p = tokens.shape
         total = p + max_new

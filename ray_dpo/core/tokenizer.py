@@ -106,6 +106,15 @@ class PretrainedTokenizer:
     def has_chat_template(self) -> bool:
         return bool(self.hf.chat_template)
 
+    def _identity(self) -> tuple:
+        return (self.bos_id, self.eos_id, self.pad_id, self.vocab_size, self.hf.chat_template, self.hf.get_vocab())
+
+    def __eq__(self, other: object) -> bool:  # the same tokens, specials and template, wherever it was loaded from
+        return isinstance(other, PretrainedTokenizer) and self._identity() == other._identity()
+
+    def __hash__(self) -> int:
+        return hash((self.bos_id, self.eos_id, self.pad_id, self.vocab_size))
+
     def encode(self, text: str) -> list[int]:
         return self.hf(text, add_special_tokens=False)["input_ids"]
 
@@ -117,8 +126,8 @@ class PretrainedTokenizer:
         out = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
         return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def save(self, directory: str | Path) -> Path:
         self.hf.save_pretrained(str(directory))

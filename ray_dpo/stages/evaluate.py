@@ -1,16 +1,15 @@
-"""Evaluation stage: generate from the policy AND the reference on held-out prompts with a Ray Data actor pool.
+"""Evaluation stage: the policy against the reference on held-out rows, with one Ray Data actor pool.
 
-    metrics = evaluate(config, policy_checkpoint=ckpt, reference_checkpoint=ref, prompts_ds=prompts,
-                       preference_ds=val_ds, tracking_uri=uri, run_id=run_id)     # {"eval/win_rate": ..., ...}
+    metrics = evaluate(config, policy_checkpoint=ckpt, reference_checkpoint=ref, prompts_ds=val_ds,
+                       preference_ds=val_ds, encoding=encoding, mlflow_run=(uri, run_id))   # {"eval/win_rate": ...}
 
-setup   resolve the reward function (`eval.reward_fn`, "module:function") and the decoding settings; fail fast.
-run     1. `generate_samples`: an actor pool (`map_batches` with a callable class) in which every actor loads both
-           models once and, per batch of held-out prompts (token rows of the validation split: the rows the policy
-           never trained on), decodes a response from each (`eval.*`: greedy, temperature, top-k/p, min-p, top-a or
-           beam search), then scores BOTH responses under BOTH models (`ray_dpo.core.pairs.score_batch`, the trainer's
-           pair scoring) and, with a reward function, rewards them (prompt text = the decoded prompt tokens).
-        2. `score_preferences`: the pair-scoring pool (`ray_dpo.stages.reference.score_pairs_pool`) scores the held-out
-           preference pairs under both models, for the implicit-reward accuracy.
+run     one actor pool (`map_batches` with a callable class): every actor loads both models once (a LoRA policy on
+        the reference's base holds that base once) and gets two kinds of held-out rows (the validation split: rows
+        the policy never trained on): the first `eval.num_prompts` prompts, for which it decodes a response from each
+        model (`eval.*`: greedy, temperature, top-k/p, min-p, top-a or beam search), scores BOTH responses under BOTH
+        models (`ray_dpo.core.pairs.score_batch`, the trainer's scoring) and rewards them; and the first
+        `eval.max_pairs` preference pairs, scored under both models for the implicit-reward accuracy. Prompts are cut
+        to leave room for the response as `ray_dpo.core.encoding.Encoding` says (the run's, the checkpoint's own).
 save    `eval/*` metrics, the samples as an MLflow table (`eval/samples.json`) and a side-by-side HTML page
         (`eval/samples.html`) that the MLflow UI renders in the run's Artifacts tab.
 
@@ -46,20 +45,20 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import ray
 import torch
 from ray.train import Checkpoint
 from torch import Tensor, nn
 
-from ray_dpo.config import Config, EvalConfig
-from ray_dpo.core.encoding import fit_prompt_rows
+from ray_dpo.config import Config, ConfigError, EvalConfig
+from ray_dpo.core.encoding import Encoding
 from ray_dpo.core.losses import default_reduction
 from ray_dpo.core.pairs import score_batch
 from ray_dpo.core.sampling import beam_search, generate
 from ray_dpo.errors import UserError
-from ray_dpo.stages import models, tracking
+from ray_dpo.stages import models, storage, tracking
 from ray_dpo.stages.data import collate_preferences
-from ray_dpo.stages.reference import map_batches_no_restarts, score_pairs_pool
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 SAMPLES_TABLE = "eval/samples.json"
@@ -67,80 +66,78 @@ SAMPLES_PAGE = "eval/samples.html"
 MODELS = ("policy", "reference")
 WAIT_FOR_ACTORS_S = 600  # an actor pool that cannot start in this time (no free GPU/CPU) fails instead of hanging
 ACTOR_COLUMN = "_actor"  # pid of the actor that produced a row: diagnostics only, never logged
+TASK_COLUMN = "_task"  # "generate" (a prompt) or "score" (a preference pair)
 
 
 # ------------------------------------------------------------------------------------------------ setup helpers
 
 
 def load_reward_fn(spec: str | None) -> RewardFn | None:
-    """`"package.module:function"` -> the function; None -> None. A UserError names what is wrong."""
+    """`"package.module:function"` -> the function; None -> None. A ConfigError names what is wrong."""
     if spec is None:
         return None
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise UserError(f"config: eval.reward_fn must look like 'module:function', got {spec!r}")
+        raise ConfigError(f"config: eval.reward_fn must look like 'module:function', got {spec!r}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise UserError(f"config: eval.reward_fn={spec!r}: cannot import {module_name!r} ({err})") from None
+        raise ConfigError(f"config: eval.reward_fn={spec!r}: cannot import {module_name!r} ({err})") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise UserError(f"config: eval.reward_fn={spec!r}: {module_name} has no function {attr!r}")
+        raise ConfigError(f"config: eval.reward_fn={spec!r}: {module_name} has no function {attr!r}")
     return fn
 
 
-def _check_eval_config(e: EvalConfig) -> None:
-    if e.max_new_tokens < 1 or e.batch_size < 1 or e.concurrency < 1 or e.beams < 1:
-        raise UserError("config: eval.max_new_tokens, eval.batch_size, eval.concurrency and eval.beams must be >= 1")
-    if e.temperature < 0:
-        raise UserError(f"config: eval.temperature must be >= 0, got {e.temperature}")
-    if e.kl_samples < 0:
-        raise UserError(f"config: eval.kl_samples must be >= 0, got {e.kl_samples}")
-    if e.filter_logits_fn not in (None, "top_k", "top_p", "min_p", "top_a"):
-        raise UserError(
-            f"config: eval.filter_logits_fn must be top_k, top_p, min_p, top_a or null, got {e.filter_logits_fn!r}"
-        )
-
-
 def check_checkpoint(key: str, path: str | os.PathLike | Checkpoint) -> str | Checkpoint:
-    """The absolute local checkpoint directory, or a UserError naming `key` when it holds no model. Checkpoints
-    in storage (a `ray.train.Checkpoint` or a URI) are opened by the actors."""
-    if isinstance(path, Checkpoint) or "://" in str(path):
-        return path
-    path = Path(path).expanduser().resolve()  # actors run in Ray's session directory
-    if not (path / "model.safetensors").is_file():
-        raise UserError(f"{key}: {path} is not a checkpoint directory (no model.safetensors)")
-    return str(path)
+    """The checkpoint as a local absolute path or in storage, or a UserError naming `key` when it holds no model of
+    any kind the trainer writes (ours, Hugging Face, LoRA adapters, FSDP shards)."""
+    if not isinstance(path, Checkpoint) and not storage.is_uri(str(path)):
+        path = str(Path(path).expanduser().resolve())  # actors run in Ray's session directory
+    try:
+        models.kind(path)
+    except (ValueError, OSError) as err:
+        raise UserError(f"{key}: {str(err).splitlines()[0]}") from None
+    return path
+
+
+def eval_gpus(config: Config) -> float:
+    """GPUs per evaluation actor: `eval.num_gpus`, by default one when training uses GPUs."""
+    e = config.eval
+    return e.num_gpus if e.num_gpus is not None else (1.0 if config.train.use_gpu else 0.0)
 
 
 # ------------------------------------------------------------------------------------------------ actors
 
 
-class PolicyReferenceGenerator:
-    """Ray Data callable class: prompt token rows -> a response from the policy and from the reference, both scored
-    under both models (and rewarded). Loads the two models and the tokenizer ONCE per actor."""
+class PolicyReferenceEvaluator:
+    """Ray Data callable class over held-out rows: a "generate" row gets a response from the policy and from the
+    reference, both scored under both models (and rewarded); a "score" row (a preference pair) gets its log-probs
+    under both models. Loads the two models ONCE per actor; a LoRA policy whose base is the reference holds that base
+    once (the reference is the policy with its adapters off)."""
 
     def __init__(
         self,
         policy_checkpoint: str | Checkpoint,
         reference_checkpoint: str | Checkpoint,
         *,
-        tokenizer: str,
+        encoding: Encoding,
         device: str,
         eval_config: dict[str, Any],
         reduction: str,
+        prefix_sharing: bool,
+        bf16: bool,
         seed: int,
     ):
         models.reuse_freed_memory()
         self.device = torch.device(device)
-        # the checkpoint's own tokenizer wins: it is the one the policy was trained with
-        policy, self.tokenizer = models.load_with_tokenizer(policy_checkpoint, tokenizer, self.device)
-        reference = models.load(reference_checkpoint, self.device)
-        self.models: dict[str, nn.Module] = {
-            name: model.eval().requires_grad_(False) for name, model in zip(MODELS, (policy, reference), strict=True)
-        }
+        self.encoding, self.tokenizer = encoding, encoding.tokenizer
+        dtype = torch.bfloat16 if bf16 else None  # both models are frozen here
+        self.models, self.contexts = models.policy_and_reference(
+            policy_checkpoint, reference_checkpoint, self.device, dtype
+        )
         self.e = EvalConfig(**eval_config)
-        self.reduction, self.seed = reduction, seed
+        self.reduction, self.prefix_sharing, self.seed = reduction, prefix_sharing, seed
         # room for the response inside the positions the models were built for
         self.max_prompt_tokens = min(map(models.max_positions, self.models.values())) - self.e.max_new_tokens
         self.reward_fn = load_reward_fn(self.e.reward_fn)
@@ -165,6 +162,23 @@ class PolicyReferenceGenerator:
         tok = self.tokenizer
         return tok.decode([int(t) for t in tokens if t not in (tok.eos_id, tok.pad_id, tok.bos_id)])
 
+    def _prompt_text(self, tokens) -> str:
+        """The prompt as the model saw it: with a chat template, its markup too."""
+        if self.encoding.chat_template:
+            return self.tokenizer.decode([int(t) for t in tokens], skip_special_tokens=False)
+        return self._text(tokens)
+
+    def _score(self, pairs: dict[str, list], *, packed: bool) -> dict[str, np.ndarray]:
+        """`{model}_{chosen,rejected}` sequence log-probs of each pair under each model (the trainer's scoring)."""
+        tensors = {k: v.to(self.device) for k, v in collate_preferences(pairs, pad_id=0).items()}
+        out = {}
+        with torch.inference_mode():
+            for name, model in self.models.items():
+                with self.contexts[name]():
+                    chosen, rejected = score_batch(model, tensors, prefix_sharing=packed).sequence(self.reduction)
+                out[f"{name}_chosen"], out[f"{name}_rejected"] = (x.double().cpu().numpy() for x in (chosen, rejected))
+        return out
+
     def _respond(self, prompts: list[np.ndarray], texts: list[str], seed: int, sample: bool) -> dict[str, Any]:
         """A response from each model per prompt, both scored under both models (the two responses of a prompt as
         a pair, scored like training pairs), rewarded. `sample`: temperature 1, no filter: samples of the model."""
@@ -175,34 +189,34 @@ class PolicyReferenceGenerator:
         for name, model in self.models.items():
             # the same seed for both models (common random numbers): identical models give identical responses
             generator = torch.Generator(self.device).manual_seed(seed)
-            if sample:
-                kwargs = dict(eos_token=tok.eos_id, pad_id=tok.pad_id, generator=generator)
-                tokens = generate(model, device_prompts, e.max_new_tokens, temperature=1.0, **kwargs)
-            else:
-                tokens = self._decode(model, device_prompts, generator)
+            with self.contexts[name]():
+                if sample:
+                    kwargs = dict(eos_token=tok.eos_id, pad_id=tok.pad_id, generator=generator)
+                    tokens = generate(model, device_prompts, e.max_new_tokens, temperature=1.0, **kwargs)
+                else:
+                    tokens = self._decode(model, device_prompts, generator)
             responses[name] = self._split(tokens)
             out[f"{name}_response"] = [self._text(r) for r in responses[name]]
             out[f"{name}_len"] = np.asarray([len(r) for r in responses[name]], dtype=np.int64)
-        pairs = {"prompt": prompts, "chosen": responses["policy"], "rejected": responses["reference"]}
-        tensors = {k: v.to(self.device) for k, v in collate_preferences(pairs, pad_id=0).items()}
-        with torch.inference_mode():
-            for scorer, model in self.models.items():
-                policy_logps, reference_logps = score_batch(model, tensors).sequence(self.reduction)
-                out[f"policy_logp_{scorer}"] = policy_logps.double().cpu().numpy()
-                out[f"reference_logp_{scorer}"] = reference_logps.double().cpu().numpy()
+        scored = self._score(
+            {"prompt": prompts, "chosen": responses["policy"], "rejected": responses["reference"]}, packed=False
+        )
+        for scorer in MODELS:
+            out[f"policy_logp_{scorer}"], out[f"reference_logp_{scorer}"] = (
+                scored[f"{scorer}_chosen"],
+                scored[f"{scorer}_rejected"],
+            )
         if self.reward_fn is not None:
             for name in MODELS:
                 out[f"{name}_reward"] = np.asarray(self.reward_fn(texts, out[f"{name}_response"]), dtype=np.float64)
         return out
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        prompts = fit_prompt_rows(list(batch["prompt"]), self.max_prompt_tokens, self.tokenizer.bos_id)
+    def _generate(self, prompt_rows: list[np.ndarray]) -> dict[str, Any]:
+        prompts = self.encoding.fit_prompts(prompt_rows, self.max_prompt_tokens)
         texts = [self._text(p) for p in prompts]
         # seeded by the batch's content: samples do not depend on which actor got the batch
         seed = self.seed + zlib.crc32("\n".join(texts).encode())
         out = self._respond(prompts, texts, seed, sample=False)
-        for name in MODELS:
-            out[f"{name}_response"] = np.asarray(out[f"{name}_response"], dtype=object)
         k = self.e.kl_samples
         if k:  # k samples of each model per prompt, averaged per prompt: one unit per prompt for the errors
             sampled = self._respond(
@@ -214,22 +228,62 @@ class PolicyReferenceGenerator:
             for name in MODELS:
                 if f"{name}_reward" in sampled:
                     out[f"sample_reward_{name}"] = per_prompt(sampled[f"{name}_reward"])
-        out["prompt"] = np.asarray(texts, dtype=object)
-        out[ACTOR_COLUMN] = np.full(len(texts), os.getpid(), dtype=np.int64)
+        out["prompt"] = [self._prompt_text(p) for p in prompts]
+        return out
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        generate_rows = np.flatnonzero(batch[TASK_COLUMN] == "generate")
+        score_rows = np.flatnonzero(batch[TASK_COLUMN] == "score")
+        n = len(batch[TASK_COLUMN])
+        out: dict[str, np.ndarray] = {TASK_COLUMN: batch[TASK_COLUMN], ACTOR_COLUMN: np.full(n, os.getpid())}
+        parts = []
+        if len(generate_rows):
+            parts.append((generate_rows, self._generate([batch["prompt"][i] for i in generate_rows])))
+        if len(score_rows):
+            pairs = {k: [batch[k][i] for i in score_rows] for k in ("prompt", "chosen", "rejected")}
+            scored = self._score(pairs, packed=self.prefix_sharing)
+            parts.append((score_rows, {f"{k}_logp": v for k, v in scored.items()}))
+        for rows, columns in parts:  # one column per name over the whole batch: filler where a row has no value
+            for name, values in columns.items():
+                values = np.asarray(values)
+                if name not in out:
+                    out[name] = np.full(n, None, dtype=object) if values.dtype.kind in "OUS" else np.full(n, np.nan)
+                out[name][rows] = values
         return out
 
 
 # ------------------------------------------------------------------------------------------------ run
 
 
+def _held_out_rows(prompts_ds: ray.data.Dataset, pairs_ds: ray.data.Dataset | None, e: EvalConfig) -> ray.data.Dataset:
+    """The first `eval.num_prompts` prompts to generate from and the first `eval.max_pairs` pairs to score, as one
+    dataset of `prompt`, `chosen`, `rejected`, `_task` rows (one pool does both)."""
+    if "prompt" not in prompts_ds.columns():
+        raise UserError(f"eval: the prompts dataset has no 'prompt' column (columns: {prompts_ds.columns()})")
+
+    def tagged(ds: ray.data.Dataset, task: str) -> ray.data.Dataset:
+        def add(batch: pa.Table) -> pa.Table:
+            n = batch.num_rows
+            empty = pa.array([[]] * n, type=batch["prompt"].type)
+            columns = {k: batch[k] if k in batch.column_names else empty for k in ("prompt", "chosen", "rejected")}
+            return pa.table({**columns, TASK_COLUMN: pa.array([task] * n)})
+
+        return ds.map_batches(add, batch_format="pyarrow", batch_size=None)
+
+    rows = tagged(prompts_ds.limit(e.num_prompts), "generate")
+    if pairs_ds is not None and e.max_pairs:
+        rows = rows.union(tagged(pairs_ds.select_columns(["prompt", "chosen", "rejected"]).limit(e.max_pairs), "score"))
+    return rows
+
+
 def _pool_kwargs(config: Config) -> dict[str, Any]:
-    e = config.eval
+    gpus = eval_gpus(config)
     # fractional CPUs: a pool of 1-CPU actors on a 2-CPU machine starves the read tasks and hangs
     # one task in flight per actor: a second batch goes to an idle actor instead of queueing behind the first
     return dict(
-        compute=ray.data.ActorPoolStrategy(size=e.concurrency, max_tasks_in_flight_per_actor=1),
-        num_cpus=1.0 if e.num_gpus else 0.5,
-        num_gpus=e.num_gpus,
+        compute=ray.data.ActorPoolStrategy(size=config.eval.concurrency, max_tasks_in_flight_per_actor=1),
+        num_cpus=1.0 if gpus else 0.5,
+        num_gpus=gpus,
     )
 
 
@@ -246,67 +300,45 @@ def _start_pool_first(dataset: ray.data.Dataset) -> ray.data.Dataset:
     return dataset
 
 
-def generate_samples(
+def evaluate_rows(
     config: Config,
     *,
     policy_checkpoint: str | Checkpoint,
     reference_checkpoint: str | Checkpoint,
     prompts_ds: ray.data.Dataset,
-) -> pd.DataFrame:
-    """One row per prompt: prompt, `{policy,reference}_response`, `_len`, `_logp_{policy,reference}`, `_reward`.
-
-    `prompts_ds` has a `prompt` column of token rows, encoded as in training: the validation split of
-    `read_preferences` (or `read_prompts` of a file); the first `eval.num_prompts` rows are used, in order.
-    """
+    preference_ds: ray.data.Dataset | None,
+    encoding: Encoding,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(samples, pairs) from one actor pool: one row per prompt (prompt, `{policy,reference}_response`, `_len`,
+    `_logp_{policy,reference}`, `_reward`, `sample_*`) and one per held-out pair
+    (`{policy,reference}_{chosen,rejected}_logp`). Prompts are token rows encoded as in training (the validation
+    split, or `read_prompts`)."""
     e = config.eval
-    _check_eval_config(e)
-    load_reward_fn(e.reward_fn)  # fail here, in one line, rather than inside every actor
-    if "prompt" not in prompts_ds.columns():
-        raise UserError(f"eval: the prompts dataset has no 'prompt' column (columns: {prompts_ds.columns()})")
-    prompts_ds = prompts_ds.select_columns(["prompt"]).limit(e.num_prompts)
-    samples = map_batches_no_restarts(
-        _spread(prompts_ds, e.concurrency),
-        PolicyReferenceGenerator,
+    rows = _held_out_rows(prompts_ds, preference_ds, e)
+    out = _spread(rows, e.concurrency).map_batches(
+        PolicyReferenceEvaluator,
         fn_constructor_kwargs=dict(
             policy_checkpoint=check_checkpoint("eval: policy checkpoint", policy_checkpoint),
             reference_checkpoint=check_checkpoint("eval: reference checkpoint", reference_checkpoint),
-            tokenizer=config.data.tokenizer,
-            device="cuda" if e.num_gpus else "cpu",
+            encoding=encoding,
+            device="cuda" if eval_gpus(config) else "cpu",
             eval_config=dataclasses.asdict(e),
             reduction=default_reduction(config.dpo.loss_type, config.dpo.reduction),
+            prefix_sharing=config.dpo.prefix_sharing,
+            bf16=config.train.precision == "bf16",
             seed=config.train.seed,
         ),
         batch_size=e.batch_size,
         batch_format="numpy",
         **_pool_kwargs(config),
     )
-    return _start_pool_first(samples).to_pandas()
+    table = _start_pool_first(out).to_pandas()
 
+    def rows_of(task: str) -> pd.DataFrame:  # only the columns this kind of row fills
+        part = table[table[TASK_COLUMN] == task].drop(columns=[TASK_COLUMN])
+        return part.loc[:, part.notna().any()].reset_index(drop=True)
 
-def score_preferences(
-    config: Config,
-    *,
-    policy_checkpoint: str | Checkpoint,
-    reference_checkpoint: str | Checkpoint,
-    preference_ds: ray.data.Dataset,
-) -> pd.DataFrame:
-    """`{policy,reference}_{chosen,rejected}_logp` for each row of a `read_preferences` dataset."""
-    e = config.eval
-    models = {
-        "policy": check_checkpoint("eval: policy checkpoint", policy_checkpoint),
-        "reference": check_checkpoint("eval: reference checkpoint", reference_checkpoint),
-    }
-    scored = score_pairs_pool(
-        preference_ds,
-        models,
-        reduction=default_reduction(config.dpo.loss_type, config.dpo.reduction),
-        prefix_sharing=config.dpo.prefix_sharing,
-        batch_size=e.batch_size,
-        concurrency=e.concurrency,
-        num_gpus=e.num_gpus,
-    )
-    columns = [f"{m}_{side}_logp" for m in models for side in ("chosen", "rejected")]
-    return scored.select_columns(columns).to_pandas()
+    return rows_of("generate"), rows_of("score")
 
 
 def aggregate(samples: pd.DataFrame, pairs: pd.DataFrame | None, *, beta: float) -> dict[str, float]:
@@ -320,13 +352,12 @@ def aggregate(samples: pd.DataFrame, pairs: pd.DataFrame | None, *, beta: float)
         "eval/len/policy": float(col(samples, "policy_len").mean()),
         "eval/len/reference": float(col(samples, "reference_len").mean()),
     }
-    prompts = np.arange(len(samples))  # per-prompt means: one independent unit per prompt
-    if "sample_kl" in samples:  # from samples of the policy: an unbiased estimate, with its standard error
-        metrics["eval/kl_seq"], metrics["eval/kl_seq_se"] = kl_estimate(col(samples, "sample_kl"), 0.0, prompts)
+    if "sample_kl" in samples:  # per-prompt means over samples of the policy: an unbiased estimate, with its error
+        metrics["eval/kl_seq"], metrics["eval/kl_seq_se"] = mean_and_se(col(samples, "sample_kl"))
         metrics["eval/kl_token"] = float(col(samples, "sample_kl").sum() / max(col(samples, "sample_len").sum(), 1))
         for name in MODELS:
             if f"sample_reward_{name}" in samples:
-                mean, se = mean_and_se(col(samples, f"sample_reward_{name}"), prompts)
+                mean, se = mean_and_se(col(samples, f"sample_reward_{name}"))
                 metrics[f"eval/sampled_reward/{name}"], metrics[f"eval/sampled_reward/{name}_se"] = mean, se
     if "policy_reward" in samples:
         policy, reference = col(samples, "policy_reward"), col(samples, "reference_reward")
@@ -424,33 +455,37 @@ def evaluate(
     reference_checkpoint: str | Checkpoint,
     prompts_ds: ray.data.Dataset,
     preference_ds: ray.data.Dataset | None,
-    tracking_uri: str | None,
-    run_id: str | None,
+    encoding: Encoding,
+    mlflow_run: tuple[str, str] | None = None,
 ) -> dict[str, float]:
-    """Policy vs reference on held-out prompts (+ implicit-reward accuracy on held-out pairs); logs to MLflow when
-    `tracking_uri` and `run_id` are given. Returns the `eval/*` metrics."""
-    # setup + run: two actor pools, each loading both models once per actor
-    kwargs = dict(policy_checkpoint=policy_checkpoint, reference_checkpoint=reference_checkpoint)
-    samples = generate_samples(config, prompts_ds=prompts_ds, **kwargs)
-    pairs = None if preference_ds is None else score_preferences(config, preference_ds=preference_ds, **kwargs)
+    """Policy vs reference on held-out prompts and pairs (one actor pool); logged into `mlflow_run` (uri, run id)
+    when given. Returns the `eval/*` metrics."""
+    samples, pairs = evaluate_rows(
+        config,
+        policy_checkpoint=policy_checkpoint,
+        reference_checkpoint=reference_checkpoint,
+        prompts_ds=prompts_ds,
+        preference_ds=preference_ds,
+        encoding=encoding,
+    )
     metrics = aggregate(samples, pairs, beta=config.dpo.beta)
-    # save
-    if tracking_uri is not None and run_id is not None:
-        log_results(tracking_uri, run_id, metrics, samples)
+    if mlflow_run is not None:
+        log_results(*mlflow_run, metrics, samples)
     return metrics
 
 
-def mean_and_se(values: np.ndarray, groups: np.ndarray) -> tuple[float, float]:
-    """Mean of per-sample `values` and its standard error, with samples of one prompt (`groups`) as one unit:
-    several samples of a prompt are not independent of each other, prompts are."""
-    keys, index = np.unique(groups, return_inverse=True)
-    per_group = np.bincount(index, weights=values) / np.bincount(index)
-    if len(keys) < 2:
-        return float(per_group.mean()), float("nan")
-    return float(per_group.mean()), float(per_group.std(ddof=1) / np.sqrt(len(keys)))
+def mean_and_se(values: np.ndarray) -> tuple[float, float]:
+    """Mean and standard error of independent units (one value per prompt: several samples of a prompt are not
+    independent of each other, prompts are)."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
+        return float(values.mean()), float("nan")
+    return float(values.mean()), float(values.std(ddof=1) / np.sqrt(len(values)))
 
 
-def kl_estimate(logp_policy: np.ndarray, logp_reference: np.ndarray, groups: np.ndarray) -> tuple[float, float]:
-    """KL(policy || reference) from responses SAMPLED from the policy (temperature 1, no filter): the mean of
-    log pi(y|x) - log ref(y|x) is an unbiased estimate; returns (estimate, standard error)."""
-    return mean_and_se(np.asarray(logp_policy, np.float64) - np.asarray(logp_reference, np.float64), groups)
+def kl_estimate(logp_policy: np.ndarray, logp_reference: np.ndarray) -> tuple[float, float]:
+    """KL(policy || reference) from responses SAMPLED from the policy (temperature 1, no filter), as (prompts,
+    samples) arrays of sequence log-probs: the mean of log pi(y|x) - log ref(y|x) is an unbiased estimate; returns
+    (estimate, standard error), prompts as the independent units."""
+    per_prompt = (np.asarray(logp_policy, np.float64) - np.asarray(logp_reference, np.float64)).mean(axis=-1)
+    return mean_and_se(per_prompt)

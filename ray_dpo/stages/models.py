@@ -1,34 +1,31 @@
-"""The one model loader of the recipe: train workers, the reference pass, evaluation actors, SFT and export all load
-and save weights here, from a local directory or a staged `ray.train.Checkpoint` (downloaded when remote).
-
-Three kinds of model directory, told apart by their files:
-
-  ours      `model_config.json` + `model.safetensors`: our `TransformerLM`
-  hf        `config.json` + safetensors weights: any Hugging Face causal LM (`AutoModelForCausalLM`)
-  adapter   `adapter_config.json` + `base.json`: PEFT LoRA adapters on the Hugging Face base that `base.json`
-            names (staged in storage like every starting checkpoint): one copy of the base weights
+"""The one model loader: train workers, the reference pass, evaluation actors, SFT, export and serving load and
+save weights here, from a local directory or a checkpoint in storage (`ray.train.Checkpoint` or a URI, downloaded
+when remote). Every kind of directory the trainer writes loads (`ray_dpo.core.checkpoint`'s layout): ours, a Hugging
+Face model, LoRA adapters on their staged base, an FSDP sharded checkpoint.
 
 Hugging Face models are held with fp32 master weights; a frozen reference may be held in bf16 (half the memory).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import platform
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 from ray.train import Checkpoint
 from torch import nn
 
-from ray_dpo.core import checkpoint as ours
-from ray_dpo.core.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
+from ray_dpo.core import checkpoint as layout
+from ray_dpo.core.encoding import ENCODING_FILE, Encoding
+from ray_dpo.core.kinds import is_hf, is_peft, peft_base
+from ray_dpo.stages import storage
 from ray_dpo.stages.storage import local_directory
-
-BASE_FILE = "base.json"  # an adapter directory's pointer to its base model (a URI every node opens)
-TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def reuse_freed_memory() -> bool:
@@ -48,97 +45,141 @@ def reuse_freed_memory() -> bool:
     return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
-def kind(directory: str | Path) -> str:
-    directory = Path(directory)
-    if (directory / ours.CONFIG_FILE).is_file():
-        return "ours"
-    if (directory / "adapter_config.json").is_file():
-        return "adapter"
-    if (directory / "config.json").is_file():
-        return "hf"
-    raise ValueError(f"{directory}: not a model directory (no model_config.json, config.json or adapter_config.json)")
-
-
-def is_hf(model: nn.Module) -> bool:
-    return hasattr(model, "config") and callable(getattr(model, "save_pretrained", None))
+def kind(source: str | Path | Checkpoint) -> layout.DirectoryKind:
+    """What a checkpoint directory holds, local or in storage, read from its file names (nothing downloaded)."""
+    if isinstance(source, (str, Path)) and not storage.is_uri(str(source)):
+        return layout.local_kind(source)
+    checkpoint = storage.as_checkpoint(str(source) if isinstance(source, Path) else source)
+    infos = checkpoint.filesystem.get_file_info(pafs.FileSelector(checkpoint.path, allow_not_found=True))
+    found = layout.directory_kind(i.path.rsplit("/", 1)[-1] for i in infos if i.type == pafs.FileType.File)
+    if found is None:
+        raise ValueError("not a model checkpoint (no model_config.json, config.json, adapter_config.json or .metadata)")
+    return found
 
 
 def load(
     source: str | Checkpoint, device: str | torch.device = "cpu", *, dtype: torch.dtype | None = None, trainable=False
 ) -> nn.Module:
-    """A model from a checkpoint directory, on `device`. Adapters load onto their base (trainable when asked)."""
+    """A model from a checkpoint directory, on `device`. Adapters load onto their base (trainable when asked); a
+    sharded checkpoint is gathered into one model."""
     with local_directory(source) as directory:
-        found = kind(directory)
+        found = layout.local_kind(directory)
         if found == "ours":
-            model = ours.load_model(directory, device)
+            model = layout.load_model(directory, device)
             return model.to(dtype) if dtype is not None else model
         if found == "hf":
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or torch.float32)
             return model.to(device)
+        if found == "sharded":
+            return _load_sharded(directory, dtype).to(device)
         from peft import PeftModel
 
-        base = load(json.loads((Path(directory) / BASE_FILE).read_text())["base"], device, dtype=dtype)
+        base = load(json.loads((Path(directory) / layout.BASE_FILE).read_text())["base"], device, dtype=dtype)
         return PeftModel.from_pretrained(base, directory, is_trainable=trainable).to(device)
 
 
 def skeleton(directory: str | Path) -> nn.Module:
-    """The model a checkpoint directory describes, randomly initialised: what sharded (FSDP) weights load into."""
-    if kind(directory) == "ours":
+    """The model a checkpoint directory describes, randomly initialised (with its LoRA adapters when the directory
+    names them): what sharded (FSDP) weights load into."""
+    directory = Path(directory)
+    if (directory / layout.CONFIG_FILE).is_file():
         from ray_dpo.core.model import TransformerLM
 
-        return TransformerLM(ours.load_model_config(directory))
+        return TransformerLM(layout.load_model_config(directory))
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory))
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory))
+    if (directory / layout.ADAPTER_CONFIG_FILE).is_file():
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig.from_pretrained(str(directory)))
+    return model
 
 
-def load_with_tokenizer(
-    source: str | Checkpoint, fallback_tokenizer: str, device: str | torch.device = "cpu"
-) -> tuple[nn.Module, Tokenizer]:
-    """The model and the tokenizer saved beside it (the one it was trained with), else `fallback_tokenizer`; an
-    adapter model comes merged into its base (faster to decode with)."""
+def _load_sharded(directory: str, dtype: torch.dtype | None) -> nn.Module:
+    """An FSDP checkpoint's model in one process: torch.distributed.checkpoint reads every rank's shard into the
+    skeleton's full tensors (no process group needed). Its metadata is a pickle: read only checkpoints you wrote."""
+    import torch.distributed.checkpoint as dcp
+
+    model = skeleton(directory)
+    # the trainer shards the module it scores with (`LogpsModel`): its state keys carry that module's `model.` prefix
+    state = {"model": {f"model.{k}": v for k, v in model.state_dict().items()}}
+    dcp.load(state, checkpoint_id=directory)
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state["model"].items()})
+    return model.to(dtype) if dtype is not None else model
+
+
+def merged(model: nn.Module) -> nn.Module:
+    """LoRA adapters merged into their base (one plain model, faster to run); any other model as it is."""
+    return model.merge_and_unload() if is_peft(model) else model
+
+
+def load_for_inference(source: str | Checkpoint, device: str | torch.device = "cpu", dtype=None) -> nn.Module:
+    """A model to generate or score with: loaded, LoRA merged, eval mode, no gradients."""
+    return merged(load(source, device, dtype=dtype)).eval().requires_grad_(False)
+
+
+def policy_and_reference(
+    policy: str | Checkpoint, reference: str | Checkpoint, device: str | torch.device = "cpu", dtype=None
+) -> tuple[dict[str, nn.Module], dict[str, Callable[[], contextlib.AbstractContextManager]]]:
+    """The two models evaluation runs, in eval mode (in `dtype`: both are frozen here), and the context each must
+    run in. LoRA adapters on the reference itself are held as ONE model: the policy with its adapters on, the
+    reference with them off (no second copy of the base); other policies come merged, beside their own reference."""
+    model = load(policy, device, dtype=dtype)
+    if is_peft(model) and _adapter_base(policy) == storage.checkpoint_uri(storage.as_checkpoint(reference)):
+        shared = peft_base(model).eval().requires_grad_(False)  # LoRA layers in place: runs like the plain model
+        contexts = {"policy": contextlib.nullcontext, "reference": model.disable_adapter}
+        return {"policy": shared, "reference": shared}, contexts
+    held = {"policy": merged(model), "reference": load(reference, device, dtype=dtype)}
+    return {k: m.eval().requires_grad_(False) for k, m in held.items()}, dict.fromkeys(held, contextlib.nullcontext)
+
+
+def _adapter_base(source: str | Checkpoint) -> str:
     with local_directory(source) as directory:
-        model = load(directory, device)
-        if callable(getattr(model, "merge_and_unload", None)):
-            model = model.merge_and_unload()
-        has_own = any((Path(directory) / name).is_file() for name in TOKENIZER_FILES)
-        return model, load_tokenizer(directory if has_own else fallback_tokenizer)
+        return json.loads((Path(directory) / layout.BASE_FILE).read_text())["base"]
 
 
-def save(directory: str | Path, model: nn.Module, *, tokenizer: Tokenizer | None = None, base: str | None = None):
+def load_encoding(source: str | Checkpoint, fallback: Encoding | None = None) -> Encoding:
+    """The encoding a checkpoint was trained with (`encoding.json` + its tokenizer); `fallback` when it has none."""
+    with local_directory(source) as directory:
+        if Encoding.saved_in(directory):
+            return Encoding.load(directory)
+    if fallback is None:
+        raise ValueError(f"{source}: the checkpoint holds no {ENCODING_FILE}")
+    return fallback
+
+
+def save(directory: str | Path, model: nn.Module, *, encoding: Encoding | None = None, base: str | None = None):
     """Weights (safetensors) and config into `directory`: ours, a Hugging Face directory, or adapters + `base.json`
-    (`base`: where the base model is staged)."""
+    (`base`: where the base model is staged); the encoding and its tokenizer beside them when given."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    if not is_hf(model) and not callable(getattr(model, "get_base_model", None)):
-        ours.save_model(directory, model)
-    else:
+    if is_peft(model):
+        if base is None:
+            raise ValueError("saving LoRA adapters needs the location of their base model")
         model.save_pretrained(str(directory), safe_serialization=True)
-        if callable(getattr(model, "get_base_model", None)):
-            if base is None:
-                raise ValueError("saving LoRA adapters needs the location of their base model")
-            (directory / BASE_FILE).write_text(json.dumps({"base": base}))
-    if tokenizer is not None:
-        tokenizer.save(directory)
+        (directory / layout.BASE_FILE).write_text(json.dumps({"base": base}))
+    elif is_hf(model):
+        model.save_pretrained(str(directory), safe_serialization=True)
+    else:
+        layout.save_model(directory, model)
+    if encoding is not None:
+        encoding.save(directory)
     return directory
 
 
 def save_config(directory: str | Path, model: nn.Module) -> None:
-    """The architecture alone (what `skeleton` rebuilds), for sharded checkpoints."""
-    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    """The architecture alone (what `skeleton` rebuilds: with LoRA, the adapters' config too), for sharded
+    checkpoints."""
+    inner = peft_base(model)
     if is_hf(inner):
         inner.config.save_pretrained(str(directory))
     else:
-        ours.save_model_config(directory, inner.config)
-
-
-def save_tokenizer(tokenizer: Tokenizer, directory: str | Path) -> Path:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(directory)
-    return directory
+        layout.save_model_config(directory, inner.config)
+    if is_peft(model):
+        model.peft_config["default"].save_pretrained(str(directory))
 
 
 def add_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, target_modules: list[str] | str, seed: int):
@@ -159,10 +200,10 @@ def lora_targets_match(model: nn.Module, target_modules: list[str] | str) -> boo
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Recompute activations in backward, for both model kinds."""
-    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    inner = peft_base(model)
     if is_hf(inner):
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if callable(getattr(model, "enable_input_require_grads", None)):
+        if is_peft(model):
             model.enable_input_require_grads()  # LoRA: frozen embeddings would cut the graph at the first block
     else:
         inner.gradient_checkpointing = True
@@ -170,7 +211,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 def max_positions(model: nn.Module) -> int:
     """The longest sequence the model was built for."""
-    config = model.config
+    config = peft_base(model).config
     return getattr(config, "max_seq_len", None) or getattr(config, "max_position_embeddings", None) or 2048
 
 

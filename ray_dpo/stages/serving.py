@@ -1,31 +1,37 @@
-"""The policy as an MLflow model: register a checkpoint (safetensors, no pickle), download it, serve it.
+"""The policy as an MLflow model, and the publishing of a run's final policy: checkpoint, export, registration.
 
-    model_uri = register_model(uri, run_id, checkpoint_dir, "ray-dpo-policy")   # models:/ray-dpo-policy/1
-    model, tokenizer = load_registered_model(model_uri, uri)
-    mlflow.pyfunc.load_model(...).predict(["sort: qbdka ="])                    # greedy continuations
+    published = publish(final_checkpoint, tracking_uri=uri, run_id=run_id, registered_model="ray-dpo-policy",
+                        export_to=(storage_path, "run", "staged", "export"))    # a Ray task: the driver loads nothing
+    mlflow.pyfunc.load_model("models:/ray-dpo-policy/1").predict(["sort: qbdka ="])     # greedy continuations
+    model, encoding = load_registered_model("models:/ray-dpo-policy/1", uri)
 
-Prompts are encoded as in training (`ray_dpo.core.encoding.encode_prompt`) and decoded with `ray_dpo.core.sampling`.
+Every model kind is served the same way: a pyfunc ("models from code": nothing pickled) whose artifact holds the
+policy's safetensors, its tokenizer and its `encoding.json`, so `predict` encodes a prompt exactly as training did
+(chat template, truncation; `ray_dpo.core.encoding`) and decodes with `ray_dpo.core.sampling.generate`.
 """
 
 from __future__ import annotations
 
-import json
+import shutil
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ray_dpo.stages import models
+import ray
+from ray.train import Checkpoint
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from torch import nn
+
+from ray_dpo.core import checkpoint as layout
+from ray_dpo.core.encoding import ENCODING_FILE, Encoding
+from ray_dpo.core.tokenizer import ByteTokenizer, load_tokenizer
+from ray_dpo.stages import models, storage, tracking
 from ray_dpo.stages.tracking import TrackingError, client, one_line
 
-if TYPE_CHECKING:
-    from ray_dpo.core.model import TransformerLM
-    from ray_dpo.core.tokenizer import ByteTokenizer, HFTokenizer
-
-POLICY_FILES = ("model.safetensors", "model_config.json", "tokenizer.json")  # what a served policy needs
-POLICY_ARTIFACT = "policy"  # key of the checkpoint files inside the logged MLflow model
-
-# ---------------------------------------------------------------------------------------------------------------
+POLICY_ARTIFACT = "policy"  # key of the policy's files inside the logged MLflow model
+TRAINING_STATE = (layout.OPTIMIZER_FILE, layout.STATE_FILE, layout.SCHEDULER_FILE, layout.SHARDED_METADATA)
 
 # "Models from code": MLflow stores this file in the model and runs it on load, so nothing is pickled (the
 # weights are safetensors, the class comes from the installed ray-dpo package).
@@ -38,25 +44,19 @@ mlflow.models.set_model(make_policy_pyfunc())
 """
 
 
-def greedy_continuations(
-    model: TransformerLM, tokenizer: ByteTokenizer | HFTokenizer, prompts: list[str], max_new_tokens: int
-) -> list[str]:
-    """Greedy continuation of each prompt (bos + prompt, as in training) until eos or `max_new_tokens`.
-
-    What the registered pyfunc's `predict` serves. Prompt + continuation fit the model's `max_seq_len` (its RoPE
-    tables and KV cache): at most `max_seq_len - 1` new tokens, prompts keep their last tokens.
-    """
+def greedy_continuations(model: nn.Module, encoding: Encoding, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy continuation of each prompt, encoded as in training, until eos or `max_new_tokens`: what the
+    registered pyfunc's `predict` serves. Prompt + continuation fit the model's positions (prompts keep their head
+    and their end)."""
     import torch
 
-    from ray_dpo.core.encoding import encode_prompt
     from ray_dpo.core.sampling import generate
 
-    max_new_tokens = max(1, min(int(max_new_tokens), model.config.max_seq_len - 1))
-    room = model.config.max_seq_len - max_new_tokens
-    encoded = [torch.tensor(encode_prompt(tokenizer, p, room), dtype=torch.long) for p in prompts]
+    tokenizer, positions = encoding.tokenizer, models.max_positions(model)
+    max_new_tokens = max(1, min(int(max_new_tokens), positions - 1))
+    encoded = [torch.tensor(encoding.prompt(p, positions - max_new_tokens), dtype=torch.long) for p in prompts]
     if not encoded:
         return []
-    model.eval()
     with torch.no_grad():
         out = generate(
             model, encoded, max_new_tokens, temperature=0.0, eos_token=tokenizer.eos_id, pad_id=tokenizer.pad_id
@@ -79,6 +79,18 @@ def _as_prompts(model_input: Any) -> list[str]:
     return [str(item) for item in list(model_input)]
 
 
+def load_policy(directory: str | Path) -> tuple[nn.Module, Encoding]:
+    """A served policy directory: the model (ready to decode) and the encoding it was trained with."""
+    model = models.load_for_inference(str(directory))
+    if Encoding.saved_in(directory):
+        return model, Encoding.load(directory)
+    # a checkpoint saved without its encoding: its tokenizer (bytes when it has none), prompts as they come
+    own = any((Path(directory) / name).is_file() for name in layout.TOKENIZER_FILES)
+    tokenizer = load_tokenizer(directory) if own else ByteTokenizer()
+    positions = models.max_positions(model)
+    return model, Encoding(tokenizer, max_len=positions, max_prompt_len=positions)
+
+
 def make_policy_pyfunc():
     """A `mlflow.pyfunc.PythonModel` serving the policy: list of prompts -> list of greedy continuations.
 
@@ -86,41 +98,30 @@ def make_policy_pyfunc():
     """
     import mlflow.pyfunc
 
-    # MLflow warns when a class without type hints on `predict` is defined: they are missing on purpose (above)
+    # MLflow warns when a class without type hints on `predict` is defined: they are missing on purpose (below)
     warnings.filterwarnings("ignore", message=r".*type hints to the `predict` method")
 
     class PolicyModel(mlflow.pyfunc.PythonModel):
         def load_context(self, context) -> None:
-            from ray_dpo.core.checkpoint import load_model
-            from ray_dpo.core.tokenizer import load_tokenizer
-
-            policy_dir = context.artifacts[POLICY_ARTIFACT]
-            self.model = load_model(policy_dir).eval()
-            self.tokenizer = load_tokenizer(policy_dir)
+            self.model, self.encoding = load_policy(context.artifacts[POLICY_ARTIFACT])
             self.max_new_tokens = int((context.model_config or {}).get("max_new_tokens", 64))
 
         # No type hints on purpose: MLflow would derive the signature from them and drop the params schema.
         def predict(self, context, model_input, params=None):
             max_new = int((params or {}).get("max_new_tokens", self.max_new_tokens))
-            return greedy_continuations(self.model, self.tokenizer, _as_prompts(model_input), max_new)
+            return greedy_continuations(self.model, self.encoding, _as_prompts(model_input), max_new)
 
     return PolicyModel()
 
 
-def _stage_policy(checkpoint_dir: Path, into: Path) -> Path:
-    """Copy only what serving needs (no optimizer state) into `into/policy`; the tokenizer spec defaults to bytes."""
-    import shutil
-
+def _stage_policy(policy_dir: Path, into: Path) -> Path:
+    """Copy what serving needs (weights, config, tokenizer, encoding; no training state) into `into/policy`."""
     policy = into / POLICY_ARTIFACT
     policy.mkdir(parents=True)
-    for name in POLICY_FILES:
-        source = checkpoint_dir / name
-        if source.is_file():
-            shutil.copy2(source, policy / name)
-        elif name == "tokenizer.json":
-            (policy / name).write_text(json.dumps({"type": "byte"}))  # a checkpoint saved without its tokenizer
-        else:
-            raise TrackingError(f"tracking: cannot register {checkpoint_dir}: {name} is missing")
+    for source in policy_dir.iterdir():
+        if source.is_file() and source.name not in TRAINING_STATE and not source.name.startswith("manifest."):
+            if not source.name.endswith(".distcp"):
+                shutil.copy2(source, policy / source.name)
     return policy
 
 
@@ -140,17 +141,18 @@ def _pip_requirements(extra: tuple[str, ...] = ()) -> list[str]:
 def register_model(
     uri: str,
     run_id: str,
-    checkpoint_dir: str | Path,
+    policy_dir: str | Path,
     name: str | None,
     *,
     max_new_tokens: int = 64,
     await_registration_s: int = 60,
 ) -> str:
-    """Log the checkpoint's policy as an MLflow pyfunc model of `run_id` and register it as `name`.
+    """Log a policy directory of whole weights (ours or a Hugging Face model, with its tokenizer and encoding) as
+    an MLflow pyfunc model of `run_id` and register it as `name`.
 
     MLflow 3 layout: a LoggedModel (`models:/<model_id>`, listed under the run's outputs and the experiment's
-    Models tab) holding `artifacts/policy/{model.safetensors, model_config.json, tokenizer.json}`. Built with the
-    client API, not `mlflow.pyfunc.log_model`, which only works against the global tracking URI and active run.
+    Models tab) holding `artifacts/policy/` (safetensors, config, tokenizer, `encoding.json`). Built with the client
+    API, not `mlflow.pyfunc.log_model`, which only works against the global tracking URI and active run.
     Returns `models:/<name>/<version>`, or `models:/<model_id>` when `name` is None.
     """
 
@@ -159,9 +161,10 @@ def register_model(
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model, infer_signature
 
-    checkpoint_dir = Path(checkpoint_dir)
-    if not checkpoint_dir.is_dir():
-        raise TrackingError(f"tracking: cannot register {checkpoint_dir}: not a directory")
+    policy_dir = Path(policy_dir)
+    kind = models.kind(policy_dir)
+    if kind not in ("ours", "hf"):
+        raise TrackingError(f"tracking: cannot register {policy_dir}: a {kind} checkpoint (merge or gather it first)")
     mlflow_client = client(uri)
     run = mlflow_client.get_run(run_id)
     logged = mlflow_client.create_logged_model(
@@ -182,31 +185,19 @@ def register_model(
             )
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*input example was not provided")
-                if models.kind(checkpoint_dir) == "ours":
-                    policy = _stage_policy(checkpoint_dir, tmp_path / "stage")
-                    code = tmp_path / "ray_dpo_policy_model.py"
-                    code.write_text(_MODEL_CODE)
-                    mlflow.pyfunc.save_model(
-                        str(local),
-                        python_model=str(code),
-                        artifacts={POLICY_ARTIFACT: str(policy)},
-                        model_config={"max_new_tokens": max_new_tokens},
-                        signature=signature,
-                        pip_requirements=_pip_requirements(),
-                        mlflow_model=mlflow_model,
-                    )
-                else:  # a Hugging Face model: MLflow's transformers flavor (a text-generation pipeline)
-                    import mlflow.transformers
-
-                    model, tokenizer = models.load_with_tokenizer(str(checkpoint_dir), str(checkpoint_dir))
-                    mlflow.transformers.save_model(
-                        transformers_model={"model": model, "tokenizer": tokenizer.hf},
-                        path=str(local),
-                        task="text-generation",
-                        signature=signature,
-                        pip_requirements=_pip_requirements(("transformers", "tokenizers", "accelerate")),
-                        mlflow_model=mlflow_model,
-                    )
+                policy = _stage_policy(policy_dir, tmp_path / "stage")
+                code = tmp_path / "ray_dpo_policy_model.py"
+                code.write_text(_MODEL_CODE)
+                extra = ("transformers", "tokenizers") if kind == "hf" else ()
+                mlflow.pyfunc.save_model(
+                    str(local),
+                    python_model=str(code),
+                    artifacts={POLICY_ARTIFACT: str(policy)},
+                    model_config={"max_new_tokens": max_new_tokens},
+                    signature=signature,
+                    pip_requirements=_pip_requirements(extra),
+                    mlflow_model=mlflow_model,
+                )
             mlflow_client.log_model_artifacts(logged.model_id, str(local))
         mlflow_client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
         mlflow_client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
@@ -261,24 +252,17 @@ def download_model(model_uri: str, tracking_uri: str, dst_path: str | Path | Non
 
 
 def _find_policy_dir(local: Path) -> Path:
-    for candidate in (local, local / "artifacts" / POLICY_ARTIFACT, local / POLICY_ARTIFACT):
-        if (candidate / POLICY_FILES[0]).is_file():
+    for candidate in (local / "artifacts" / POLICY_ARTIFACT, local / POLICY_ARTIFACT, local):
+        if (candidate / ENCODING_FILE).is_file() or (candidate / layout.WEIGHTS_FILE).is_file():
             return candidate
-    raise TrackingError(f"tracking: {local} holds no {POLICY_FILES[0]} (not a ray-dpo policy model)")
+    raise TrackingError(f"tracking: {local} holds no ray-dpo policy")
 
 
-def load_registered_model(
-    model_uri: str, tracking_uri: str, device: str = "cpu"
-) -> tuple[TransformerLM, ByteTokenizer | HFTokenizer]:
-    """Download `model_uri` and rebuild our `TransformerLM` (safetensors, never pickle) and its tokenizer."""
-    from ray_dpo.core.checkpoint import load_model
-    from ray_dpo.core.tokenizer import load_tokenizer
-
+def load_registered_model(model_uri: str, tracking_uri: str, device: str = "cpu") -> tuple[nn.Module, Encoding]:
+    """Download `model_uri` and load the policy (safetensors, never pickle) with the encoding it was trained with."""
     with tempfile.TemporaryDirectory(prefix="ray-dpo-download-") as tmp:
-        policy = _find_policy_dir(download_model(model_uri, tracking_uri, tmp))
-        model = load_model(policy, device=device).eval()
-        tokenizer = load_tokenizer(policy)  # both load fully into memory: the download can go
-    return model, tokenizer
+        model, encoding = load_policy(_find_policy_dir(download_model(model_uri, tracking_uri, tmp)))
+        return model.to(device), encoding  # both load fully into memory: the download can go
 
 
 def load_pyfunc(model_uri: str, tracking_uri: str, dst_path: str | Path | None = None):
@@ -292,15 +276,58 @@ def load_pyfunc(model_uri: str, tracking_uri: str, dst_path: str | Path | None =
     return mlflow.pyfunc.load_model(str(download_model(model_uri, tracking_uri, dst_path)))
 
 
-def export_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> dict[str, Path]:
-    """The trained policy as Hugging Face directories: `model/` (LoRA merged into its base; safetensors, tokenizer,
-    chat template: `AutoModelForCausalLM.from_pretrained` loads it) and, for LoRA, `adapter/` alone."""
-    out = {"model": Path(out_dir) / "model"}
-    model, tokenizer = models.load_with_tokenizer(str(checkpoint_dir), str(checkpoint_dir))
-    models.save(out["model"], model, tokenizer=tokenizer)
-    if models.kind(checkpoint_dir) == "adapter":
-        import shutil
+# ------------------------------------------------------------------------------------------------ publishing
 
+
+@dataclass(frozen=True)
+class Published:
+    model_uri: str | None  # the registered (or logged) MLflow model
+    export: str | None  # a Hugging Face policy as a plain Hugging Face directory in storage (LoRA merged)
+
+
+def export_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> dict[str, Path]:
+    """A Hugging Face policy as plain Hugging Face directories: `model/` (LoRA merged into its base; safetensors,
+    tokenizer, chat template and `encoding.json`: `AutoModelForCausalLM.from_pretrained` loads it) and, for LoRA,
+    `adapter/` alone."""
+    out = {"model": Path(out_dir) / "model"}
+    encoding = models.load_encoding(str(checkpoint_dir))
+    models.save(out["model"], models.merged(models.load(str(checkpoint_dir))), encoding=encoding)
+    if models.kind(checkpoint_dir) == "adapter":
         out["adapter"] = Path(out_dir) / "adapter"
-        shutil.copytree(checkpoint_dir, out["adapter"])
+        shutil.copytree(checkpoint_dir, out["adapter"], ignore=shutil.ignore_patterns(*TRAINING_STATE, "manifest.*"))
     return out
+
+
+@ray.remote
+def _publish(checkpoint: Checkpoint, uri: str, run_id: str, name: str | None, export_to: tuple | None) -> Published:
+    with storage.local_directory(checkpoint) as final, tempfile.TemporaryDirectory(prefix="ray-dpo-publish-") as tmp:
+        tracking.log_artifact(uri, run_id, final, "checkpoints/final")
+        policy_dir, export = Path(final), None
+        if models.kind(final) != "ours":  # your model back in its own format, LoRA merged: what is served too
+            exported = export_hf(final, Path(tmp) / "export")
+            tracking.log_artifact(uri, run_id, Path(tmp) / "export", "export")
+            if export_to is not None:
+                staged = storage.stage_directory(Path(tmp) / "export", export_to[0], *export_to[1:])
+                export = f"{storage.checkpoint_uri(staged)}/model"
+            policy_dir = exported["model"]
+        model_uri = register_model(uri, run_id, policy_dir, name)
+    return Published(model_uri, export)
+
+
+def publish(
+    checkpoint: Checkpoint,
+    *,
+    tracking_uri: str,
+    run_id: str,
+    registered_model: str | None,
+    export_to: tuple[str, ...] | None,
+    use_gpu: bool = False,
+) -> Published:
+    """The final checkpoint into the MLflow run, a Hugging Face policy exported (into `export_to`: storage path and
+    parts) and the policy registered, all in one Ray task: the driver loads no weights. A local MLflow store
+    (SQLite) lives on the driver's disk, so the task then runs on the driver's node."""
+    placement: dict[str, Any] = {"num_cpus": 0.5, "num_gpus": 1 if use_gpu else 0}
+    if tracking.is_local_store(tracking_uri):
+        here = ray.get_runtime_context().get_node_id()
+        placement = {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)}
+    return ray.get(_publish.options(**placement).remote(checkpoint, tracking_uri, run_id, registered_model, export_to))

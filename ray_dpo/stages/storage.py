@@ -45,6 +45,11 @@ def uri(filesystem: pafs.FileSystem, path: str) -> str:
     return f"{scheme}://{path}" if scheme else path
 
 
+def join(storage_path: str, *parts: str) -> str:
+    """`<storage_path>/<parts...>`, a local path or a URI alike."""
+    return "/".join([str(storage_path).rstrip("/"), *parts])
+
+
 def checkpoint_uri(checkpoint: Checkpoint) -> str:
     return uri(checkpoint.filesystem, checkpoint.path)
 

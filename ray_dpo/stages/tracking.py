@@ -1,7 +1,8 @@
 """MLflow tracking: runs, params, metrics, artifacts and tables (with `stages.serving`, the only modules that import
-mlflow).
+mlflow), and the redaction of credentials before anything reaches MLflow.
 
-One run per align job, logged from the driver / Ray Train rank 0 only. Every call takes the tracking URI and
+One run per align job, logged from the driver (the workers report to it) and, for the final policy, from the
+publishing task. Every call takes the tracking URI and
 builds its own `MlflowClient(tracking_uri=uri)`: no global MLflow state, so the same functions work in the driver,
 in a Ray Train worker and inside a Tune trial (each a different process with a different working directory).
 
@@ -19,8 +20,10 @@ mlflow is imported inside the functions: it costs seconds to import and `resolve
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import re
 import socket
 import tempfile
 import time
@@ -52,7 +55,7 @@ class TrackingError(UserError):
     """The tracking URI (or a run / model in it) is unusable. The message is one line naming the URI."""
 
     def __init__(self, message: str):
-        super().__init__(" ".join(str(message).split()))  # one line, whatever the cause text holds
+        super().__init__(redact(" ".join(str(message).split())))  # one line, no credentials
 
 
 def one_line(err: BaseException) -> str:
@@ -63,6 +66,47 @@ def one_line(err: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # URIs
 # ---------------------------------------------------------------------------------------------------------------
+
+
+# Credentials in a URI never reach MLflow (params, config.yaml, tags, the command line): userinfo (`user:password@`)
+# and query parameters that carry secrets (tokens, keys, signatures) are replaced by `***`.
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s?#]+)@")
+_SECRET_PARAM = re.compile(
+    r"(?P<key>[?&;][^=&\s]*(?:token|secret|passw|pwd|key|signature|sig|credential|auth)[^=&\s]*=)(?P<value>[^&\s#]*)",
+    re.IGNORECASE,
+)
+
+
+def redact(text: str | None) -> str | None:
+    """`text` with the credentials of every URI in it replaced by `***`."""
+    if not isinstance(text, str):
+        return text
+    return _SECRET_PARAM.sub(r"\g<key>***", _USERINFO.sub(r"\g<scheme>***@", text))
+
+
+def redacted(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A mapping with every string value (nested too) redacted."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            out[key] = redacted(value)
+        elif isinstance(value, list):
+            out[key] = [redact(v) if isinstance(v, str) else v for v in value]
+        else:
+            out[key] = redact(value) if isinstance(value, str) else value
+    return out
+
+
+def redacted_config(config):
+    """The config as it may be shown and logged: every credential in a URI replaced by `***`."""
+    from ray_dpo.config import config_from_dict
+
+    return config_from_dict(redacted(config.to_dict()))
+
+
+def is_local_store(uri: str) -> bool:
+    """A store on this machine's disk (SQLite): only processes on this node can write to it."""
+    return _sqlite_path(uri) is not None
 
 
 def resolve_tracking_uri(configured: str | None, output_dir: str | Path) -> str:
@@ -127,9 +171,15 @@ def check_tracking_uri(uri: str) -> None:
 
 
 def _check_server(uri: str) -> None:
-    url = uri.rstrip("/") + "/health"
+    parts = urllib.parse.urlsplit(uri.rstrip("/") + "/health")
+    netloc = parts.netloc.rsplit("@", 1)[-1]  # credentials go in a header, as MLflow's client sends them
+    request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=netloc)))
+    if parts.username is not None:
+        user = urllib.parse.unquote(parts.username)
+        password = urllib.parse.unquote(parts.password or "")
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
     try:
-        with urllib.request.urlopen(url, timeout=HEALTH_TIMEOUT_S) as response:
+        with urllib.request.urlopen(request, timeout=HEALTH_TIMEOUT_S) as response:
             status = response.status
     except urllib.error.HTTPError as err:
         status = err.code
@@ -314,7 +364,7 @@ def resume_run(uri: str, run_id: str, *, experiment: str, params: Mapping[str, A
 
 
 def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
-    """Log one step of metrics in a single `log_batch` (rank 0 of a Ray Train worker group calls this)."""
+    """Log one step of metrics in a single `log_batch`."""
     from mlflow.entities import Metric
 
     timestamp = int(time.time() * 1000)

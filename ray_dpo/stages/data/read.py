@@ -1,18 +1,13 @@
 """The read engine: Parquet rows -> tokenized, truncated, validated and accounted Ray Dataset.
 
-- `read_preferences(paths, *, tokenizer, max_len, max_prompt_len, ...)` -> (materialized Dataset, DataStats)
-- `read_sft(paths, *, tokenizer, max_len, max_prompt_len, ...)` -> the same for (prompt, response) rows
-- `read_prompts(paths, *, tokenizer, column)` -> prompts alone (evaluation of a file of prompts)
+- `read_preferences(paths, *, encoding, columns, on_bad_row)` -> (materialized Dataset, DataStats)
+- `read_sft(paths, *, encoding, prompt_column, response_column, on_bad_row)` -> the same for (prompt, response) rows
+- `read_prompts(paths, *, encoding, column)` -> prompts alone (evaluation of a file of prompts)
 
-Output rows (tokens as int32, the prompt stored once; see docs/ARCHITECTURE.md):
-  prompt    list<int32>  [bos] + prompt ids (truncated: its end kept)
-  chosen    list<int32>  chosen response ids + [eos] (cut to fit: eos lost)       preference rows
-  rejected  list<int32>  rejected response ids + [eos]                            preference rows
-  response  list<int32>  response ids + [eos]                                     SFT rows
-
-The encoding (bos / eos, TRL keep_end truncation) is `ray_dpo.core.encoding`'s, the one every stage uses.
-A row is dropped as `too_long` when no response token fits, and as `identical_after_truncation` when the cut made
-chosen and rejected equal (such a pair carries no preference signal).
+`encoding` (`ray_dpo.core.encoding.Encoding`: tokenizer, max lengths, chat template, truncation) is the run's one
+encoding spec. Output rows: `prompt`, `chosen`, `rejected` (or `response`) as list<int32>, the prompt stored
+once (docs/ARCHITECTURE.md). A row is dropped as `too_long` when no response token fits, and as
+`identical_after_truncation` when the cut made chosen and rejected equal (such a pair carries no preference signal).
 
 Bad rows (`on_bad_row`): null value, empty / whitespace-only response (or an empty token list), a token id
 outside the vocabulary (pre-tokenized input), chosen == rejected, and the two truncation reasons above.
@@ -54,6 +49,7 @@ import pyarrow.parquet as pq
 import ray
 
 from ray_dpo.core.encoding import (
+    Encoding,
     Ragged,
     encode_chat,
     encode_prompts,
@@ -252,10 +248,9 @@ def _is_messages(dtype: pa.DataType) -> bool:
     return (pa.types.is_list(dtype) or pa.types.is_large_list(dtype)) and pa.types.is_struct(dtype.value_type)
 
 
-def _process(
-    table: pa.Table, *, names: dict[str, str], tokenizer, max_len: int, max_prompt_len: int, chat: bool = False
-) -> _Processed:
+def _process(table: pa.Table, *, names: dict[str, str], encoding: Encoding) -> _Processed:
     n = table.num_rows
+    tokenizer, max_len, max_prompt_len = encoding.tokenizer, encoding.max_len, encoding.max_prompt_len
     fields = list(names)  # prompt first, then the response fields
     status = np.zeros(n, dtype=np.int8)
     bad_field = np.full(n, -1, dtype=np.int8)
@@ -271,7 +266,7 @@ def _process(
         if i and is_text(column.type) and not _is_messages(column.type):  # an empty prompt is fine: bos stands in
             blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0)
             flag(pc.fill_null(blank, False).to_numpy(zero_copy_only=False), "empty", i)
-    if chat or any(_is_messages(c.type) for c in columns):  # rendered with the tokenizer's chat template
+    if encoding.chat_template or any(_is_messages(c.type) for c in columns):  # the tokenizer's chat template
         prompt, responses, head = encode_chat(columns[0].to_pylist(), [c.to_pylist() for c in columns[1:]], tokenizer)
         for i, response in enumerate(responses, start=1):
             flag(response.lengths <= 1, "empty", i)  # nothing but the end of the turn
@@ -484,19 +479,17 @@ def _cluster_cpus() -> int:
 def read_preferences(
     paths: str | os.PathLike | Sequence[str | os.PathLike],
     *,
-    tokenizer,
-    max_len: int,
-    max_prompt_len: int,
+    encoding: Encoding,
     columns: dict[str, str] | None = None,
     on_bad_row: str = "error",
-    chat_template: bool = False,
 ) -> tuple[ray.data.Dataset, DataStats]:
     """Read preference pairs from Parquet into a MATERIALIZED Ray Dataset of token rows (see module doc).
 
     paths: a file, directory, glob or list of them; local or any URI pyarrow reads (s3://, gs://, ...).
     columns: our names -> the file's, e.g. {"prompt": "question", "chosen": "good", "rejected": "bad"}.
     on_bad_row: "error" (one-line DataError naming file, column, row) or "skip" (drop and count).
-    chat_template: render string columns with the tokenizer's chat template (message columns always are).
+    Columns of chat messages are always rendered with the tokenizer's chat template; string columns when
+    `encoding.chat_template` is on.
     Materialized: the row accounting needs the data computed once anyway, and a lazy dataset feeding a trainer
     that holds the CPUs of a small machine can starve.
     """
@@ -505,40 +498,31 @@ def read_preferences(
         raise DataError(f"columns: unknown keys {sorted(unknown)}; expected some of {list(PAIR_FIELDS)}")
     names = {f: (columns or {}).get(f, f) for f in PAIR_FIELDS}
     hint = "" if columns else ' (map names with columns={"prompt": ..., "chosen": ..., "rejected": ...})'
-    return _read(paths, names, hint, tokenizer, max_len, max_prompt_len, on_bad_row, chat_template)
+    return _read(paths, names, hint, encoding, on_bad_row)
 
 
 def read_sft(
     paths: str | os.PathLike | Sequence[str | os.PathLike],
     *,
-    tokenizer,
-    max_len: int,
-    max_prompt_len: int,
+    encoding: Encoding,
     prompt_column: str = "prompt",
     response_column: str = "response",
     on_bad_row: str = "error",
-    chat_template: bool = False,
 ) -> tuple[ray.data.Dataset, DataStats]:
     """(prompt, response) Parquet -> rows `prompt`, `response`: the same encoding, truncation and checks as pairs."""
     names = {"prompt": prompt_column, "response": response_column}
     hint = " (set sft.prompt_column / sft.response_column)"
-    return _read(paths, names, hint, tokenizer, max_len, max_prompt_len, on_bad_row, chat_template)
+    return _read(paths, names, hint, encoding, on_bad_row)
 
 
-def _read(
-    paths, names, hint, tokenizer, max_len, max_prompt_len, on_bad_row, chat
-) -> tuple[ray.data.Dataset, DataStats]:
+def _read(paths, names, hint, encoding: Encoding, on_bad_row: str) -> tuple[ray.data.Dataset, DataStats]:
     if on_bad_row not in ("error", "skip"):
         raise UserError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
-    if not 1 <= max_prompt_len <= max_len:
-        raise UserError(f"need 1 <= max_prompt_len <= max_len, got max_prompt_len={max_prompt_len}, max_len={max_len}")
     plan = _plan(paths, names, hint)
-    chat = chat or "messages" in plan.kinds.values()
-    if chat and not getattr(tokenizer, "has_chat_template", False):
-        why = "data.chat_template=true" if "messages" not in plan.kinds.values() else "its columns hold chat messages"
-        raise DataError(f"{plan.files[0]}: {why}, but the tokenizer has no chat template (set data.tokenizer)")
+    if "messages" in plan.kinds.values() and not getattr(encoding.tokenizer, "has_chat_template", False):
+        raise DataError(f"{plan.files[0]}: its columns hold chat messages, but the tokenizer has no chat template")
     # One object for every task: a large tokenizer is serialized once, not once per piece.
-    core = ray.put(dict(names=names, tokenizer=tokenizer, max_len=max_len, max_prompt_len=max_prompt_len, chat=chat))
+    core = ray.put(dict(names=names, encoding=encoding))
     columns = list(dict.fromkeys(names.values()))
 
     # Submit every read first (they all start), then hand each cut read's pieces to encode tasks as they come.
@@ -568,7 +552,7 @@ def _read(
     if on_bad_row == "error" and counts[2:].any():
         summary, path = next((s, f) for s, f in zip(summaries, files, strict=True) if s.first_bad)
         row, status, field_index = summary.first_bad
-        what = _describe(REASONS[status - 2], field_index, names, max_len, max_prompt_len)
+        what = _describe(REASONS[status - 2], field_index, names, encoding.max_len, encoding.max_prompt_len)
         raise DataError(f"{path}: row {row}: {what}{_HINT}")
     stats = DataStats(
         rows_in=sum(plan.rows),
@@ -588,15 +572,21 @@ def _read(
     return out, stats
 
 
-def read_prompts(paths: str | os.PathLike | Sequence[str | os.PathLike], *, tokenizer, column: str = "prompt"):
-    """A Parquet file of prompts -> rows with the `prompt` token column, encoded exactly as in training."""
+def read_prompts(paths: str | os.PathLike | Sequence[str | os.PathLike], *, encoding: Encoding, column: str = "prompt"):
+    """A Parquet file of prompts -> rows with the `prompt` token column, encoded exactly as training prompts (uncut:
+    generation cuts them to leave room for the response)."""
     names = {"prompt": column}
     plan = _plan(paths, names, " (set data.columns.prompt)")
     ds = ray.data.read_parquet(plan.files, filesystem=plan.filesystem, partitioning=None, file_extensions=None)
     ds = ds.select_columns([column])
+    chat = encoding.chat_template or plan.kinds["prompt"] == "messages"
 
     def encode(batch: pa.Table) -> pa.Table:
-        return pa.table({"prompt": encode_prompts(batch[column], tokenizer).to_arrow()})
+        if chat:
+            prompts = encode_chat(batch[column].to_pylist(), [], encoding.tokenizer)[0]
+        else:
+            prompts = encode_prompts(batch[column], encoding.tokenizer)
+        return pa.table({"prompt": prompts.to_arrow()})
 
     ds = ds.map_batches(encode, batch_format="pyarrow")
     ds.context.execution_options.preserve_order = True

@@ -1,7 +1,7 @@
 """Driver side of training: build and fit ONE `TorchTrainer` (N DDP workers) for DPO or the SFT warm start.
 
-    result = train_dpo(config, train_ds, val_ds, init_checkpoint=ckpt, reference_checkpoint=ckpt,
-                       pad_id=tok.pad_id, tracking_uri=uri, run_id=run_id)   # -> TrainResult(checkpoint, steps, ...)
+    result = train_dpo(config, train_ds, val_ds, name="my-run", init_checkpoint=ckpt, reference_checkpoint=ckpt,
+                       pad_id=tok.pad_id, mlflow_run=(uri, run_id))   # -> TrainResult(checkpoint, steps, ...)
 
 `RunConfig(name=<run name>, storage_path=train.storage_path)`: re-running the same name resumes from the latest
 checkpoint (`ray_dpo.stages.train.checkpoints`: also one Ray had not registered yet); `FailureConfig(max_failures)`
@@ -58,17 +58,17 @@ def train_dpo(
     train_ds: ray.data.Dataset,
     val_ds: ray.data.Dataset | None,
     *,
+    name: str,
     init_checkpoint: str | Checkpoint,
     reference_checkpoint: str | Checkpoint | None,
     pad_id: int,
-    run_id: str | None = None,
-    tracking_uri: str | None = None,
+    mlflow_run: tuple[str, str] | None = None,
     progress: Progress | None = None,
     callbacks: list[ray.train.UserCallback] | None = None,  # e.g. Tune's TuneReportCallback in a sweep trial
 ) -> TrainResult:
     """DPO on `train.num_workers` DDP workers starting from `init_checkpoint`, against the reference of
     `dpo.reference`: loaded from `reference_checkpoint` on every rank (live), columns of the data (precomputed),
-    or none. Re-running with the same `train.run_name` and `train.storage_path` resumes from the latest checkpoint."""
+    or none. Ray run `name` in `train.storage_path`: re-running the same name resumes from its latest checkpoint."""
     mode = config.dpo.reference
     if mode == "live" and not reference_checkpoint:
         raise UserError("train: dpo.reference=live needs a reference checkpoint")
@@ -79,7 +79,7 @@ def train_dpo(
     return _fit(
         "dpo",
         config,
-        name=t.run_name,
+        name=name,
         datasets={"train": train_ds, "val": val_ds},
         batch_size=t.batch_size,
         epochs=t.epochs,
@@ -88,7 +88,7 @@ def train_dpo(
         init_checkpoint=init_checkpoint,
         reference_checkpoint=reference_checkpoint if mode == "live" else None,
         pad_id=pad_id,
-        mlflow_run=(tracking_uri, run_id),
+        mlflow_run=mlflow_run,
         progress=progress,
         callbacks=callbacks,
     )
@@ -98,19 +98,19 @@ def train_sft(
     config: Config,
     sft_ds: ray.data.Dataset,
     *,
+    name: str,
     init_checkpoint: str | Checkpoint,
     pad_id: int,
-    run_id: str | None = None,
-    tracking_uri: str | None = None,
+    mlflow_run: tuple[str, str] | None = None,
     progress: Progress | None = None,
 ) -> TrainResult:
-    """SFT for `sft.epochs` at `sft.lr`, global batch `sft.batch_size`; metrics `sft/*`. Ray run `<run_name>-sft`
+    """SFT for `sft.epochs` at `sft.lr`, global batch `sft.batch_size`; metrics `sft/*`. Ray run `name`
     (re-running resumes it like DPO). The loss is the mean NLL over every response token of the GLOBAL batch."""
     s = config.sft
     return _fit(
         "sft",
         config,
-        name=f"{config.train.run_name}-sft",
+        name=name,
         datasets={"train": sft_ds},
         batch_size=s.batch_size,
         epochs=s.epochs,
@@ -119,7 +119,7 @@ def train_sft(
         init_checkpoint=init_checkpoint,
         reference_checkpoint=None,
         pad_id=pad_id,
-        mlflow_run=(tracking_uri, run_id),
+        mlflow_run=mlflow_run,
         progress=progress,
     )
 
@@ -137,7 +137,7 @@ def _fit(
     init_checkpoint: str | Checkpoint,
     reference_checkpoint: str | Checkpoint | None,
     pad_id: int,
-    mlflow_run: tuple[str | None, str | None],
+    mlflow_run: tuple[str, str] | None,
     progress: Progress | None,
     callbacks: list[ray.train.UserCallback] | None = None,
 ) -> TrainResult:
@@ -157,9 +157,10 @@ def _fit(
     shards = {"train": deal(datasets["train"], world=workers, block=micro, limit=steps_per_epoch * batch_size)}
     if datasets.get("val") is not None:
         # FSDP runs collectives in every forward: every rank must score as many batches (a few rows may go unused)
-        val_rows = datasets["val"].count()
-        equal = val_rows - val_rows % workers if t.strategy == "fsdp" else None
-        shards["val"] = deal(datasets["val"], world=workers, block=1, limit=equal)
+        # capped (train.val_max_pairs): validation runs every eval_every steps, on the first rows of the split
+        val_rows = min(datasets["val"].count(), t.val_max_pairs or math.inf)
+        equal = val_rows - val_rows % workers if t.strategy == "fsdp" else val_rows
+        shards["val"] = deal(datasets["val"], world=workers, block=1, limit=int(equal))
     prefix = "train" if task == "dpo" else task
     spec = WorkerSpec(
         task=task,
@@ -219,9 +220,9 @@ class _Relay:
     there): logged to MLflow here, each (metric, step) once, also across worker-group restarts and re-runs; and shown
     as progress."""
 
-    def __init__(self, tracking_target: tuple[str | None, str | None], progress: Progress | None):
+    def __init__(self, mlflow_run: tuple[str, str] | None, progress: Progress | None):
         self.queue = Queue(actor_options={"num_cpus": 0})
-        self.uri, self.run_id = tracking_target
+        self.uri, self.run_id = mlflow_run or (None, None)
         self.progress = progress
 
     def run(self, fit: Callable[[], ray.train.Result]) -> ray.train.Result:

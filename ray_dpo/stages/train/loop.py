@@ -35,7 +35,10 @@ from ray.train import Checkpoint
 from torch import Tensor, nn
 
 from ray_dpo.config import Config, ModelSettings
+from ray_dpo.core import checkpoint as layout
 from ray_dpo.core.checkpoint import load_training_state, save_training_state
+from ray_dpo.core.encoding import ENCODING_FILE
+from ray_dpo.core.kinds import is_hf
 from ray_dpo.core.logps import LogpsModel, core_model
 from ray_dpo.errors import UserError
 from ray_dpo.stages import models, storage
@@ -122,7 +125,7 @@ class _Worker:
     task: Task
     autocast: Callable[[], Any]
     state: dict[str, Any]  # step, epoch, epoch_step (optimizer steps into the epoch), metrics
-    tokenizer_files: dict[str, bytes]  # the tokenizer the run started with, saved into every checkpoint
+    encoding_files: dict[str, bytes]  # the tokenizer and encoding the run started with, saved in every checkpoint
     run_path: tuple[Any, str]  # (filesystem, path) of this run's checkpoints in storage
     known_checkpoints: set[str]  # checkpoint directories Ray knows (or will): never pruned here
     unsaved_reports: list[dict[str, Any]] = field(default_factory=list)  # reported since the last checkpoint
@@ -150,14 +153,14 @@ def setup_worker(spec: WorkerSpec) -> _Worker:
                 f"train: checkpoint {directory} was written with train.strategy={'fsdp' if sharded else 'ddp'}; "
                 f"resume it with that strategy (or start a new train.run_name)"
             )
-        model = skeleton(directory, m, t.seed) if sharded else models.load(directory, trainable=True)
-        if m.hf_path and m.lora_r and resume is None:  # fresh adapters on the base: only they train
+        model = models.skeleton(directory) if sharded else models.load(directory, trainable=True)
+        if is_hf(model) and m.lora_r and resume is None:  # fresh adapters on the base: only they train
             model = with_lora(model, m, t.seed)
         if m.gradient_checkpointing:
             models.enable_gradient_checkpointing(model)
-        tokenizer_files = {
+        encoding_files = {  # the tokenizer and encoding the run started with, saved into every checkpoint
             name: (Path(directory) / name).read_bytes()
-            for name in models.TOKENIZER_FILES
+            for name in (*layout.TOKENIZER_FILES, ENCODING_FILE)
             if (Path(directory) / name).is_file()
         }
         if t.compile:
@@ -193,7 +196,7 @@ def setup_worker(spec: WorkerSpec) -> _Worker:
         task=TASKS[spec.task](spec, model, device),
         autocast=functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16),
         state=state,
-        tokenizer_files=tokenizer_files,
+        encoding_files=encoding_files,
         run_path=run_path,
         known_checkpoints=known,
     )
@@ -203,12 +206,6 @@ def with_lora(model: nn.Module, m: ModelSettings, seed: int) -> nn.Module:
     """`model.lora_*`'s adapters on `model`."""
     kwargs = dict(alpha=m.lora_alpha, dropout=m.lora_dropout, target_modules=m.lora_target_modules)
     return models.add_lora(model, r=m.lora_r, seed=seed, **kwargs)
-
-
-def skeleton(directory: str | Path, m: ModelSettings, seed: int) -> nn.Module:
-    """What a sharded checkpoint's weights load into: the architecture, with LoRA's adapters when it trains them."""
-    model = models.skeleton(directory)
-    return with_lora(model, m, seed) if m.hf_path and m.lora_r else model
 
 
 def _use_bf16(train: Any, device: torch.device) -> bool:
@@ -347,7 +344,7 @@ def save_checkpoint(w: _Worker, metrics: dict[str, float]) -> None:
         if w.rank == 0:
             models.save_config(directory, core)
             if final is not None:  # the last checkpoint holds whole weights: what evaluation and export read
-                whole = skeleton(directory, w.spec.config.model, w.spec.config.train.seed)
+                whole = models.skeleton(directory)
                 whole.load_state_dict({k.removeprefix("model."): v for k, v in final.items()})
                 models.save(directory, whole, base=base)
             save_training_state(directory, None, state)
@@ -356,7 +353,7 @@ def save_checkpoint(w: _Worker, metrics: dict[str, float]) -> None:
         payload = {"optimizer": w.optimizer.state_dict(), "scheduler": w.scheduler.state_dict()}
         save_training_state(directory, payload, state)
     if w.rank == 0:
-        for file_name, content in w.tokenizer_files.items():
+        for file_name, content in w.encoding_files.items():
             (directory / file_name).write_bytes(content)
     checkpoints.write_manifest(directory, rank=w.rank, world=w.world if sharded else 1)
     # ASYNC: training goes on while the files upload; Ray deletes the temp dir afterwards

@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from ray_dpo.core.kinds import module_kind, peft_base
 from ray_dpo.core.logps import core_model
 
 SCHEDULER_FILE = "scheduler.json"
@@ -34,16 +35,21 @@ SCHEDULER_FILE = "scheduler.json"
 
 def blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated transformer blocks of a model (ours or Hugging Face): the units FSDP shards one at a time."""
-    inner = core_model(model)
-    inner = inner.get_base_model() if callable(getattr(inner, "get_base_model", None)) else inner
-    return list(inner.blocks) if hasattr(inner, "blocks") else list(inner.get_decoder().layers)
+    inner = peft_base(core_model(model))
+    return list(inner.blocks) if module_kind(inner) == "ours" else list(inner.get_decoder().layers)
 
 
 def shard(model: nn.Module, device: torch.device, *, bf16: bool) -> nn.Module:
     """FSDP2: each block its own unit (all-gathered just before it runs), the rest (embeddings, tied head) in the
     root unit."""
     model.to(device)
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    # inputs are token ids, masks and positions (autocast picks the compute dtype): nothing for FSDP to cast, and its
+    # cast would rebuild the prefix-sharing mask (a dataclass) field by field
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+        if bf16
+        else None
+    )
     kwargs = {"mp_policy": policy} if policy is not None else {}
     for block in blocks(model):
         fully_shard(block, **kwargs)

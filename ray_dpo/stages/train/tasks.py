@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ray_dpo.core.dpo import DPO
+from ray_dpo.core.kinds import is_peft
 from ray_dpo.core.logps import LogpsModel, core_model, scored_logps
 from ray_dpo.core.pairs import response_mask_from_lengths
 from ray_dpo.stages import models
@@ -50,18 +51,20 @@ class Task:
 def dpo_task(spec: WorkerSpec, model: nn.Module, device: torch.device) -> Task:
     from ray_dpo.stages.data import PreferenceCollateFn  # imported on the worker: ray_dpo.stages.data pulls in Ray Data
 
-    d, m, t = spec.config.dpo, spec.config.model, spec.config.train
+    d, t = spec.config.dpo, spec.config.train
     reference = None
-    if d.reference == "live" and m.hf_path and m.lora_r:  # the base with adapters off: no second copy of it
+    if d.reference == "live" and is_peft(core_model(model)):  # the base with adapters off: no second copy of it
         reference = LogpsModel(core_model(model), adapters_disabled=True)
     elif d.reference == "live":  # identical on every rank: it comes from one checkpoint; bf16 halves its memory
         dtype = torch.bfloat16 if t.precision == "bf16" else None
-        reference = models.load(spec.reference_checkpoint, device, dtype=dtype).eval().requires_grad_(False)
-        if t.strategy == "fsdp":  # sharded like the policy: no rank holds a whole second model
+        frozen = models.load(spec.reference_checkpoint, device, dtype=dtype).eval().requires_grad_(False)
+        if t.compile and t.strategy != "fsdp":  # compiled like the policy: its forward is a quarter of a step's FLOPs
+            frozen.compile()
+        # sharded like the policy (no rank holds a whole second model), with the scoring module as FSDP's root: the
+        # root's forward is what all-gathers the embeddings and the head
+        reference = LogpsModel(frozen)
+        if t.strategy == "fsdp":
             reference = parallel.shard(reference, device, bf16=False)
-        elif t.compile:  # compiled like the policy: its forward is a quarter of a step's FLOPs
-            reference.compile()
-        reference = LogpsModel(reference)
     kwargs = dict(
         beta=d.beta,
         pad_id=spec.pad_id,
