@@ -1,0 +1,1 @@
+"""The Ray stages: data, weights, training, the reference pass, evaluation, storage, MLflow tracking and serving."""
