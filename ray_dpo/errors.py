@@ -26,15 +26,18 @@ class UserError(ValueError):
 
 EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
-_state = {"stage": "start", "log_file": None}
+_state = {"stage": "start", "failed_in": None, "log_file": None}
 
 
 @contextlib.contextmanager
 def in_stage(name: str) -> Iterator[None]:
-    """Name the stage running now, for the last line of a failure."""
+    """Name the stage running now, for the last line of a failure (the innermost stage an error left)."""
     previous, _state["stage"] = _state["stage"], name
     try:
         yield
+    except BaseException:
+        _state["failed_in"] = _state["failed_in"] or name
+        raise
     finally:
         _state["stage"] = previous
 
@@ -75,13 +78,13 @@ def one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
-def _write_log(err: BaseException) -> str:
+def _write_log(err: BaseException, stage: str) -> str:
     path = _state["log_file"]
     if path is None:
         handle, path = tempfile.mkstemp(prefix="ray-dpo-failure-", suffix=".log")
         os.close(handle)
     with open(path, "a") as log:
-        log.write(f"\nray-dpo: {_state['stage']} failed\n")
+        log.write(f"\nray-dpo: {stage} failed\n")
         traceback.print_exception(err, file=log)
     return path
 
@@ -91,6 +94,7 @@ def exit_on_error(main: Callable[..., int]) -> Callable[..., int]:
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
+        _state["failed_in"] = None
         try:
             return main(*args, **kwargs)
         except KeyboardInterrupt:
@@ -100,9 +104,10 @@ def exit_on_error(main: Callable[..., int]) -> Callable[..., int]:
             if user_error is not None:
                 print(f"error: {' '.join(str(user_error).split())}", file=sys.stderr)
                 return EXIT_USER_ERROR
-            log = _write_log(err)
+            stage = _state["failed_in"] or _state["stage"]
+            log = _write_log(err, stage)
             what = " ".join(one_line(root_cause(err)).split())
-            print(f"error: {_state['stage']} failed: {what} (full log: {log})", file=sys.stderr)
+            print(f"error: {stage} failed: {what} (full log: {log})", file=sys.stderr)
             return EXIT_FAILURE
 
     return wrapper

@@ -32,6 +32,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_align_end_to_end_tiny(ray_session, tmp_path):
     """Exit 0 (with prefix sharing and bf16 on); ONE MLflow run with params, sft/train/val metrics over steps, the
     final checkpoint as artifacts and a registered model that loads back with the same logits as the checkpoint.
@@ -97,6 +99,8 @@ def test_align_end_to_end_tiny(ray_session, tmp_path):
         torch.testing.assert_close(policy.eval()(tokens), expected(tokens), atol=0, rtol=0)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_rerun_after_a_crash_resumes_the_same_mlflow_run(tmp_path):
     """A job that dies (rank 1 exits at step 5, no restarts left) marks its MLflow run FAILED; re-running the same
     train.run_name resumes training AND the run: one run, FINISHED, every step's metrics in its history."""
@@ -109,7 +113,12 @@ def test_rerun_after_a_crash_resumes_the_same_mlflow_run(tmp_path):
     cmd += ["train.max_failures=0", "tracking.registered_model=null"]
     crash = env | {"RAY_DPO_FAIL_AT": f"5:1:{tmp_path / 'failed-once'}"}
     first = subprocess.run(cmd, cwd=tmp_path, env=crash, capture_output=True, text=True, timeout=300)
-    assert first.returncode != 0 and (tmp_path / "failed-once").exists(), first.stderr[-4000:]
+    assert first.returncode == 1 and (tmp_path / "failed-once").exists(), first.stderr[-4000:]
+    # not the user's mistake: one readable last line naming the stage and the log that holds the traceback
+    last = first.stderr.strip().splitlines()[-1]
+    failed = re.fullmatch(r"error: train and evaluate failed: (.+) \(full log: (\S+)\)", last)
+    assert failed and "Traceback" not in first.stderr, first.stderr[-4000:]
+    assert "Traceback" in Path(failed.group(2)).read_text()
     run_id = (tmp_path / "out" / "runs" / "tiny" / "mlflow_run_id").read_text().strip()
     client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
     assert client.get_run(run_id).info.status == "FAILED"
@@ -125,6 +134,8 @@ def test_rerun_after_a_crash_resumes_the_same_mlflow_run(tmp_path):
     assert steps("sft/loss") == set(range(1, 11)) and steps("train/loss") == set(range(1, 7))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_bad_row_is_our_one_line_without_ray_error_logs(tmp_path):
     """A bad row (on_bad_row=error): exit 2 with our line last, and no Ray ERROR lines or tracebacks before it:
     the row is found on the driver, never raised inside a Ray task (that aborts the dataset and Ray logs it)."""

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,6 +26,8 @@ def run_smoke(script: str, out: Path, timeout_s: float) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_data_benchmark_smoke(tmp_path):
     result = run_smoke("data.py", tmp_path / "data.json", timeout_s=180)
     assert result["smoke"] is True
@@ -46,6 +50,8 @@ def test_data_benchmark_smoke(tmp_path):
     assert 0 < result["padded_fraction_batch_8"]["file order"] < 1
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_dpo_step_benchmark_smoke(tmp_path):
     """Ours and x-transformers' own DPO at the same precision, in the same run, with the peaks MFU divides by."""
     result = run_smoke("dpo_step.py", tmp_path / "dpo_step.json", timeout_s=60)
@@ -70,6 +76,8 @@ def test_dpo_step_benchmark_smoke(tmp_path):
         assert section["summary"]["fp32"]["onednn_vs_mkl"] > 0
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_gpu_benchmark_smoke(tmp_path):
     """The GPU benchmark's CPU dry run: a tiny Llama, the three DPO-step settings and HF decoding."""
     result = run_smoke("gpu.py", tmp_path / "gpu.json", timeout_s=60)
@@ -81,6 +89,8 @@ def test_gpu_benchmark_smoke(tmp_path):
     assert result["generation"]["tokens_per_s"] > 0
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_attention_benchmark_smoke(tmp_path):
     result = run_smoke("attention.py", tmp_path / "attention.json", timeout_s=60)
     assert result["smoke"] is True and result["max_keys"] > 0
@@ -91,6 +101,8 @@ def test_attention_benchmark_smoke(tmp_path):
         assert min(row[k] for k in ("sdpa_ms", "untiled_ms", "tiled_ms", "attend_ms", "tiled_speedup")) > 0
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_memory_benchmark_smoke(tmp_path):
     result = run_smoke("memory.py", tmp_path / "memory.json", timeout_s=60)
     assert result["device"] == "cpu" and result["size"]["vocab"] > 0
@@ -100,6 +112,8 @@ def test_memory_benchmark_smoke(tmp_path):
         assert row["peak_mb"] > 0 and row["step_s"] > 0 and row["ratio"] > 0 and row["logits_mb"] > 0
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_generate_benchmark_smoke(tmp_path):
     result = run_smoke("generate.py", tmp_path / "generate.json", timeout_s=60)
     assert result["config"]["smoke"] is True and result["config"]["cpu"]

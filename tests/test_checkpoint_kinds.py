@@ -20,7 +20,7 @@ from ray_dpo.stages import models, serving, storage, tracking
 from ray_dpo.stages.train import parallel
 from ray_dpo.stages.weights import WeightSource, stage_weights
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = ("ours", "hf", "adapter", "sharded")
 

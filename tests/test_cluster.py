@@ -170,6 +170,8 @@ def _submit(url: str, submission_id: str, overrides: list[str], s3_endpoint: str
         return json.loads(response.read()), done.stdout[-8000:] + done.stderr[-4000:]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_job_on_two_nodes_sharing_no_disk_with_the_driver(two_nodes, s3, mlflow_server):
     import boto3
     from mlflow import MlflowClient

@@ -13,7 +13,7 @@ import pytest
 from ray_dpo.config import load_config
 from ray_dpo.recipe.checks import refused_combination
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parent.parent
 SWITCHES = {

@@ -61,6 +61,8 @@ def test_exact_match_reward():
         write_sort_task("/nonexistent", rows=10**6, seed=0)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_demo_end_to_end_policy_beats_reference_and_logs_the_samples(tmp_path):
     """`python pipelines/align.py` with no --config runs configs/demo.yaml: generator -> SFT -> DPO -> eval.
 

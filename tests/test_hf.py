@@ -235,6 +235,8 @@ def test_the_run_encoding_renders_training_pairs_with_the_chat_template(hf_dirs,
     assert encoding.tokenizer.decode(row["chosen"], skip_special_tokens=False).endswith("<|im_end|>")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_align_your_own_model_end_to_end(hf_dirs, tmp_path):
     """`python pipelines/align.py --config configs/hf_tiny.yaml`: a tiny HF Qwen2, LoRA, chat template, 2 DDP workers,
     HH-RLHF rows. One MLflow run; the evaluated prompts carry the chat template; the exported directory (in storage)

@@ -107,6 +107,8 @@ def _tail(path: Path, chars: int = 3000) -> str:
     return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_job_submit_align_logs_one_mlflow_run(ray_head, tmp_path):
     from mlflow import MlflowClient
 

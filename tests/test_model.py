@@ -249,6 +249,8 @@ def test_model_logits_and_grads_equal_without_onednn(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 @pytest.mark.usefixtures("fresh_compiler")
 def test_compiled_model_forward_and_backward_equal_eager():
     """`train.compile`: torch.compile keeps the oneDNN fp32 matmuls (a custom op, no graph break) and gives eager's

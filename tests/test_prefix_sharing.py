@@ -238,6 +238,8 @@ def test_bf16_autocast_runs_and_stays_close():
         torch.testing.assert_close(g, w, atol=0.5, rtol=0.05)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 @pytest.mark.usefixtures("fresh_compiler")
 def test_compiled_policy_and_reference_match_eager():
     """`train.compile`: torch.compile of the policy and the live reference gives the eager loss and gradients, also

@@ -64,6 +64,8 @@ def test_bad_sweep_settings_fail_before_anything_runs(tmp_path, overrides, messa
     assert not (tmp_path / "sweeps").exists()  # checked before anything was written
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_four_trial_asha_sweep_logs_nested_runs_best_config_and_frontier(ray_session, mlflow_uri, tmp_path):
     import matplotlib.image
 
@@ -121,6 +123,8 @@ def test_four_trial_asha_sweep_logs_nested_runs_best_config_and_frontier(ray_ses
     wait_for_placement_groups_removed(ray_session)  # early-stopped trials gave their workers' CPUs back
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_interrupted_sweep_restores_without_rerunning_finished_trials(ray_session, mlflow_uri, tmp_path, monkeypatch):
     config = _small_sweep(
         tmp_path, "tune.scheduler=fifo", "tune.num_samples=1", "train.checkpoint_every=2", "tune.max_failures=0"
@@ -151,6 +155,8 @@ def test_interrupted_sweep_restores_without_rerunning_finished_trials(ray_sessio
     assert load_config(second.best_config_path).train.max_steps == 4
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_optuna_search_with_asha_retries_a_failed_trial(ray_session, mlflow_uri, tmp_path, monkeypatch, capsys):
     """`tune.search_alg=optuna` (TPE) proposes the trials; ASHA still stops weak ones; every trial a nested run.
     One trial fails once: the sweep retries it (tune.max_failures=1, the default) and it keeps its MLflow run."""

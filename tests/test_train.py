@@ -107,6 +107,8 @@ print(took, before, faults())
     assert after * 100 < before, (before, after)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_ddp_two_workers_killed_after_a_checkpoint_lose_nothing(ray_session, tmp_path, init_checkpoint, monkeypatch):
     """2 workers (grad_accum 1) vs 1 worker (grad_accum 2) on the same global batches: same weights after 6 steps
     over 2 epochs. The 2-worker run loses rank 1 at the start of step 5, right after step 4's checkpoint is
@@ -177,6 +179,8 @@ def test_ddp_two_workers_killed_after_a_checkpoint_lose_nothing(ray_session, tmp
     assert history("train/loss") == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_nan_loss_stops_before_checkpoint_is_overwritten(ray_session, tmp_path, init_checkpoint):
     """Precomputed reference log-probs; NaN ones in the 3rd global batch. The run stops with a one-line error at
     step 3 and the latest checkpoint is still the step-2 one."""
@@ -198,6 +202,8 @@ def test_nan_loss_stops_before_checkpoint_is_overwritten(ray_session, tmp_path, 
     assert max(steps) == 2
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_fsdp_lora_on_an_hf_model_killed_after_a_checkpoint_equals_one_worker(ray_session, tmp_path, monkeypatch):
     """LoRA on a Hugging Face model under FSDP2, 2 workers: rank 0 dies at the start of step 5 and the group resumes
     from its sharded step-4 checkpoint (base + adapters). The final checkpoint holds the adapters and a pointer to

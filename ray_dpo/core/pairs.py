@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ray_dpo.core.attention import SharedPrefixMask
 from ray_dpo.core.kinds import architecture, module_kind
-from ray_dpo.core.logps import scored_logps
+from ray_dpo.core.logps import core_model, scored_logps
 
 
 def response_mask(
@@ -107,6 +107,7 @@ PREFIX_SHARING_HF = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM
 
 
 def check_prefix_sharing(model: nn.Module) -> None:
+    model = core_model(model)  # the scoring wrapper's model
     kind, name = module_kind(model), architecture(model)
     if kind == "ours" or (kind == "hf" and name in PREFIX_SHARING_HF):
         return

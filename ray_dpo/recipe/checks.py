@@ -13,6 +13,8 @@ import contextlib
 import glob
 import os
 import re
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -154,16 +156,40 @@ def _check_model(c: Config) -> tuple[Encoding, ModelKind]:
 def _sharded_hf(c: Config, init: str | None) -> bool:
     if init != "sharded":
         return False
-    from ray_dpo.stages.storage import local_directory
-
-    with local_directory(c.train.init_checkpoint) as directory:
+    with config_files(c.train.init_checkpoint) as directory:
         return not (Path(directory) / "model_config.json").is_file()
 
 
+SMALL_FILES = ("config.json", "model_config.json", "base.json", "encoding.json", "adapter_config.json")
+
+
+@contextlib.contextmanager
+def config_files(path: str) -> Iterator[str]:
+    """A local directory with a checkpoint's configs and tokenizer files: the directory itself, or just those files
+    fetched from storage (never its weights: the checks stay cheap at any model size)."""
+    if not is_uri(path):
+        yield path
+        return
+    from ray_dpo.core.checkpoint import TOKENIZER_FILES
+    from ray_dpo.stages import storage
+
+    filesystem, root = storage.resolve(path)
+    with tempfile.TemporaryDirectory(prefix="ray-dpo-config-") as tmp:
+        for name in (*SMALL_FILES, *TOKENIZER_FILES):
+            try:
+                with filesystem.open_input_stream(f"{root.rstrip('/')}/{name}") as source:
+                    (Path(tmp) / name).write_bytes(source.read())
+            except (FileNotFoundError, OSError):
+                continue  # not every kind has every file
+        yield tmp
+
+
 def _load_tokenizer(c: Config, where: str):
-    from ray_dpo.core.tokenizer import load_tokenizer
+    from ray_dpo.core.tokenizer import PretrainedTokenizer, load_tokenizer
 
     try:
+        if where != "byte" and not os.path.exists(where):  # a hub id (where the machine has network)
+            return PretrainedTokenizer(where)
         return load_tokenizer(where)
     except (OSError, ValueError) as err:
         raise ConfigError(f"config: data.tokenizer: {where}: {str(err).splitlines()[0]}") from None
@@ -178,19 +204,21 @@ def _check_hf_model(c: Config):
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     except ImportError:
         raise ConfigError("config: a Hugging Face model needs transformers and peft: pip install -e '.[hf]'") from None
-    from ray_dpo.stages.storage import local_directory
-
     key, path = (
         ("model.hf_path", c.model.hf_path) if c.model.hf_path else ("train.init_checkpoint", c.train.init_checkpoint)
     )
-    with local_directory(path) if is_uri(path) else contextlib.nullcontext(path) as where:
+    base = None
+    with config_files(path) as where:
+        base = _adapter_base(where)
+    with config_files(base or path) as where:  # LoRA adapters: their base's architecture
         try:
             hf_config = AutoConfig.from_pretrained(where)
         except (OSError, ValueError) as err:
             raise ConfigError(f"config: {key}={path}: not a Hugging Face model ({str(err).splitlines()[0]})") from None
         if hf_config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
             raise ConfigError(f"config: {key}={path} is a {hf_config.model_type} model, not a causal LM")
-        tokenizer = _load_tokenizer(c, c.data.tokenizer if c.data.tokenizer != "byte" else where)
+    with config_files(path) as own:  # the tokenizer saved beside the weights (an adapter's too)
+        tokenizer = _load_tokenizer(c, c.data.tokenizer if c.data.tokenizer != "byte" else own)
     if c.model.lora_r:
         from ray_dpo.stages.models import lora_targets_match
 
@@ -211,6 +239,14 @@ def _check_hf_model(c: Config):
 
 
 # ------------------------------------------------------------------------------------------------ training
+
+
+def _adapter_base(directory: str) -> str | None:
+    """The base model an adapter directory names (`base.json`), or None for any other directory."""
+    import json
+
+    base = Path(directory) / "base.json"
+    return json.loads(base.read_text())["base"] if base.is_file() else None
 
 
 def _check_training(c: Config) -> None:
