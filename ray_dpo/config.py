@@ -112,6 +112,9 @@ class TrainConfig:
     # the workers (for models that do not fit one GPU), sharded checkpoints
     strategy: Literal["ddp", "fsdp"] = "ddp"
     cpus_per_worker: float = 0.5  # logical CPUs reserved per worker (fractional leaves room for Ray Data)
+    accelerator_type: str | None = None  # pin the workers' GPU type (e.g. H100: Ray's accelerator_type resource)
+    # how Ray places the workers: PACK (as few nodes as possible), STRICT_PACK (one node), SPREAD, STRICT_SPREAD
+    placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
     init_checkpoint: str | None = None  # checkpoint dir to start from (its model config wins over `model`)
     batch_size: int = 8  # GLOBAL pairs per optimizer step (split across workers and accumulation)
     grad_accum: int = 1  # micro-batches per optimizer step on each worker

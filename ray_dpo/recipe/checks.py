@@ -266,6 +266,8 @@ def _check_training(c: Config) -> None:
     for key in ("log_every", "eval_every", "checkpoint_every", "num_to_keep", "epochs"):
         if getattr(t, key) < 1:
             raise ConfigError(f"config: train.{key} must be >= 1, got {getattr(t, key)}")
+    if t.accelerator_type is not None and not t.use_gpu:
+        raise ConfigError(f"config: train.accelerator_type={t.accelerator_type} needs train.use_gpu=true")
     if t.cpus_per_worker <= 0:
         raise ConfigError(f"config: train.cpus_per_worker must be > 0, got {t.cpus_per_worker}")
     if t.val_max_pairs is not None and t.val_max_pairs < 1:

@@ -182,7 +182,11 @@ def _fit(
         train_loop,
         train_loop_config={"spec": spec, "shards": shards},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
+            num_workers=workers,
+            use_gpu=t.use_gpu,
+            resources_per_worker={"CPU": t.cpus_per_worker},
+            accelerator_type=t.accelerator_type,
+            placement_strategy=t.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=name,
