@@ -64,18 +64,27 @@ def _align_main():
 
 
 @pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> dict[str, str]:
+    """The demo task's pairs as files (no SFT set: each row is one DPO run)."""
+    from ray_dpo.recipe.demo import write_sort_task
+
+    return write_sort_task(tmp_path_factory.mktemp("data"), rows=64, seed=0)
+
+
+@pytest.fixture(scope="module")
 def hf_model(tmp_path_factory) -> str:
     from tiny_hf import build
 
     return str(build(tmp_path_factory.mktemp("hf") / "qwen2", arch="qwen2", vocab_size=400))
 
 
-def _overrides(row: tuple, hf_model: str, out: Path) -> list[str]:
+def _overrides(row: tuple, hf_model: str, pairs: dict[str, str], out: Path) -> list[str]:
     values = dict(zip(SWITCHES, row, strict=True))
     kind = values.pop("kind")
     args = [f"output_dir={out}", f"train.storage_path={out}/ray", "train.max_steps=1", "train.batch_size=8"]
     args += ["train.log_every=1", "train.eval_every=1", "train.checkpoint_every=1", "eval.enabled=false"]
-    args += ["tracking.registered_model=null", "data.synthetic_rows=64", "sft.path=null", "data.max_len=64"]
+    args += ["tracking.registered_model=null", "data.synthetic=null", f"data.train_path={pairs['train']}"]
+    args += [f"data.val_path={pairs['val']}", "data.max_len=64"]
     args += ["data.max_prompt_len=32", "train.cpus_per_worker=0.5"]
     if kind != "ours":
         args += [f"model.hf_path={hf_model}", f"model.lora_r={4 if kind == 'hf_lora' else 0}"]
@@ -93,13 +102,13 @@ def _step1_loss(uri: str) -> float:
 
 
 @pytest.mark.parametrize("row", ROWS, ids=lambda row: "-".join(str(v) for v in row))
-def test_each_combination_trains_one_step_or_is_refused_at_start(ray_session, hf_model, tmp_path, capsys, row):
+def test_each_combination_trains_one_step_or_is_refused_at_start(ray_session, hf_model, pairs, tmp_path, capsys, row):
     """One step through `pipelines/align.py` (in-process, on the shared Ray): exit 0 with a checkpoint, or exit 2
     with `error: config: ...` naming the keys and nothing written. A precomputed reference's step-1 loss equals
     the live reference's."""
     main = _align_main()
     out = tmp_path / "out"
-    argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), *_overrides(row, hf_model, out)]
+    argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), *_overrides(row, hf_model, pairs, out)]
     config = load_config(argv[1], argv[2:])
     kind = row[0]
     refusal = refused_combination(config, "hf_lora" if kind == "hf_lora" else kind)

@@ -13,7 +13,6 @@ import contextlib
 import glob
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -165,23 +164,16 @@ SMALL_FILES = ("config.json", "model_config.json", "base.json", "encoding.json",
 
 @contextlib.contextmanager
 def config_files(path: str) -> Iterator[str]:
-    """A local directory with a checkpoint's configs and tokenizer files: the directory itself, or just those files
-    fetched from storage (never its weights: the checks stay cheap at any model size)."""
+    """A local directory with a checkpoint's configs and tokenizer files (never its weights: the checks stay cheap
+    at any model size); a hub id as it is."""
     if not is_uri(path):
         yield path
         return
     from ray_dpo.core.checkpoint import TOKENIZER_FILES
     from ray_dpo.stages import storage
 
-    filesystem, root = storage.resolve(path)
-    with tempfile.TemporaryDirectory(prefix="ray-dpo-config-") as tmp:
-        for name in (*SMALL_FILES, *TOKENIZER_FILES):
-            try:
-                with filesystem.open_input_stream(f"{root.rstrip('/')}/{name}") as source:
-                    (Path(tmp) / name).write_bytes(source.read())
-            except (FileNotFoundError, OSError):
-                continue  # not every kind has every file
-        yield tmp
+    with storage.small_files(path, (*SMALL_FILES, *TOKENIZER_FILES)) as directory:
+        yield directory
 
 
 def _load_tokenizer(c: Config, where: str):
