@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ray_dpo.core.names import LossType, Reduction, ReferenceMode
+from ray_dpo.core.names import FDivergenceType, LossType, Reduction, ReferenceMode
 from ray_dpo.errors import UserError
 
 
@@ -81,17 +81,53 @@ class DataConfig:
 @dataclass(frozen=True)
 class DPOConfig:
     beta: float = 0.1  # KL penalty strength: higher keeps the policy closer to the reference
-    loss_type: LossType = "sigmoid"  # the loss family (README: Losses)
-    label_smoothing: float = 0.0  # assumed label-noise rate (cDPO / robust); sigmoid and robust only
-    rpo_alpha: float | None = None  # weight of an NLL term on chosen responses (RPO); None = off
-    reduction: Reduction | None = None  # sequence log-prob: sum (paper) or mean; None = per loss
+    # the loss (README: Losses): one name, or a list of them added up, each weighed by dpo.loss_weights
+    loss_type: LossType | list[LossType] = "sigmoid"
+    loss_weights: list[float] | None = None  # one weight per dpo.loss_type entry; null: 1 each
+    # label-flip rate of robust, exo_pair (its epsilon), aot and aot_unpaired; of sigmoid with sigmoid_label_smoothing
+    label_smoothing: float = 0.0
+    sigmoid_label_smoothing: bool = (
+        False  # sigmoid applies label_smoothing as cDPO (ray_dpo's former sigmoid; not TRL's)
+    )
+    f_divergence_type: FDivergenceType = "reverse_kl"  # f-DPO: the divergence the loss regularises by (reverse_kl: DPO)
+    f_alpha_divergence_coef: float = 0.5  # alpha_divergence's alpha, TRL's parameterisation (1: reverse KL, 0: forward)
+    discopop_tau: float = 0.05  # discopop: temperature of its logistic / exponential mix
+    simpo_gamma: float = 0.5  # simpo: target reward margin
+    orpo_lambda: float = 0.1  # orpo: weight of the odds-ratio term next to the NLL
+    bco_reward_shift: bool = False  # bco_pair: subtract the running mean reward (the BCO paper; TRL 1.x does not)
+    # null: each loss normalises as TRL (most sum token log-probs; ipo, sigmoid_norm, simpo, orpo divide by length);
+    # sum / mean: every loss sees summed / per-token log-probs (ray_dpo's former option)
+    reduction: Reduction | None = None
     # live: a frozen reference model on each worker; precomputed: a log-prob pass first, trainers hold only the
-    # policy; none: reference-free DPO (an implicit uniform reference)
+    # policy; none: reference-free DPO (an implicit uniform reference). Losses that use no reference (sft, simpo,
+    # orpo) load and score none, whatever this says
     reference: ReferenceMode = "live"
     prefix_sharing: bool = False  # run the shared prompt once per pair (packed [prompt, chosen, rejected])
+    # TR-DPO (TRL's names): every ref_model_sync_steps optimizer steps the live reference becomes
+    # ref_model_mixup_alpha * policy + (1 - alpha) * reference (alpha 1: a copy); with LoRA, a second adapter set
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = 0.6  # TR-DPO's alpha, in (0, 1]
+    ref_model_sync_steps: int = 512  # TR-DPO's tau: optimizer steps between reference updates
     reference_concurrency: int = 1  # actors of the precomputed reference pass (each loads the reference once)
     reference_num_gpus: float | None = None  # GPUs per reference-pass actor; null: one when train.use_gpu
     reference_batch_size: int = 32  # pairs per batch of the reference pass
+
+    def loss_spec(self):
+        """The loss these keys describe (`ray_dpo.core.losses.LossSpec`); ValueError naming the key if invalid."""
+        from ray_dpo.core.losses import LossSpec
+
+        return LossSpec(reference_free=self.reference == "none", **self.loss_options())
+
+    def loss_options(self) -> dict[str, Any]:
+        """`LossSpec`'s fields (and `DPO`'s loss keywords) from this section, `dpo.reference` aside."""
+        from ray_dpo.core.losses import LossSpec
+
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(LossSpec) if hasattr(self, f.name)}
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether a reference model or its log-probs are needed at all (no reference pass, no model otherwise)."""
+        return self.loss_spec().needs_reference
 
 
 @dataclass(frozen=True)
@@ -226,7 +262,8 @@ def _check_value(key: str, value: Any, hint: Any) -> Any:
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"config: {key} must be a list, got {value!r}")
-        return list(value)
+        (item,) = typing.get_args(hint) or (Any,)
+        return [_check_value(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if hint is Any:
         return value
     if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
@@ -243,6 +280,8 @@ def _check_value(key: str, value: Any, hint: Any) -> Any:
 # Keys that existed once: a config that still uses one gets told what replaced it.
 REPLACED_KEYS = {
     "dpo.reference_free": "dpo.reference (live | precomputed | none): dpo.reference_free=true is dpo.reference=none",
+    "dpo.rpo_alpha": "dpo.loss_type and dpo.loss_weights (as TRL 1.x): dpo.rpo_alpha=a is dpo.loss_type=[sigmoid, sft] "
+    "dpo.loss_weights=[1, a]",
 }
 
 

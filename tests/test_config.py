@@ -16,6 +16,15 @@ def test_defaults_and_overrides():
     assert cfg.train.max_steps is None and cfg.model.dim == 256
 
 
+def test_loss_type_is_a_name_or_a_list_and_describes_the_loss():
+    cfg = load_config(None, ["dpo.loss_type=[sigmoid, bco_pair, sft]", "dpo.loss_weights=[0.8, 0.2, 1]"])
+    assert cfg.dpo.loss_type == ["sigmoid", "bco_pair", "sft"] and cfg.dpo.loss_weights == [0.8, 0.2, 1.0]
+    spec = cfg.dpo.loss_spec()
+    assert spec.types == ("sigmoid", "bco_pair", "sft") and spec.weights == (0.8, 0.2, 1.0) and spec.needs_reference
+    assert load_config(None, ["dpo.loss_type=simpo"]).dpo.uses_reference is False
+    assert load_config(None, ["dpo.reference=none"]).dpo.loss_spec().reference_free
+
+
 def test_yaml_file_then_overrides_win(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  lr: 1.0e-3\n  batch_size: 4\nmodel:\n  dim: 64\n  heads: 2\n")
@@ -40,6 +49,14 @@ def test_yaml_file_then_overrides_win(tmp_path):
             "config: dpo.reference_free was replaced by dpo.reference (live | precomputed | none)",
         ),
         ("dpo.reference=frozen", "config: dpo.reference must be one of ['live', 'precomputed', 'none']"),
+        ("dpo.loss_type=[sigmoid, kto]", "config: dpo.loss_type must be one of"),
+        ("dpo.loss_weights=[1, x]", "config: dpo.loss_weights[1] must be float, got 'x'"),
+        ("dpo.f_divergence_type=kl", "config: dpo.f_divergence_type must be one of ['reverse_kl', 'forward_kl'"),
+        (
+            "dpo.rpo_alpha=0.5",
+            "config: dpo.rpo_alpha was replaced by dpo.loss_type and dpo.loss_weights (as TRL 1.x): dpo.rpo_alpha=a "
+            "is dpo.loss_type=[sigmoid, sft] dpo.loss_weights=[1, a]",
+        ),
     ],
 )
 def test_bad_keys_and_values_name_the_key(override, message):

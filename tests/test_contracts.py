@@ -4,6 +4,7 @@ reach MLflow)."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib.util
 import os
@@ -71,8 +72,29 @@ def test_the_config_imports_no_torch_and_names_our_model_keys_once():
             ["train.init_checkpoint=file:///nonexistent/ckpt"],
             "train.init_checkpoint=file:///nonexistent/ckpt: not a model checkpoint",
         ),
+        (["dpo.label_smoothing=0.1"], "dpo.label_smoothing=0.1 has no effect on ['sigmoid']"),
+        (["dpo.loss_type=aot", "dpo.f_divergence_type=js_divergence"], "dpo.f_divergence_type='js_divergence'"),
+        (["dpo.loss_type=[sigmoid, sft]", "dpo.loss_weights=[1.0]"], "dpo.loss_weights must be one finite weight"),
+        (["dpo.sync_ref_model=true", "dpo.reference=precomputed"], "dpo.sync_ref_model=true needs dpo.reference=live"),
+        (["dpo.sync_ref_model=true", "dpo.loss_type=simpo"], "dpo.sync_ref_model=true but dpo.loss_type=['simpo']"),
+        (["dpo.sync_ref_model=true", "dpo.ref_model_mixup_alpha=0"], "dpo.ref_model_mixup_alpha must be in (0, 1]"),
     ],
-    ids=["reward-fn", "batch", "sft-batch", "eval", "positions", "chat-template", "prompt-len", "init-uri"],
+    ids=[
+        "reward-fn",
+        "batch",
+        "sft-batch",
+        "eval",
+        "positions",
+        "chat-template",
+        "prompt-len",
+        "init-uri",
+        "sigmoid-smoothing",
+        "f-divergence",
+        "loss-weights",
+        "tr-dpo-precomputed",
+        "tr-dpo-reference-free",
+        "tr-dpo-alpha",
+    ],
 )
 def test_every_check_runs_before_ray_and_writes_nothing(tmp_path, capsys, monkeypatch, overrides, key):
     import ray
@@ -104,13 +126,27 @@ def test_a_config_error_a_run_used_to_meet_after_training_comes_in_seconds(tmp_p
 
 
 def test_the_loss_and_reference_names_are_defined_once():
-    from ray_dpo.core import dpo, losses, names
-    from ray_dpo.core.names import LOSS_TYPES, REFERENCE_MODES
+    import typing
+
+    from ray_dpo import config
+    from ray_dpo.core import dpo, fdivergence, losses, names
+    from ray_dpo.core.names import F_DIVERGENCES, LOSS_TYPES, REFERENCE_MODES, TRL_LOSS_TYPES
 
     assert Config.__annotations__ and "sigmoid" in LOSS_TYPES and REFERENCE_MODES == ("live", "precomputed", "none")
-    for module in (dpo, losses):
-        source = Path(module.__file__).read_text()
-        assert '"precomputed", "none")' not in source and '"robust", "ipo"' not in source, module.__name__
+    assert len(TRL_LOSS_TYPES) == 15 and LOSS_TYPES == (*TRL_LOSS_TYPES, "simpo", "orpo")
+    for module in (dpo, losses, fdivergence, config):  # no second list of the names anywhere (subsets are fine)
+        for node in ast.walk(ast.parse(Path(module.__file__).read_text())):
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set, ast.Subscript)):
+                items = node.slice if isinstance(node, ast.Subscript) else node
+                strings = {e.value for e in ast.walk(items) if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+                for listed in (LOSS_TYPES, F_DIVERGENCES, REFERENCE_MODES):
+                    assert len(strings & set(listed)) <= len(listed) // 2 + 1, (module.__name__, sorted(strings))
+    assert losses.LOSS_TYPES is LOSS_TYPES and fdivergence.F_DIVERGENCES is F_DIVERGENCES
+    assert set(losses._LOSSES) == set(LOSS_TYPES), "every name has its loss, every loss its name"
+    hints = typing.get_type_hints(config.DPOConfig)
+    loss_type = [a for a in typing.get_args(hints["loss_type"]) if typing.get_origin(a) is not list]
+    assert [typing.get_args(a) for a in loss_type] == [LOSS_TYPES]  # the config's Literal is names.LossType
+    assert typing.get_args(hints["f_divergence_type"]) == F_DIVERGENCES
     assert names.LOSS_TYPES is LOSS_TYPES
 
 
@@ -138,6 +174,7 @@ def test_directory_kinds_are_told_apart_by_their_files():
     assert kind([".metadata", "__0_0.distcp", "__1_0.distcp", "config.json", "adapter_config.json"]) == "sharded"
     assert kind([".metadata", "__0_0.distcp", "model_config.json", "model.safetensors"]) == "ours"  # whole wins
     assert kind(["config.json"]) is None and kind(["optimizer.pt", "state.json"]) is None
+    assert kind(["config.json", "reference.safetensors"]) is None, "TR-DPO's reference is training state, no model"
 
 
 # ------------------------------------------------------------------------------------------------ secrets

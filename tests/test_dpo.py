@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ray_dpo.core.dpo import DPO, sequence_logps, token_logps
-from ray_dpo.core.losses import dpo_loss
+from ray_dpo.core.losses import LossSpec, PairLogps, preference_loss
 from ray_dpo.core.model import ModelConfig, TransformerLM
 from ray_dpo.core.pairs import response_mask, response_mask_from_lengths
 
@@ -15,15 +15,15 @@ def logsigmoid(x: float) -> float:
     return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
 
 
-def reference_loss(pc, pr, rc, rr, beta, loss_type, eps):
-    """Per-pair loss written out from the papers, on Python floats (float64)."""
+def reference_loss(pc, pr, rc, rr, beta, loss_type, eps, lc=1, lr=1):
+    """Per-pair loss written out from the papers, on Python floats (float64); lc, lr: response token counts."""
     h = (pc - rc) - (pr - rr)
     if loss_type == "sigmoid":
         return -(1 - eps) * logsigmoid(beta * h) - eps * logsigmoid(-beta * h)
     if loss_type == "robust":
         return (-(1 - eps) * logsigmoid(beta * h) + eps * logsigmoid(-beta * h)) / (1 - 2 * eps)
-    if loss_type == "ipo":
-        return (h - 1 / (2 * beta)) ** 2
+    if loss_type == "ipo":  # on per-token log-ratios
+        return ((pc - rc) / lc - (pr - rr) / lr - 1 / (2 * beta)) ** 2
     if loss_type == "hinge":
         return max(0.0, 1 - beta * h)
     if loss_type == "sppo_hard":
@@ -38,7 +38,7 @@ def reference_loss(pc, pr, rc, rr, beta, loss_type, eps):
     "loss_type,eps",
     [
         ("sigmoid", 0.0),
-        ("sigmoid", 0.1),
+        ("sigmoid", 0.1),  # cDPO: ray_dpo's former sigmoid, now sigmoid_label_smoothing=True
         ("robust", 0.2),
         ("ipo", 0.0),
         ("hinge", 0.0),
@@ -50,16 +50,18 @@ def reference_loss(pc, pr, rc, rr, beta, loss_type, eps):
 def test_losses_match_float64_reference(loss_type, eps, reference_free):
     gen = torch.Generator().manual_seed(len(loss_type) * 100 + round(eps * 10))
     pc, pr, rc, rr = (-30 * torch.rand(16, generator=gen, dtype=torch.float64) for _ in range(4))
+    lc, lr = (torch.randint(1, 9, (16,), generator=gen) for _ in range(2))
     beta = 0.3
-    loss, metrics = dpo_loss(
-        pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=eps, reference_free=reference_free
-    )
+    options = dict(label_smoothing=eps, sigmoid_label_smoothing=loss_type == "sigmoid" and eps > 0)
+    spec = LossSpec(loss_type=loss_type, beta=beta, reference_free=reference_free, **options)
+    out = preference_loss(spec, PairLogps(pc, pr, lc, lr, rc, rr))
+    loss, metrics = out.loss, out.metrics
     if reference_free:
         rc, rr = torch.zeros_like(rc), torch.zeros_like(rr)
-    rows = zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist(), strict=True)
-    expected = [reference_loss(*row, beta, loss_type, eps) for row in rows]
+    rows = zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist(), lc.tolist(), lr.tolist(), strict=True)
+    expected = [reference_loss(c, r, c_ref, r_ref, beta, loss_type, eps, n, m) for c, r, c_ref, r_ref, n, m in rows]
     assert loss.dtype == torch.float64
-    assert abs(loss.item() - sum(expected) / len(expected)) < 1e-6
+    assert abs(loss.item() - sum(expected) / len(expected)) < 1e-9
 
     chosen_rewards, rejected_rewards = beta * (pc - rc), beta * (pr - rr)
     assert abs(metrics["rewards/chosen"].item() - chosen_rewards.mean().item()) < 1e-9
@@ -69,13 +71,17 @@ def test_losses_match_float64_reference(loss_type, eps, reference_free):
 
 
 def test_loss_option_errors():
-    x = torch.zeros(2)
-    with pytest.raises(ValueError, match="loss_type must be one of"):
-        dpo_loss(x, x, x, x, loss_type="kto")
-    with pytest.raises(ValueError, match="label_smoothing applies to 'sigmoid' and 'robust'"):
-        dpo_loss(x, x, x, x, loss_type="ipo", label_smoothing=0.1)
-    with pytest.raises(ValueError, match="reference log-probs"):
-        dpo_loss(x, x, None, None)
+    with pytest.raises(ValueError, match="loss_type must be one or more of"):
+        DPO(tiny_lm(), loss_type="kto")
+    with pytest.raises(ValueError, match="label_smoothing=0.1 has no effect on"):
+        DPO(tiny_lm(), loss_type="ipo", label_smoothing=0.1)
+    with pytest.raises(ValueError, match="sigmoid_label_smoothing"):  # TRL's sigmoid ignores it: we refuse
+        DPO(tiny_lm(), label_smoothing=0.1)
+    with pytest.raises(TypeError, match="rpo_alpha"):  # the former option: loss_type=[sigmoid, sft] now
+        DPO(tiny_lm(), rpo_alpha=0.5)
+    chosen, rejected, prompt_mask = random_pairs()
+    with pytest.raises(ValueError, match="needs ref_chosen_logps"):
+        DPO(tiny_lm(), reference="precomputed")(chosen, rejected, prompt_mask=prompt_mask)
 
 
 class FixedLogits(nn.Module):
@@ -160,32 +166,106 @@ def test_shape_errors_are_clear():
 
 def test_precomputed_reference_equals_live_reference_and_mean_reduction():
     chosen, rejected, prompt_mask = random_pairs()
-    for reduction in ("sum", "mean"):
+    masks = response_mask(chosen, prompt_mask), response_mask(rejected, prompt_mask)
+    for reduction in (None, "sum", "mean"):
         live = DPO(tiny_lm(), beta=0.5, pad_id=0, reduction=reduction)
         with torch.no_grad():  # make the policy differ from the reference
             for p in live.policy_model.parameters():
                 p.add_(0.05 * torch.randn_like(p))
         live_loss = live(chosen, rejected, prompt_mask=prompt_mask)
-        ref_c = sequence_logps(live.ref_model, chosen, response_mask(chosen, prompt_mask), reduction)
-        ref_r = sequence_logps(live.ref_model, rejected, response_mask(rejected, prompt_mask), reduction)
+        # precomputed log-probs are sums whatever the reduction: the loss divides by the token counts itself
+        ref_c, ref_r = (
+            sequence_logps(live.ref_model, seq, m) for seq, m in zip((chosen, rejected), masks, strict=True)
+        )
         pre = DPO(live.policy_model, beta=0.5, pad_id=0, reduction=reduction, reference="precomputed")
         assert pre.ref_model is None
         pre_loss = pre(chosen, rejected, prompt_mask=prompt_mask, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r)
         torch.testing.assert_close(pre_loss, live_loss)
-    summed = sequence_logps(live.policy_model, chosen, response_mask(chosen, prompt_mask), "sum")
-    averaged = sequence_logps(live.policy_model, chosen, response_mask(chosen, prompt_mask), "mean")
+        if reduction == "mean":  # ray_dpo's former option: the sigmoid loss on mean token log-probs
+            pol_c, pol_r = (
+                sequence_logps(live.policy_model, seq, m, "mean")
+                for seq, m in zip((chosen, rejected), masks, strict=True)
+            )
+            ref_mc, ref_mr = (
+                sequence_logps(live.ref_model, seq, m, "mean") for seq, m in zip((chosen, rejected), masks, strict=True)
+            )
+            h = (pol_c - ref_mc) - (pol_r - ref_mr)
+            torch.testing.assert_close(live_loss, -torch.nn.functional.logsigmoid(0.5 * h).mean())
+    summed = sequence_logps(live.policy_model, chosen, masks[0], "sum")
+    averaged = sequence_logps(live.policy_model, chosen, masks[0], "mean")
     torch.testing.assert_close(averaged, summed / 6)
 
 
-def test_rpo_adds_mean_chosen_nll():
+def test_sigmoid_plus_sft_adds_mean_chosen_nll():
+    """RPO, formerly `rpo_alpha=0.5`: loss_type=[sigmoid, sft] weighted [1, 0.5] adds half the NLL per chosen token."""
     chosen, rejected, prompt_mask = random_pairs()
+    chosen[0, -3:] = 0  # a shorter first response: the NLL is a mean over tokens, not over rows
     plain = DPO(tiny_lm(), pad_id=0)
-    rpo = DPO(tiny_lm(), pad_id=0, rpo_alpha=0.5)
-    mask = response_mask(chosen, prompt_mask)[:, 1:]
+    rpo = DPO(tiny_lm(), pad_id=0, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])
+    mask = response_mask(chosen, prompt_mask, pad_id=0)[:, 1:]
     logps = token_logps(plain.policy_model(chosen[:, :-1]), chosen[:, 1:])
     nll = -logps[mask].mean()
     expected = plain(chosen, rejected, prompt_mask=prompt_mask) + 0.5 * nll
     torch.testing.assert_close(rpo(chosen, rejected, prompt_mask=prompt_mask), expected)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"loss_type": "simpo"}, {"loss_type": ["orpo", "sft"]}, {"loss_type": "sft"}, {"reference": "none"}]
+)
+def test_reference_free_losses_hold_and_score_no_reference(kwargs):
+    chosen, rejected, prompt_mask = random_pairs()
+    dpo = DPO(tiny_lm(), pad_id=0, **kwargs)
+    assert dpo.ref_model is None and dpo.reference == "none"
+    loss = dpo(chosen, rejected, prompt_mask=prompt_mask)
+    assert torch.isfinite(loss)
+    if "loss_type" in kwargs:  # a model given for a loss that never reads it is a mistake worth naming
+        with pytest.raises(ValueError, match="needs no reference"):
+            DPO(tiny_lm(), ref_model=tiny_lm(), **kwargs)
+
+
+def test_loss_type_lists_and_f_divergences_reach_the_loss():
+    """The options go through to `preference_loss`: the DPO wrapper's loss is the module's on the same log-probs."""
+    chosen, rejected, prompt_mask = random_pairs()
+    options = dict(loss_type=["sigmoid", "ipo"], loss_weights=[0.7, 0.3], f_divergence_type="alpha_divergence")
+    dpo = DPO(tiny_lm(), beta=0.2, pad_id=0, f_alpha_divergence_coef=0.3, **options)
+    with torch.no_grad():
+        for p in dpo.policy_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    masks = response_mask(chosen, prompt_mask), response_mask(rejected, prompt_mask)
+    sums = [
+        sequence_logps(m, seq, k)
+        for m in (dpo.policy_model, dpo.ref_model)
+        for seq, k in zip((chosen, rejected), masks, strict=True)
+    ]
+    counts = [k[:, 1:].sum(-1) for k in masks]
+    spec = LossSpec(beta=0.2, f_alpha_divergence_coef=0.3, **options)
+    expected = preference_loss(spec, PairLogps(sums[0], sums[1], *counts, sums[2], sums[3])).loss
+    torch.testing.assert_close(dpo(chosen, rejected, prompt_mask=prompt_mask), expected)
+
+
+def test_sync_reference_is_the_tr_dpo_mixture_in_float64():
+    """TR-DPO (Gorbatovski et al. 2024): ref <- alpha * policy + (1 - alpha) * ref; alpha 1 copies the policy."""
+    dpo = DPO(tiny_lm().double(), pad_id=0)
+    with torch.no_grad():
+        for p in dpo.policy_model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    policy = {k: v.clone() for k, v in dpo.policy_model.state_dict().items()}
+    before = {k: v.clone() for k, v in dpo.ref_model.state_dict().items()}
+    dpo.sync_reference(0.3)
+    after = dpo.ref_model.state_dict()
+    assert any((after[k] != before[k]).any() for k in after)
+    for k in after:
+        torch.testing.assert_close(after[k], 0.3 * policy[k] + 0.7 * before[k], atol=1e-15, rtol=0)
+    assert all(not p.requires_grad for p in dpo.ref_model.parameters()), "the reference stays frozen"
+    dpo.sync_reference(1.0)
+    for k, v in dpo.ref_model.state_dict().items():
+        assert torch.equal(v, policy[k])
+    with pytest.raises(ValueError, match=r"ref_model_mixup_alpha must be in \(0, 1\]"):
+        dpo.sync_reference(0.0)
+    shared = DPO(tiny_lm(), pad_id=0, ref_model=None)
+    shared.ref_model = shared.policy_model  # a view of the policy's weights (LoRA with adapters off) cannot be synced
+    with pytest.raises(ValueError, match="shares the policy's weights"):
+        shared.sync_reference(0.5)
 
 
 def test_dpo_training_increases_accuracy_and_margin():

@@ -152,7 +152,9 @@ def _batch(seed):
     return dict(chosen=chosen, rejected=rejected, prompt_len=p, chosen_len=c, rejected_len=r)
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"rpo_alpha": 0.5, "loss_type": "ipo"}, {"reference": "none"}])
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"loss_type": ["ipo", "sft"], "loss_weights": [1.0, 0.5]}, {"reference": "none"}]
+)
 def test_dpo_batch_loss_metrics_and_grads_match(kwargs):
     batch = _batch(11)
     policy = tiny_model(11)

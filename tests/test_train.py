@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from ray_dpo.config import load_config
 from ray_dpo.core import checkpoint as layout
@@ -267,3 +268,92 @@ def test_hf_model_with_a_live_reference_on_two_ranks_equals_one_worker(
     for name in w1:  # LoRA's A: see test_fsdp_lora_on_an_hf_model_killed_after_a_checkpoint_equals_one_worker
         torch.testing.assert_close(w2[name], w1[name], atol=1e-4 if "lora_A" in name else 1e-5, rtol=0, msg=name)
     assert sharded.metrics["train/loss"] == pytest.approx(single.metrics["train/loss"], abs=1e-5)
+
+
+TR_DPO = ["dpo.sync_ref_model=true", "dpo.ref_model_mixup_alpha=0.5", "dpo.ref_model_sync_steps=2"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize(
+    ("case", "overrides", "strategy", "fail"),
+    [
+        ("aot", ["dpo.loss_type=aot", "dpo.beta=0.5"], "ddp", False),
+        (
+            "bco-shift+sft",
+            ["dpo.loss_type=[bco_pair, sft]", "dpo.loss_weights=[1.0, 0.5]", "dpo.bco_reward_shift=true"],
+            "ddp",
+            True,
+        ),
+        ("tr-dpo", TR_DPO, "ddp", True),
+        ("tr-dpo-fsdp", TR_DPO, "fsdp", False),
+        ("tr-dpo-lora-fsdp", TR_DPO, "fsdp", True),
+    ],
+)
+def test_global_batch_losses_and_tr_dpo_two_workers_equal_one_worker_with_accumulation(
+    ray_session, tmp_path, init_checkpoint, monkeypatch, request, case, overrides, strategy, fail
+):
+    """2 workers, each half of every global batch, against 1 worker accumulating 2 micro-batches: the same weights
+    after 4 steps. aot sorts and bco_pair's shift averages the WHOLE global batch (every rank, every micro-batch);
+    sft's token mean counts its tokens. TR-DPO: every 2 steps the reference becomes 0.5 * policy + 0.5 * reference,
+    checked against the policies of the step-2 and step-4 checkpoints, under DDP, FSDP (shard by shard) and LoRA
+    (the reference adapter set). `fail`: rank 1 dies right after the step-2 checkpoint; the resumed group continues
+    bco_pair's running mean and the synced reference from it. Metrics stay in range under accumulation."""
+    lora = "lora" in case
+    model_args, init = [], init_checkpoint
+    if lora:
+        init = request.getfixturevalue("hf_base")
+        model_args = [f"model.hf_path={init}", "model.lora_r=4", "model.lora_dropout=0.0"]
+    train_ds = ray_session.data.from_items(_pairs(24, seed=1))  # 3 global batches of 8 per epoch
+    val_ds = ray_session.data.from_items(_pairs(5, seed=2))
+    common = dict(init_checkpoint=init, reference_checkpoint=init, pad_id=PAD)
+    settings = [*model_args, *overrides, "train.max_steps=4", "train.epochs=2"]
+    one = _config(tmp_path, *settings, "train.num_workers=1", "train.grad_accum=2", "train.run_name=one")
+    single = fit(one, train_ds, val_ds, **common)
+    marker = tmp_path / "failed-once"
+    if fail:
+        monkeypatch.setenv(FAIL_ENV, f"2:1:{marker}")
+    two = _config(tmp_path, *settings, "train.num_workers=2", f"train.strategy={strategy}", "train.run_name=two")
+    multi = fit(two, train_ds, val_ds, **common)
+    assert single.steps == multi.steps == 4
+    if fail:
+        assert marker.exists() and multi.resumed_from == 2, "the restarted group resumes from the step-2 checkpoint"
+
+    w1, w2 = _weights(single.checkpoint), _weights(multi.checkpoint)
+    moved = [k for k in w1 if (w1[k] - _weights(init)[k]).abs().max() > 1e-3] if not lora else ["lora"]
+    assert moved, "training moved the weights"
+    assert w1.keys() == w2.keys()
+    for name in w1:  # LoRA's A: see test_fsdp_lora_on_an_hf_model_killed_after_a_checkpoint_equals_one_worker
+        torch.testing.assert_close(w2[name], w1[name], atol=1e-4 if "lora_A" in name else 1e-5, rtol=0, msg=name)
+    for run in (single, multi):
+        for split in ("train", "val"):
+            assert 0.0 <= run.metrics[f"{split}/rewards/accuracies"] <= 1.0 and math.isfinite(
+                run.metrics[f"{split}/loss"]
+            )
+
+    if "tr-dpo" not in case:
+        return
+    # the reference of the single run after steps 2 and 4, against the mixture of its policies
+    steps = {s: tmp_path / "ray" / "one" / f"checkpoint_step_{s:08d}" for s in (2, 4)}
+    reference = {s: load_file(str(d / layout.REFERENCE_FILE)) for s, d in steps.items()}
+    policy = {s: _weights(str(d)) for s, d in steps.items()}
+    policy_key = (lambda k: k.replace(".reference.", ".default.")) if lora else (lambda k: k.removeprefix("model."))
+    if not lora:  # the reference starts as the initial weights
+        start = _weights(init)
+        for k, ref in reference[2].items():
+            torch.testing.assert_close(ref, 0.5 * policy[2][policy_key(k)] + 0.5 * start[policy_key(k)], msg=k)
+    assert reference[4].keys() == reference[2].keys() and reference[4]
+    for k, ref in reference[4].items():
+        torch.testing.assert_close(ref, 0.5 * policy[4][policy_key(k)] + 0.5 * reference[2][k], msg=k)
+    # the 2-worker run's final reference: a file beside DDP's weights, in FSDP's shards
+    final = Path(multi.checkpoint.path)
+    if strategy == "fsdp":
+        import torch.distributed.checkpoint as dcp
+
+        shards = {"task": {k: torch.empty_like(v) for k, v in reference[4].items()}}
+        dcp.load(shards, checkpoint_id=str(final))
+        multi_reference = shards["task"]
+    else:
+        multi_reference = load_file(str(final / layout.REFERENCE_FILE))
+    for k, ref in reference[4].items():
+        torch.testing.assert_close(multi_reference[k], ref, atol=1e-4 if "lora_A" in k else 1e-5, rtol=0, msg=k)

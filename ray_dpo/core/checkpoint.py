@@ -11,7 +11,8 @@ A model directory is one of:
             (and `adapter_config.json` when it trains LoRA adapters)
 
 beside the tokenizer's files and `encoding.json` (`ray_dpo.core.encoding`). A training checkpoint adds
-`optimizer.pt` or `scheduler.json`, `state.json` and one manifest per writing rank (`ray_dpo.stages.train`).
+`optimizer.pt` or `scheduler.json`, `state.json`, TR-DPO's `reference.safetensors` (DDP) and one manifest per
+writing rank (`ray_dpo.stages.train`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 BASE_FILE = "base.json"  # an adapter directory's pointer to its base model (a URI every node opens)
 SHARDED_METADATA = ".metadata"  # torch.distributed.checkpoint's index of the per-rank `.distcp` files
 SCHEDULER_FILE = "scheduler.json"  # the LR schedule of a sharded checkpoint (its optimizer state is in the shards)
+# TR-DPO's moving reference (whole weights, or its LoRA adapter set), training state beside a DDP checkpoint's model;
+# FSDP keeps it in the shards
+REFERENCE_FILE = "reference.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 DirectoryKind = Literal["ours", "hf", "adapter", "sharded"]
@@ -44,7 +48,7 @@ DirectoryKind = Literal["ours", "hf", "adapter", "sharded"]
 def directory_kind(files: Iterable[str]) -> DirectoryKind | None:
     """What a directory holding these file names is (whole weights win over shards); None: not a model."""
     names = set(files)
-    weights = any(n.endswith(".safetensors") and not n.startswith("adapter_") for n in names)
+    weights = any(n.endswith(".safetensors") and not n.startswith("adapter_") and n != REFERENCE_FILE for n in names)
     if CONFIG_FILE in names and WEIGHTS_FILE in names:
         return "ours"
     if ADAPTER_CONFIG_FILE in names and any(n.startswith("adapter_model.") for n in names):

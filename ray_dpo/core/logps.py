@@ -236,27 +236,63 @@ class LogpsModel(nn.Module):
     wraps in DDP or FSDP, so that gradient synchronisation sees the head too, for any model kind.
 
     `adapters_disabled=True` scores a PEFT model with its LoRA adapters off: the base model, the frozen reference of
-    LoRA training, without a second copy of its weights.
+    LoRA training, without a second copy of its weights. `adapter="reference"` scores it with that named adapter set
+    active instead of the trained one: a reference that moves (TR-DPO), still without a second base.
     """
 
-    def __init__(self, model: nn.Module, *, adapters_disabled: bool = False, chunk_size: int = DEFAULT_CHUNK_SIZE):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        adapters_disabled: bool = False,
+        adapter: str | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ):
         super().__init__()
-        self.model, self.adapters_disabled, self.chunk_size = model, adapters_disabled, chunk_size
+        if adapters_disabled and adapter is not None:
+            raise ValueError("LogpsModel: adapters_disabled=True and adapter=... exclude each other")
+        self.model, self.adapters_disabled, self.adapter = model, adapters_disabled, adapter
+        self.chunk_size = chunk_size
+
+    @property
+    def is_view(self) -> bool:
+        """A view of another module's weights (a LoRA model with its adapters off or switched): their training mode
+        and gradients belong to that module."""
+        return self.adapters_disabled or self.adapter is not None
 
     def train(self, mode: bool = True) -> LogpsModel:
-        if not self.adapters_disabled:  # a view of the policy's weights: their mode and grads are the policy's
+        if not self.is_view:
             super().train(mode)
         return self
 
     def requires_grad_(self, requires_grad: bool = True) -> LogpsModel:
-        if not self.adapters_disabled:
+        if not self.is_view:
             super().requires_grad_(requires_grad)
         return self
 
     def forward(self, tokens: Tensor, targets: Tensor, mask: Tensor, **kwargs) -> Tensor:
-        context = self.model.disable_adapter() if self.adapters_disabled else contextlib.nullcontext()
+        if self.adapters_disabled:
+            context = self.model.disable_adapter()
+        elif self.adapter is not None:
+            context = active_adapter(self.model, self.adapter)
+        else:
+            context = contextlib.nullcontext()
         with context:
             return scored_logps(self.model, tokens, targets, mask, chunk_size=self.chunk_size, **kwargs)
+
+
+@contextlib.contextmanager
+def active_adapter(model: nn.Module, name: str):
+    """Run a PEFT model with its adapter set `name` instead of the active one. Through peft's `set_adapter` with
+    inference_mode: `name` stays frozen, and switching back leaves the trained adapters trainable as before."""
+    from peft.tuners.tuners_utils import set_adapter
+
+    trained = model.active_adapter
+    set_adapter(model, name, inference_mode=True)
+    try:
+        yield
+    finally:
+        set_adapter(model, trained)
 
 
 def core_model(model: nn.Module) -> nn.Module:

@@ -180,9 +180,19 @@ class PairTokenLogps:
             self.rejected, self.rejected_mask, reduction
         )
 
-    def chosen_nll(self) -> Tensor:
-        """Mean NLL over all chosen response tokens of the batch (RPO's term, as TRL)."""
-        return -self.chosen[self.chosen_mask].sum() / self.chosen_mask.sum().clamp(min=1)
+    def counts(self) -> tuple[Tensor, Tensor]:
+        """(B,), (B,) scored tokens of each chosen and rejected response."""
+        return self.chosen_mask.sum(-1), self.rejected_mask.sum(-1)
+
+
+def scored_counts(batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """The `counts()` `score_batch` would give for a training batch, from its lengths alone (no forward): the first
+    token of a row is never scored, as in the scoring itself."""
+    n, prompt_len = batch["chosen"].shape[1], batch["prompt_len"]
+    return tuple(
+        response_mask_from_lengths(n, prompt_len, batch[k].to(prompt_len.device))[:, 1:].sum(-1)
+        for k in ("chosen_len", "rejected_len")
+    )
 
 
 def score_pairs(

@@ -267,10 +267,29 @@ def _check_training(c: Config) -> None:
     d = c.dpo
     if d.reference_concurrency < 1 or d.reference_batch_size < 1:
         raise ConfigError("config: dpo.reference_concurrency and dpo.reference_batch_size must be >= 1")
-    if c.dpo.label_smoothing and c.dpo.loss_type not in ("sigmoid", "robust"):
-        raise ConfigError(f"config: dpo.label_smoothing applies to sigmoid and robust only, not {c.dpo.loss_type}")
-    if not 0.0 <= c.dpo.label_smoothing < 0.5:
-        raise ConfigError(f"config: dpo.label_smoothing must be in [0, 0.5), got {c.dpo.label_smoothing}")
+    _check_loss(c)
+
+
+def _check_loss(c: Config) -> None:
+    """The loss's own checks (`LossSpec`: names, weights, label smoothing, f-divergences) and TR-DPO's."""
+    d = c.dpo
+    try:
+        spec = d.loss_spec()
+    except ValueError as err:  # LossSpec's messages name the dpo.* key
+        raise ConfigError(f"config: {err}") from None
+    if not d.sync_ref_model:
+        return
+    if d.reference != "live":
+        raise ConfigError(
+            f"config: dpo.sync_ref_model=true needs dpo.reference=live (a reference model to update), got {d.reference}"
+        )
+    if not spec.needs_reference:
+        raise ConfigError(f"config: dpo.sync_ref_model=true but dpo.loss_type={list(spec.types)} uses no reference")
+    if not 0.0 < d.ref_model_mixup_alpha <= 1.0 or d.ref_model_sync_steps < 1:
+        raise ConfigError(
+            "config: dpo.ref_model_mixup_alpha must be in (0, 1] and dpo.ref_model_sync_steps >= 1, got "
+            f"{d.ref_model_mixup_alpha} and {d.ref_model_sync_steps}"
+        )
 
 
 def refused_combination(c: Config, model_kind: ModelKind) -> str | None:
@@ -340,7 +359,12 @@ def search_values(config: Config) -> dict[str, tuple[str, list[Any]]]:
             if not low < high or (kind == "loguniform" and low <= 0):
                 raise ConfigError(f"config: {where}.{kind} needs 0 < low < high (low > 0 for loguniform): {values}")
         for value in values:  # unknown keys and bad values fail here, naming the key
-            override(config, {key: value}, where="tune.search_space")
+            trial = override(config, {key: value}, where="tune.search_space")
+            if key.startswith("dpo."):  # a loss option that the rest of the config refuses (or the other way round)
+                try:
+                    _check_loss(trial)
+                except ConfigError as err:
+                    raise ConfigError(f"config: {where}={value!r}: {str(err).removeprefix('config: ')}") from None
         out[key] = (kind, values)
     return out
 
@@ -357,6 +381,12 @@ def check_sweep(c: Config) -> None:
         if grids:
             raise ConfigError(
                 f"config: tune.search_alg=optuna samples: tune.search_space.{grids[0]} is a grid, use choice"
+            )
+        lists = [k for k, spec in t.search_space.items() if any(isinstance(v, list) for v in next(iter(spec.values())))]
+        if lists:  # Optuna's categorical choices are scalars
+            raise ConfigError(
+                f"config: tune.search_alg=optuna: tune.search_space.{lists[0]} has a list among its choices; "
+                "Optuna chooses among scalars (use tune.search_alg=random)"
             )
         try:
             import optuna  # noqa: F401

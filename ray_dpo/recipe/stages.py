@@ -19,7 +19,6 @@ from ray.train import Checkpoint
 
 from ray_dpo.config import Config
 from ray_dpo.core.encoding import Encoding
-from ray_dpo.core.losses import default_reduction
 from ray_dpo.errors import UserError, in_stage
 from ray_dpo.recipe.checks import absolute
 from ray_dpo.recipe.console import Console, Progress
@@ -140,14 +139,13 @@ def starting_weights(run: Run) -> Checkpoint:
 @in_stage("reference log-probs")
 def with_reference_logps(run: Run, data: Data, reference: Checkpoint) -> Data:
     """`dpo.reference=precomputed`: reference log-probs as columns of both splits (one actor-pool pass); trainers
-    then hold only the policy."""
-    if run.config.dpo.reference != "precomputed":
+    then hold only the policy. None for a loss that uses no reference (sft, simpo, orpo)."""
+    if run.config.dpo.reference != "precomputed" or not run.config.dpo.uses_reference:
         return data
     from ray_dpo.stages.reference import add_reference_logps
 
     d, t = run.config.dpo, run.config.train
     pool = dict(
-        reduction=default_reduction(d.loss_type, d.reduction),
         prefix_sharing=d.prefix_sharing,
         bf16=t.precision == "bf16",  # scored as the trainer's live reference would be
         batch_size=d.reference_batch_size,

@@ -320,7 +320,14 @@ class TrialLog(tune.Callback):
 
 
 def _describe(params: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    return ", ".join(f"{k}={_text(v, '.3g')}" for k, v in params.items())
+
+
+def _text(value: Any, number: str = "g") -> str:
+    """A searched value as the command line writes it: 0.1, ipo, [sigmoid, sft] (a list of loss types)."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_text(v, number) for v in value) + "]"
+    return format(value, number) if isinstance(value, float) else str(value)
 
 
 def trial_error(trial) -> str:
@@ -382,7 +389,9 @@ def _save(run: Run) -> SweepResult:
             close_trial_run(uri, row[RUN_ID_KEY], status, reason=reason, retried=row["attempts"] > 1)
     table = pd.DataFrame(rows)
     table_path = sweep_dir / "results.csv"
-    table.to_csv(table_path, index=False)
+    # list values (dpo.loss_type: [sigmoid, sft]) as the command line writes them, not as Python's repr
+    shown = table.assign(**{k: table[k].map(_text) for k in searched if k in table})
+    shown.to_csv(table_path, index=False)
     tracking.log_artifact(uri, run.run_id, table_path)
 
     plots = [
@@ -452,10 +461,7 @@ def _figure(width: float = 6.4, height: float = 4.8):
 
 
 def _label(row, searched: list[str]) -> str:
-    return ", ".join(
-        f"{k.rsplit('.', 1)[-1]}={row[k]:g}" if isinstance(row[k], float) else f"{k.rsplit('.', 1)[-1]}={row[k]}"
-        for k in searched
-    )
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={_text(row[k])}" for k in searched)
 
 
 def _frontier_plot(table, searched: list[str], sweep_dir: Path) -> Path | None:

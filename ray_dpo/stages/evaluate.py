@@ -53,7 +53,6 @@ from torch import Tensor, nn
 
 from ray_dpo.config import Config, ConfigError, EvalConfig
 from ray_dpo.core.encoding import Encoding
-from ray_dpo.core.losses import default_reduction
 from ray_dpo.core.pairs import score_batch
 from ray_dpo.core.sampling import beam_search, generate
 from ray_dpo.errors import UserError
@@ -323,7 +322,7 @@ def evaluate_rows(
             encoding=encoding,
             device="cuda" if eval_gpus(config) else "cpu",
             eval_config=dataclasses.asdict(e),
-            reduction=default_reduction(config.dpo.loss_type, config.dpo.reduction),
+            reduction=config.dpo.loss_spec().reward_reduction,  # the implicit reward as training's rewards/*
             prefix_sharing=config.dpo.prefix_sharing,
             bf16=config.train.precision == "bf16",
             seed=config.train.seed,

@@ -166,7 +166,8 @@ def save(directory: str | Path, model: nn.Module, *, encoding: Encoding | None =
     if is_peft(model):
         if base is None:
             raise ValueError("saving LoRA adapters needs the location of their base model")
-        model.save_pretrained(str(directory), safe_serialization=True)
+        # the trained adapters only: TR-DPO's reference adapters are training state (the trainer saves them apart)
+        model.save_pretrained(str(directory), safe_serialization=True, selected_adapters=[TRAINED_ADAPTER])
         (directory / layout.BASE_FILE).write_text(json.dumps({"base": base}))
     elif is_hf(model):
         model.save_pretrained(str(directory), safe_serialization=True)
@@ -210,6 +211,36 @@ def add_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, target_m
     torch.manual_seed(seed)  # identical adapter init on every rank
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules)
     return get_peft_model(model, config)
+
+
+TRAINED_ADAPTER = "default"  # PEFT's name for the adapters `add_lora` puts on a model
+REFERENCE_ADAPTER = "reference"  # TR-DPO with LoRA: a second adapter set is the reference the policy is synced into
+
+
+def add_reference_adapter(model: nn.Module) -> None:
+    """A frozen copy of a PEFT model's trained adapters as a second adapter set, `REFERENCE_ADAPTER`: with it active
+    the model is the reference of TR-DPO (a moving reference on the same base: no second base model). Add it before
+    FSDP shards the model: sharding replaces the parameters (pair them afterwards, `reference_adapter_pairs`)."""
+    model.add_adapter(REFERENCE_ADAPTER, model.peft_config[TRAINED_ADAPTER])
+    with torch.no_grad():
+        for _, reference, trained in reference_adapter_pairs(model):
+            reference.copy_(trained)
+            reference.requires_grad_(False)
+
+
+def reference_adapter_pairs(model: nn.Module) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
+    """(name, reference parameter, trained parameter) of the model's two adapter sets, matched by name."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tag, trained_tag = f".{REFERENCE_ADAPTER}.", f".{TRAINED_ADAPTER}."
+    pairs = [(k, p, params[k.replace(tag, trained_tag)]) for k, p in params.items() if tag in k]
+    if not pairs:
+        raise ValueError(f"the model has no {REFERENCE_ADAPTER!r} adapters")
+    return pairs
+
+
+def without_reference_adapter(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict without TR-DPO's reference adapters: the policy's weights alone."""
+    return {k: v for k, v in state.items() if f".{REFERENCE_ADAPTER}." not in k}
 
 
 def lora_targets_match(model: nn.Module, target_modules: list[str] | str) -> bool:

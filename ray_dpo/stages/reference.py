@@ -30,7 +30,7 @@ Model = str | os.PathLike | Checkpoint | nn.Module  # a checkpoint (directory, U
 class PairScorer:
     """Ray Data callable class: `{name: model}`, loaded once per actor; adds `<name>_{chosen,rejected}_logp`."""
 
-    def __init__(self, models: dict[str, Model], *, reduction: str, prefix_sharing: bool, device: str, bf16: bool):
+    def __init__(self, models: dict[str, Model], *, prefix_sharing: bool, device: str, bf16: bool):
         loader.reuse_freed_memory()
         self.device = torch.device(device)
         dtype = torch.bfloat16 if bf16 else None  # as the trainer holds a live reference
@@ -41,7 +41,7 @@ class PairScorer:
             .requires_grad_(False)
             for name, m in models.items()
         }
-        self.reduction, self.prefix_sharing = reduction, prefix_sharing
+        self.prefix_sharing = prefix_sharing
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -54,7 +54,7 @@ class PairScorer:
         with torch.inference_mode(), self.autocast:
             for name, model in self.models.items():
                 scored = score_batch(model, tensors, prefix_sharing=self.prefix_sharing)
-                chosen, rejected = scored.sequence(self.reduction)
+                chosen, rejected = scored.sequence("sum")  # sums: each loss normalises them itself
                 batch = batch.append_column(f"{name}_chosen_logp", pa.array(chosen.float().cpu().numpy()))
                 batch = batch.append_column(f"{name}_rejected_logp", pa.array(rejected.float().cpu().numpy()))
         return batch
@@ -64,7 +64,6 @@ def score_pairs_pool(
     dataset: ray.data.Dataset,
     models: dict[str, Model],
     *,
-    reduction: str = "sum",
     prefix_sharing: bool = False,
     bf16: bool = False,
     batch_size: int = 32,
@@ -75,10 +74,9 @@ def score_pairs_pool(
     """`dataset` with `<name>_chosen_logp`, `<name>_rejected_logp` (float32) for each model, MATERIALIZED, row order
     kept. concurrency: actors in the pool; num_gpus per actor (> 0 puts the models on cuda); num_cpus per actor,
     default 0.5 on CPU so a 2-CPU machine keeps room for the read tasks (a pool of 1-CPU actors there can hang).
-    reduction must match the trainer's (`ray_dpo.core.losses.default_reduction`); `bf16`: models held in bf16 and
-    run under bf16 autocast, as the trainer's live reference under `train.precision=bf16`."""
-    if reduction not in ("sum", "mean"):
-        raise UserError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    The log-probs are sums over each response's tokens, whatever the loss (it divides by token counts itself);
+    `bf16`: models held in bf16 and run under bf16 autocast, as the trainer's live reference under
+    `train.precision=bf16`."""
     if concurrency < 1 or batch_size < 1:
         raise UserError(f"concurrency and batch_size must be >= 1, got {concurrency} and {batch_size}")
     for name, model in models.items():
@@ -91,7 +89,6 @@ def score_pairs_pool(
         PairScorer,
         fn_constructor_kwargs=dict(
             models=models,
-            reduction=reduction,
             prefix_sharing=prefix_sharing,
             device="cuda" if num_gpus else "cpu",
             bf16=bf16,
@@ -106,8 +103,6 @@ def score_pairs_pool(
     return scored.materialize()
 
 
-def add_reference_logps(
-    dataset: ray.data.Dataset, reference: Model, *, reduction: str = "sum", **pool
-) -> MaterializedDataset:
+def add_reference_logps(dataset: ray.data.Dataset, reference: Model, **pool) -> MaterializedDataset:
     """`dataset` + `ref_chosen_logp`, `ref_rejected_logp` (the training batch contract's names)."""
-    return score_pairs_pool(dataset, {"ref": reference}, reduction=reduction, **pool)
+    return score_pairs_pool(dataset, {"ref": reference}, **pool)

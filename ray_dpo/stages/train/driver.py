@@ -69,8 +69,9 @@ def train_dpo(
 ) -> TrainResult:
     """DPO on `train.num_workers` DDP workers starting from `init_checkpoint`, against the reference of
     `dpo.reference`: loaded from `reference_checkpoint` on every rank (live), columns of the data (precomputed),
-    or none. Ray run `name` in `train.storage_path`: re-running the same name resumes from its latest checkpoint."""
-    mode = config.dpo.reference
+    or none (also for losses that use no reference). Ray run `name` in `train.storage_path`: re-running the same
+    name resumes from its latest checkpoint."""
+    mode = config.dpo.reference if config.dpo.uses_reference else "none"
     if mode == "live" and not reference_checkpoint:
         raise UserError("train: dpo.reference=live needs a reference checkpoint")
     for split, ds in (("train", train_ds), ("val", val_ds)):

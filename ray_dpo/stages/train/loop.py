@@ -33,11 +33,13 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from ray.train import Checkpoint
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ray_dpo.config import ModelSettings
 from ray_dpo.core import checkpoint as layout
 from ray_dpo.core.checkpoint import load_training_state, save_training_state
+from ray_dpo.core.dpo import mix_into
 from ray_dpo.core.encoding import ENCODING_FILE
 from ray_dpo.core.kinds import is_peft
 from ray_dpo.core.logps import LogpsModel, core_model
@@ -137,10 +139,14 @@ def setup_worker(spec: WorkerSpec) -> _Worker:
             f"{'fsdp' if sharded else 'ddp'}; resume it with that strategy (or start a new train.run_name)"
         )
     adapters = bool(m.lora_r) and resume is None and models.kind(spec.init_checkpoint) != "ours"
+    # TR-DPO with LoRA: the moving reference is a second adapter set on the same base
+    reference_adapters = spec.task == "dpo" and spec.config.dpo.sync_ref_model and bool(m.lora_r)
 
     def prepare(model: nn.Module) -> nn.Module:  # before distributing (under FSDP: still on the meta device)
         if adapters:  # fresh adapters on the base: only they train
             model = with_lora(model, m, t.seed)
+        if reference_adapters and is_peft(model):  # a resume then reads its values from the checkpoint
+            models.add_reference_adapter(model)
         if m.gradient_checkpointing:
             models.enable_gradient_checkpointing(model)
         return model
@@ -170,18 +176,23 @@ def setup_worker(spec: WorkerSpec) -> _Worker:
             model.compile()
         # the module DDP wraps scores inside its forward: gradient sync covers the (chunked) head too
         model = parallel.distribute(LogpsModel(model), "ddp", device, bf16=bf16)
+    if reference_adapters and adapters:  # the reference starts as the trained adapters do: the base itself
+        pairs = models.reference_adapter_pairs(core_model(model))
+        mix_into([(reference, trained) for _, reference, trained in pairs], 1.0)
     # fused: one kernel over all parameters, on CPU and CUDA alike (torch >= 2.4); FSDP's sharded (DTensor)
     # parameters take the foreach implementation
     trained = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
     optimizer = torch.optim.AdamW(trained, lr=spec.lr, weight_decay=t.weight_decay, fused=t.strategy == "ddp")
     schedule = functools.partial(lr_factor, warmup=t.warmup_steps, total=spec.total_steps, min_ratio=t.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    task = TASKS[spec.task](spec, model, device, state.get("task", {}))
     if resume is not None:  # after distributing: optimizer state lands on the parameters' devices and shards
         if sharded:  # this rank reads its own shard files, straight from storage
-            parallel.load_sharded(storage.as_checkpoint(resume), model, optimizer, scheduler)
+            parallel.load_sharded(storage.as_checkpoint(resume), model, optimizer, scheduler, extra=task.tensors())
         else:
             with storage.local_directory(resume) as directory:
                 optimizer_state, _ = load_training_state(directory)
+                _load_task_tensors(directory, task)
             optimizer.load_state_dict(optimizer_state["optimizer"])
             scheduler.load_state_dict(optimizer_state["scheduler"])
     known = set()
@@ -196,13 +207,30 @@ def setup_worker(spec: WorkerSpec) -> _Worker:
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
-        task=TASKS[spec.task](spec, model, device),
+        task=task,
         autocast=functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16),
         state=state,
         encoding_files=encoding_files,
         run_path=run_path,
         known_checkpoints=known,
     )
+
+
+def _load_task_tensors(directory: str, task: Task) -> None:
+    """A DDP checkpoint's task tensors (TR-DPO's reference) back into the task's own, in place."""
+    tensors = task.tensors()
+    if not tensors:
+        return
+    path = Path(directory) / layout.REFERENCE_FILE
+    if not path.is_file():
+        raise UserError(
+            f"train: checkpoint {directory} has no {layout.REFERENCE_FILE}: it was written without "
+            "dpo.sync_ref_model=true; resume it with the settings it was written with (or start a new train.run_name)"
+        )
+    saved = load_file(str(path))
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            tensor.copy_(saved[name])
 
 
 def with_lora(model: nn.Module, m: ModelSettings, seed: int) -> nn.Module:
@@ -230,9 +258,11 @@ def train_step(w: _Worker, batches: list[dict[str, Tensor]]) -> tuple[list[float
     task, model, accum = w.task, w.model, len(batches)
     global_count = all_reduce_sum(torch.tensor(float(sum(map(task.count, batches)))), w.device).item()
     sums = torch.zeros(len(task.metric_names) + 1, dtype=torch.float64)
+    with w.autocast():
+        contexts = task.prepare(batches)  # statistics of the whole global batch, for the losses that read them
     for i, batch in enumerate(batches):
         with parallel.gradient_sync(model, i == accum - 1), w.autocast():
-            loss_sum, metric_sums, _, tokens = task.score(batch, True)
+            loss_sum, metric_sums, _, tokens = task.score(batch, True, contexts[i])
             (loss_sum * w.world / global_count).backward()
         sums += torch.tensor([*(metric_sums[k].item() for k in task.metric_names), tokens], dtype=torch.float64)
     grad_norm = parallel.grad_norm(model, w.spec.config.train.grad_clip)
@@ -277,6 +307,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
             w.optimizer.step()
             w.scheduler.step()
             w.optimizer.zero_grad(set_to_none=True)
+            w.task.after_step(step + 1)  # TR-DPO: the reference follows the policy every tau steps
             state.update(step=step + 1, epoch_step=state["epoch_step"] + 1)
             p = spec.metric_prefix
             fresh = {f"{p}/{k}": sums[i] / count for i, k in enumerate(w.task.metric_names)}
@@ -318,7 +349,7 @@ def validation_metrics(w: _Worker, shard: Shard) -> dict[str, float]:
     sums = torch.zeros(len(task.metric_names) + 1, dtype=torch.float64)
     with torch.no_grad(), w.autocast():
         for batch in micro_batches(shard, w.spec.micro_batch, task.collate, drop_last=False):
-            _, metric_sums, count, _ = task.score(batch, False)
+            _, metric_sums, count, _ = task.score(batch, False, None)
             sums += torch.tensor([*(metric_sums[k].item() for k in task.metric_names), count], dtype=torch.float64)
     module.train()
     *totals, count = all_reduce_sum(sums, w.device).tolist()
@@ -338,13 +369,16 @@ def save_checkpoint(w: _Worker, metrics: dict[str, float]) -> None:
         ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
         return
     directory = Path(tempfile.mkdtemp(prefix="ray-dpo-ckpt-"))
-    state = {**w.state, "seed": w.spec.config.train.seed}
+    state = {**w.state, "task": w.task.state(), "seed": w.spec.config.train.seed}
     core = core_model(w.model)
     base = storage.checkpoint_uri(w.spec.init_checkpoint)  # LoRA: adapters point at the staged base
+    tensors = w.task.tensors()  # TR-DPO's moving reference: a resume must continue from it, not the original
     if sharded:  # every rank its shard; no rank gathers the whole model (readers load shards: models.load)
-        parallel.save_sharded(directory, w.model, w.optimizer, w.scheduler)
+        parallel.save_sharded(directory, w.model, w.optimizer, w.scheduler, extra=tensors)
         last = w.state["step"] == w.spec.total_steps
-        adapters = parallel.full_adapters(w.model) if last and is_peft(core) else None  # small: gathered whole
+        # small: gathered whole; the policy's adapters only (TR-DPO's reference adapters are in the shards)
+        adapters = parallel.full_adapters(w.model) if last and is_peft(core) else None
+        adapters = models.without_reference_adapter(adapters) if adapters is not None else None
         if w.rank == 0:
             models.save_config(directory, core)
             if adapters is not None:  # the last checkpoint of LoRA training: the adapters on their staged base
@@ -354,6 +388,8 @@ def save_checkpoint(w: _Worker, metrics: dict[str, float]) -> None:
         models.save(directory, core, base=base)
         payload = {"optimizer": w.optimizer.state_dict(), "scheduler": w.scheduler.state_dict()}
         save_training_state(directory, payload, state)
+        if tensors:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, directory / layout.REFERENCE_FILE)
     if w.rank == 0:
         for file_name, content in w.encoding_files.items():
             (directory / file_name).write_bytes(content)

@@ -83,20 +83,30 @@ def grad_norm(model: nn.Module, clip: float) -> float:
     return (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
 
 
-def save_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
-    """Every rank: its shard of model and optimizer state; the LR schedule as JSON (no pickle)."""
+def save_sharded(
+    directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, extra: dict | None = None
+) -> None:
+    """Every rank: its shard of model and optimizer state, and of `extra` (a task's own tensors: TR-DPO's
+    reference); the LR schedule as JSON (no pickle)."""
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(directory))
+    state = {"model": model_state, "optimizer": optimizer_state, **({"task": extra} if extra else {})}
+    dcp.save(state, checkpoint_id=str(directory))
     (directory / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict()))
 
 
-def load_sharded(checkpoint: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+def load_sharded(
+    checkpoint: Checkpoint,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    extra: dict | None = None,
+) -> None:
     """Every rank: its shard of model and optimizer state, read from the checkpoint in storage (only the files its
-    read plan needs are fetched), and the LR schedule."""
+    read plan needs are fetched), `extra`'s tensors in place, and the LR schedule."""
     from ray_dpo.stages.storage import small_files
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state}
+    state = {"model": model_state, "optimizer": optimizer_state, **({"task": extra} if extra else {})}
     with planned_reader(checkpoint) as reader:
         dcp.load(state, storage_reader=reader)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
