@@ -36,7 +36,7 @@ from common import cpu_model, print_table, setup, write_json  # noqa: E402
 
 from ray_dpo.core.dpo import token_logps
 from ray_dpo.core.logps import scored_logps, scoring_path  # noqa: E402
-from ray_dpo.core.losses import dpo_loss  # noqa: E402
+from ray_dpo.core.losses import LossSpec, PairLogps, preference_loss  # noqa: E402
 from ray_dpo.core.model import ModelConfig, TransformerLM  # noqa: E402
 from ray_dpo.core.pairs import reduce_logps
 
@@ -92,7 +92,9 @@ def dpo_step(policy, reference, optimizer, seqs, scored, *, variant: str, chunk_
         with torch.no_grad():
             ref_logps = reduce_logps(logps(reference), scored)
         half = seqs.shape[0] // 2
-        loss, _ = dpo_loss(policy_logps[:half], policy_logps[half:], ref_logps[:half], ref_logps[half:], beta=0.1)
+        counts = scored.sum(-1)
+        pairs = [(x[:half], x[half:]) for x in (policy_logps, counts, ref_logps)]
+        loss = preference_loss(LossSpec(beta=0.1), PairLogps(*(t for pair in pairs for t in pair))).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -137,6 +137,40 @@ def test_lora_trains_adapters_only_and_its_reference_is_the_base(hf_dirs):
     assert base_params == policy_params, "the reference holds no copy of the base weights"
 
 
+def test_tr_dpo_with_lora_syncs_a_reference_adapter_set_on_the_same_base(hf_dirs):
+    """TR-DPO with LoRA: the reference is a second adapter set ("reference"), scored by switching the active adapter
+    (the trained adapters keep requires_grad), synced from the trained one in float64: alpha * trained +
+    (1 - alpha) * reference; it starts as the base itself."""
+    from ray_dpo.core.dpo import mix_into
+    from ray_dpo.stages import models
+
+    base = _load(hf_dirs["qwen2"], torch.float64)
+    peft = add_lora(base, r=4, alpha=8.0, dropout=0.0, target_modules="all-linear", seed=0)
+    models.add_reference_adapter(peft)
+    trainable = {n for n, p in peft.named_parameters() if p.requires_grad}
+    assert trainable and all(".default." in n for n in trainable), "the reference adapters are frozen"
+    policy, reference = LogpsModel(peft), LogpsModel(peft, adapter=models.REFERENCE_ADAPTER)
+    base_only = LogpsModel(peft, adapters_disabled=True)
+    batch = _pairs(400)
+    score = lambda m: DPO(m, reference="none").batch_pairs(batch).chosen.detach()
+    torch.testing.assert_close(score(reference), score(base_only), atol=1e-12, rtol=0)  # B = 0 in both sets
+    with torch.no_grad():  # the trained adapters move
+        for name, param in peft.named_parameters():
+            if ".default." in name:
+                param.add_(0.05 * torch.randn_like(param))
+    pairs = models.reference_adapter_pairs(peft)
+    before = {name: ref.detach().clone() for name, ref, _ in pairs}
+    mix_into([(ref, trained) for _, ref, trained in pairs], 0.25)
+    for name, ref, trained in pairs:
+        torch.testing.assert_close(ref, 0.25 * trained + 0.75 * before[name], atol=1e-15, rtol=0, msg=name)
+    assert {n for n, p in peft.named_parameters() if p.requires_grad} == trainable, "switching left grads alone"
+    assert peft.active_adapter == models.TRAINED_ADAPTER
+    assert (score(reference) - score(policy)).abs().max() > 1e-4, "the reference runs its own adapters"
+    mix_into([(ref, trained) for _, ref, trained in pairs], 1.0)  # a hard copy: the reference is the policy now
+    torch.testing.assert_close(score(reference), score(policy), atol=1e-12, rtol=0)
+    assert (score(policy) - score(base_only)).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_chat_template_rendering_and_truncation(hf_dirs, arch):
     tokenizer = PretrainedTokenizer(hf_dirs[arch])

@@ -51,3 +51,16 @@ def test_actor_pool_reference_logps_equal_direct(ray_session, tmp_path):
     np.testing.assert_allclose(
         [r["ref_chosen_logp"] for r in again.take_all()], [r["ref_chosen_logp"] for r in out], rtol=1e-5, atol=1e-5
     )
+
+
+def test_a_loss_without_a_reference_runs_no_reference_pass():
+    """`dpo.reference=precomputed` with reference-free losses: the stage hands the data on untouched (no actor pool,
+    no Ray: nothing here could run one)."""
+    from types import SimpleNamespace
+
+    from ray_dpo.config import load_config
+    from ray_dpo.recipe.stages import Data, with_reference_logps
+
+    config = load_config(None, ["dpo.reference=precomputed", "dpo.loss_type=[simpo, sft]"])
+    data = Data(train=object(), val=object())
+    assert with_reference_logps(SimpleNamespace(config=config), data, None) is data

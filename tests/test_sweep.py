@@ -50,6 +50,15 @@ def _small_sweep(tmp_path: Path, *overrides: str):
         (["tune.search_space={dpo.beta: {grid: [fast]}}"], "dpo.beta must be float"),
         (["tune.metric=eval/kl_seq"], "tune.scheduler=asha needs a metric reported during training"),
         (["tune.name=../x"], "tune.name must be a plain directory name"),
+        (["tune.search_space={dpo.loss_type: {grid: [ipo, [sigmoid, kto]]}}"], "dpo.loss_type must be one of"),
+        (
+            ["tune.search_space={dpo.loss_type: {grid: [ipo, aot]}}", "dpo.f_divergence_type=js_divergence"],
+            "tune.search_space.dpo.loss_type='aot': dpo.f_divergence_type='js_divergence' applies to",
+        ),
+        (
+            ["tune.search_alg=optuna", "tune.search_space={dpo.loss_type: {choice: [ipo, [sigmoid, sft]]}}"],
+            "tune.search_space.dpo.loss_type has a list among its choices",
+        ),
     ],
 )
 def test_bad_sweep_settings_fail_before_anything_runs(tmp_path, overrides, message, capsys):
@@ -181,3 +190,28 @@ def test_optuna_search_with_asha_retries_a_failed_trial(ray_session, mlflow_uri,
         run_sweep(
             override(config, {"tune.search_space": {"train.lr": {"grid": [1e-3, 1e-2]}}}), tracking_uri=mlflow_uri
         )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_sweep_compares_loss_types_lists_included(ray_session, mlflow_uri, tmp_path):
+    """`dpo.loss_type` as a searched key, a combination among the values: every trial trains its loss; the table, the
+    plots' labels and the best config show a list as the command line writes it."""
+    from ray_dpo.recipe.sweep import _label
+
+    config = _small_sweep(tmp_path, "tune.scheduler=fifo", "tune.num_samples=1", "tune.name=losses")
+    space = {"dpo.loss_type": {"grid": ["ipo", ["sigmoid", "sft"]]}}
+    result = run_sweep(override(config, {"tune.search_space": space}), tracking_uri=mlflow_uri)
+
+    table = result.table
+    assert result.status_counts["completed"] == 2, table.to_string()
+    assert sorted(map(str, table["dpo.loss_type"])) == ["['sigmoid', 'sft']", "ipo"]
+    assert table["val/loss"].notna().all() and table["val/loss"].nunique() == 2, "each trial trained its own loss"
+    csv = result.table_path.read_text()
+    assert ",[sigmoid, sft]," in csv and ",ipo," in csv, csv
+    labels = {_label(row, result.searched) for _, row in table.iterrows()}
+    assert labels == {"loss_type=ipo", "loss_type=[sigmoid, sft]"}
+    assert (result.sweep_dir / "plots" / "val_curves.png").is_file()
+    best = load_config(result.best_config_path)
+    assert best.dpo.loss_type in ("ipo", ["sigmoid", "sft"])
+    assert best.dpo.loss_type == table.loc[table["trial_id"] == result.best_trial_id, "dpo.loss_type"].iloc[0]

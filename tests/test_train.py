@@ -3,6 +3,7 @@ Real local Ray (2 CPUs)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import subprocess
@@ -13,11 +14,15 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from ray_dpo.config import load_config
 from ray_dpo.core import checkpoint as layout
 from ray_dpo.core.checkpoint import load_training_state, save_model
+from ray_dpo.core.dpo import DPO
+from ray_dpo.core.logps import LogpsModel
 from ray_dpo.core.model import TransformerLM
+from ray_dpo.core.pairs import score_batch
 from ray_dpo.core.tokenizer import ByteTokenizer
 from ray_dpo.stages import models
 from ray_dpo.stages.storage import local_directory
@@ -290,15 +295,16 @@ TR_DPO = ["dpo.sync_ref_model=true", "dpo.ref_model_mixup_alpha=0.5", "dpo.ref_m
         ("tr-dpo-lora-fsdp", TR_DPO, "fsdp", True),
     ],
 )
-def test_global_batch_losses_and_tr_dpo_two_workers_equal_one_worker_with_accumulation(
+def test_global_batch_losses_and_tr_dpo_two_accumulating_workers_equal_one_worker_with_the_whole_batch(
     ray_session, tmp_path, init_checkpoint, monkeypatch, request, case, overrides, strategy, fail
 ):
-    """2 workers, each half of every global batch, against 1 worker accumulating 2 micro-batches: the same weights
-    after 4 steps. aot sorts and bco_pair's shift averages the WHOLE global batch (every rank, every micro-batch);
-    sft's token mean counts its tokens. TR-DPO: every 2 steps the reference becomes 0.5 * policy + 0.5 * reference,
-    checked against the policies of the step-2 and step-4 checkpoints, under DDP, FSDP (shard by shard) and LoRA
-    (the reference adapter set). `fail`: rank 1 dies right after the step-2 checkpoint; the resumed group continues
-    bco_pair's running mean and the synced reference from it. Metrics stay in range under accumulation."""
+    """2 workers accumulating 2 micro-batches of 2 pairs each, against 1 worker with the whole batch of 8 in one
+    micro-batch: the same weights after 4 steps. aot sorts and bco_pair's shift averages the WHOLE global batch (every
+    rank, every micro-batch); sft's token mean counts its tokens. TR-DPO: every 2 steps the reference becomes
+    0.5 * policy + 0.5 * reference, checked against the policies of the step-2 and step-4 checkpoints, under DDP, FSDP
+    (shard by shard) and LoRA (the reference adapter set). `fail`: rank 1 dies right after the step-2 checkpoint; the
+    resumed group continues bco_pair's running mean and the synced reference from it. Metrics stay in range under
+    accumulation."""
     lora = "lora" in case
     model_args, init = [], init_checkpoint
     if lora:
@@ -308,12 +314,13 @@ def test_global_batch_losses_and_tr_dpo_two_workers_equal_one_worker_with_accumu
     val_ds = ray_session.data.from_items(_pairs(5, seed=2))
     common = dict(init_checkpoint=init, reference_checkpoint=init, pad_id=PAD)
     settings = [*model_args, *overrides, "train.max_steps=4", "train.epochs=2"]
-    one = _config(tmp_path, *settings, "train.num_workers=1", "train.grad_accum=2", "train.run_name=one")
+    one = _config(tmp_path, *settings, "train.num_workers=1", "train.grad_accum=1", "train.run_name=one")
     single = fit(one, train_ds, val_ds, **common)
     marker = tmp_path / "failed-once"
     if fail:
         monkeypatch.setenv(FAIL_ENV, f"2:1:{marker}")
-    two = _config(tmp_path, *settings, "train.num_workers=2", f"train.strategy={strategy}", "train.run_name=two")
+    split = ["train.num_workers=2", "train.grad_accum=2", f"train.strategy={strategy}", "train.run_name=two"]
+    two = _config(tmp_path, *settings, *split)
     multi = fit(two, train_ds, val_ds, **common)
     assert single.steps == multi.steps == 4
     if fail:
@@ -357,3 +364,67 @@ def test_global_batch_losses_and_tr_dpo_two_workers_equal_one_worker_with_accumu
         multi_reference = load_file(str(final / layout.REFERENCE_FILE))
     for k, ref in reference[4].items():
         torch.testing.assert_close(multi_reference[k], ref, atol=1e-4 if "lora_A" in k else 1e-5, rtol=0, msg=k)
+
+
+def _worker_spec(config, checkpoint):
+    from ray.train import Checkpoint
+
+    from ray_dpo.stages.train.spec import WorkerSpec
+
+    where = Checkpoint(path=str(checkpoint))
+    return WorkerSpec(
+        task="dpo",
+        config=config,
+        init_checkpoint=where,
+        reference_checkpoint=where,
+        micro_batch=4,
+        steps_per_epoch=1,
+        total_steps=1,
+        lr=1e-3,
+        pad_id=PAD,
+        metric_prefix="train",
+        val_prefix="val",
+        perf_key="perf/tokens_per_s",
+    )
+
+
+def _rows(pairs: list[dict]) -> dict[str, np.ndarray]:
+    column = lambda k: np.array([np.asarray(p[k], dtype=np.int32) for p in pairs] + [None], dtype=object)[:-1]
+    return {k: column(k) for k in ("prompt", "chosen", "rejected")}
+
+
+@pytest.mark.parametrize("losses", [["simpo", "sft"], ["aot"], ["sigmoid", "bco_pair"]])
+def test_a_worker_task_splits_a_step_into_micro_batches_with_the_whole_batchs_statistics(tmp_path, losses):
+    """One process, no Ray: the DPO task's micro-batches, each with its rows of the step's statistics (`prepare`),
+    sum to the loss of the whole batch through the torch API; sft's token mean needs only the token counts, and a
+    reference-free loss loads no reference (the checkpoint named for it does not exist)."""
+    from ray_dpo.stages.train.tasks import dpo_task
+
+    torch.manual_seed(0)
+    extra = ["dpo.bco_reward_shift=true"] if "bco_pair" in losses else []
+    config = _config(tmp_path, f"dpo.loss_type=[{', '.join(losses)}]", *extra)
+    policy = TransformerLM(config.model.transformer_config()).double()
+    reference_dir = save_model(tmp_path / "reference", copy.deepcopy(policy).float(), ByteTokenizer())
+    with torch.no_grad():  # the policy moved away from the reference
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    free = not config.dpo.uses_reference
+    spec = _worker_spec(config, tmp_path / "no-such-reference" if free else reference_dir)
+    task = dpo_task(spec, LogpsModel(policy), torch.device("cpu"), {})
+    batches = [task.collate(_rows(_pairs(4, seed=s))) for s in (1, 2)]
+    with torch.autocast("cpu", enabled=False):
+        contexts = task.prepare(batches)
+        loss = sum(task.score(b, True, c)[0] for b, c in zip(batches, contexts, strict=True)) / 8
+    whole = {k: torch.cat([b[k] for b in batches]) if k.endswith("len") else None for k in batches[0]}
+    width = max(b["chosen"].shape[1] for b in batches)
+    for side in ("chosen", "rejected"):
+        whole[side] = torch.cat([nn.functional.pad(b[side], (0, width - b[side].shape[1]), value=PAD) for b in batches])
+    if not free:  # the reference as the task scores it: fp32, micro-batch by micro-batch
+        reference = LogpsModel(models.load(str(reference_dir)))
+        with torch.no_grad():
+            sums = [score_batch(reference, b, pad_id=PAD).sequence("sum") for b in batches]
+        whole["ref_chosen_logp"], whole["ref_rejected_logp"] = (torch.cat(s) for s in zip(*sums, strict=True))
+    dpo = DPO(policy, reference="precomputed", pad_id=PAD, **config.dpo.loss_options())
+    torch.testing.assert_close(loss, dpo.batch_loss(whole)[0], atol=1e-12, rtol=0)
+    if "bco_pair" in losses:
+        assert task.state()["bco_running"]["count"] == 1, "one optimizer step: the running mean moved once"

@@ -176,8 +176,8 @@ class DPO(nn.Module):
             prefix_sharing=self.prefix_sharing,
             pad_id=self._pad,
         )
-        reference = self._reference(score, ref_chosen_logps, ref_rejected_logps)
-        out = self.loss(pair_logps(score(self.policy_model), reference))
+        policy = score(self.policy_model)  # the policy first: under FSDP its root forward gathers the shared weights
+        out = self.loss(pair_logps(policy, self._reference(score, ref_chosen_logps, ref_rejected_logps)))
         return (out.loss, out.metrics) if return_metrics else out.loss
 
     # --- the pieces a trainer composes: scoring, the reference, the loss (with global-batch statistics) -------------
@@ -193,14 +193,10 @@ class DPO(nn.Module):
         """The loss's inputs for a training batch: the policy scored (with gradients when enabled), the reference's
         log-probs given, else scored (live), read from the batch (precomputed) or None (not needed)."""
         score = self._batch_scorer(batch)
+        policy = score(self.policy_model)  # the policy first: under FSDP its root forward gathers the shared weights
         if reference is None:
             reference = self._reference(score, batch.get("ref_chosen_logp"), batch.get("ref_rejected_logp"))
-        return pair_logps(score(self.policy_model), reference)
-
-    def batch_reference(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor] | None:
-        """The reference's summed log-probs of a training batch's responses, or None when the loss needs none."""
-        score = self._batch_scorer(batch)
-        return self._reference(score, batch.get("ref_chosen_logp"), batch.get("ref_rejected_logp"))
+        return pair_logps(policy, reference)
 
     def loss(self, pairs: PairLogps, stats: BatchStats | None = None) -> LossOutput:
         out = preference_loss(self.spec, pairs, stats)

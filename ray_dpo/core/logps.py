@@ -283,16 +283,20 @@ class LogpsModel(nn.Module):
 
 @contextlib.contextmanager
 def active_adapter(model: nn.Module, name: str):
-    """Run a PEFT model with its adapter set `name` instead of the active one. Through peft's `set_adapter` with
-    inference_mode: `name` stays frozen, and switching back leaves the trained adapters trainable as before."""
-    from peft.tuners.tuners_utils import set_adapter
+    """Run a PEFT model with its adapter set `name` instead of the active one, switching each LoRA layer's active
+    adapter and nothing else. Not peft's `set_adapter`: it also flips the adapters' requires_grad, and FSDP2 keeps
+    the requires_grad its unsharded parameters had at their first all-gather."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    trained = model.active_adapter
-    set_adapter(model, name, inference_mode=True)
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    active = [layer._active_adapter for layer in layers]
+    for layer in layers:
+        layer._active_adapter = name
     try:
         yield
     finally:
-        set_adapter(model, trained)
+        for layer, previous in zip(layers, active, strict=True):
+            layer._active_adapter = previous
 
 
 def core_model(model: nn.Module) -> nn.Module:

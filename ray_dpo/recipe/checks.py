@@ -377,16 +377,16 @@ def check_sweep(c: Config) -> None:
     if t.num_samples < 1 or t.max_concurrent_trials < 1:
         raise ConfigError("config: tune.num_samples and tune.max_concurrent_trials must be >= 1")
     if t.search_alg == "optuna":
-        grids = [k for k, spec in t.search_space.items() if "grid" in spec]
-        if grids:
-            raise ConfigError(
-                f"config: tune.search_alg=optuna samples: tune.search_space.{grids[0]} is a grid, use choice"
-            )
         lists = [k for k, spec in t.search_space.items() if any(isinstance(v, list) for v in next(iter(spec.values())))]
         if lists:  # Optuna's categorical choices are scalars
             raise ConfigError(
                 f"config: tune.search_alg=optuna: tune.search_space.{lists[0]} has a list among its choices; "
                 "Optuna chooses among scalars (use tune.search_alg=random)"
+            )
+        grids = [k for k, spec in t.search_space.items() if "grid" in spec]
+        if grids:
+            raise ConfigError(
+                f"config: tune.search_alg=optuna samples: tune.search_space.{grids[0]} is a grid, use choice"
             )
         try:
             import optuna  # noqa: F401

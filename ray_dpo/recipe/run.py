@@ -176,11 +176,12 @@ def open_run(
 def _source_tags(kind: RunKind, config: Config) -> dict[str, str]:
     """Where the run came from, as the MLflow UI shows it: the command, the git commit when there is one, a note."""
     model = config.model.hf_path or f"{config.model.dim}x{config.model.depth} TransformerLM"
+    loss = config.dpo.loss_type if isinstance(config.dpo.loss_type, str) else " + ".join(config.dpo.loss_type)
     tags = {
         "mlflow.source.name": " ".join(sys.argv) or "python",
         "mlflow.source.type": "JOB" if os.environ.get("RAY_JOB_ID") else "LOCAL",
         "mlflow.note.content": (
-            f"ray-dpo {kind}: DPO ({config.dpo.loss_type}, beta={config.dpo.beta}) of {model} on "
+            f"ray-dpo {kind}: DPO ({loss}, beta={config.dpo.beta}) of {model} on "
             f"{config.data.train_path or config.data.synthetic}, {config.train.num_workers} "
             f"{config.train.strategy.upper()} workers"
         ),

@@ -78,6 +78,15 @@ def gradient_sync(model: nn.Module, sync: bool):
     return contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync()
 
 
+def reshard(model: nn.Module) -> None:
+    """Make FSDP's shards the parameters again. FSDP2 keeps a root's parameters gathered after a forward that no
+    backward follows (a frozen reference): before its shards are written in place, the gathered copy must go, or the
+    next forward would run on it."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def grad_norm(model: nn.Module, clip: float) -> float:
     norm = nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
     return (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()

@@ -99,22 +99,23 @@ def dpo_task(spec: WorkerSpec, model: nn.Module, device: torch.device, resumed: 
     synced = synced_tensors(model, reference) if d.sync_ref_model else {}
 
     def prepare(batches: list[Batch]) -> list[tuple[BatchStats, tuple[Tensor, Tensor] | None] | None]:
-        """The global batch's statistics, each micro-batch's rows of them, and its reference log-probs (scored here
-        once, for the loss pass to reuse). A no-grad pass over this rank's micro-batches, gathered over ranks."""
+        """The global batch's statistics, each micro-batch's rows of them, and its reference log-probs when scored
+        here (for the loss pass to reuse). A no-grad pass over this rank's micro-batches, gathered over ranks."""
         if not loss_spec.needs_batch_stats:
             return [None] * len(batches)
         parts, references = [], []
         with torch.no_grad():
             for batch in batches:
                 batch = {k: v.to(device) for k, v in batch.items()}
-                ref = val_dpo.batch_reference(batch)
                 if loss_spec.needs_policy_scores:
-                    parts.append(val_dpo.batch_pairs(batch, reference=ref))
+                    pairs = val_dpo.batch_pairs(batch)
+                    parts.append(pairs)
+                    references.append(None if pairs.ref_chosen is None else (pairs.ref_chosen, pairs.ref_rejected))
                 else:  # sft's token mean: the token counts are all it reads
                     chosen, rejected = scored_counts(batch)
                     zeros = torch.zeros(len(chosen), dtype=torch.float32, device=device)
                     parts.append(PairLogps(zeros, zeros, chosen, rejected))
-                references.append(ref)
+                    references.append(None)
         everything, start = gather_pairs(PairLogps.cat(parts))  # on the device: NCCL rejects CPU tensors
         stats = batch_stats(loss_spec, everything, running)  # once per optimizer step: the running mean moves
         contexts = []
@@ -145,6 +146,9 @@ def dpo_task(spec: WorkerSpec, model: nn.Module, device: torch.device, resumed: 
 
     def after_step(step: int) -> None:
         if d.sync_ref_model and step % d.ref_model_sync_steps == 0:
+            parallel.reshard(model)  # under FSDP: the shards are what is mixed, and what the next forward gathers
+            if reference is not None:
+                pass  # MUTATION
             mix_into(list(synced.values()), d.ref_model_mixup_alpha)
 
     return Task(
