@@ -4,11 +4,11 @@ keys. `dpo.reference=precomputed` (the reference pool's real output) gives the l
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 from pathlib import Path
 
 import pytest
+from conftest import pipeline_main
 
 from ray_dpo.config import load_config
 from ray_dpo.recipe.checks import refused_combination
@@ -56,13 +56,6 @@ def test_the_rows_cover_every_pair_of_switch_values():
         assert not missing, f"{a} x {b}: {sorted(missing, key=str)}"
 
 
-def _align_main():
-    spec = importlib.util.spec_from_file_location("align_pipeline", ROOT / "pipelines" / "align.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory) -> dict[str, str]:
     """The demo task's pairs as files (no SFT set: each row is one DPO run)."""
@@ -106,7 +99,7 @@ def test_each_combination_trains_one_step_or_is_refused_at_start(ray_session, hf
     """One step through `pipelines/align.py` (in-process, on the shared Ray): exit 0 with a checkpoint, or exit 2
     with `error: config: ...` naming the keys and nothing written. A precomputed reference's step-1 loss equals
     the live reference's."""
-    main = _align_main()
+    main = pipeline_main("align")
     out = tmp_path / "out"
     argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), *_overrides(row, hf_model, pairs, out)]
     config = load_config(argv[1], argv[2:])
