@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import importlib.util
 import os
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import pipeline_main
 
 from ray_dpo.config import Config, ConfigError, ModelSettings, load_config, override
 from ray_dpo.core import checkpoint as layout
@@ -25,13 +25,6 @@ from ray_dpo.stages import models, tracking
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
-
-
-def _align_main():
-    spec = importlib.util.spec_from_file_location("align_pipeline", ROOT / "pipelines" / "align.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -103,7 +96,7 @@ def test_every_check_runs_before_ray_and_writes_nothing(tmp_path, capsys, monkey
     started = ray.is_initialized()
     out = tmp_path / "out"
     argv = ["--config", str(TINY), f"output_dir={out}", f"train.storage_path={out}/ray", *overrides]
-    assert _align_main()(argv) == 2
+    assert pipeline_main("align")(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: config: ") and err.count("\n") == 1 and key in err, err
     assert not out.exists() and ray.is_initialized() == started
