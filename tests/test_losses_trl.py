@@ -1,10 +1,11 @@
 """`ray_dpo.core.losses` against TRL's own DPO loss code, on the same model outputs: values, gradients and metrics.
 
 TRL 1.x has no standalone loss function: `DPOTrainer._compute_loss` runs here on a stub holding only the attributes it
-reads, with TRL's own `DPOConfig` and preference collator. The policy and the reference are tiny random Qwen2 models
-in float64. TRL asks them for per-token log-probs through its fused LM head (`model(..., labels, fused_lm_head=True)`);
-`ExactLogProbs` answers that call in float64, because TRL's own head accumulates in float32, and a 1e-6 float64
-comparison would measure that rounding instead of the loss. Our side scores the same models with a plain forward.
+reads, with TRL's own `DPOConfig` and preference collator. The policy and the reference are random float64 logits of
+the batch's positions (`LogitsTable`): the gradients compared are those of the loss w.r.t. the model's outputs. TRL asks
+for per-token log-probs through its fused LM head (`model(..., labels, fused_lm_head=True)`); `ExactLogProbs` answers
+that call in float64, because TRL's own head accumulates in float32, and a 1e-6 float64 comparison would measure that
+rounding instead of the loss. Our side scores the same logits as the trainer does: summed response log-probs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import torch
 from torch import Tensor, nn
 
 trl = pytest.importorskip("trl", reason="the check against TRL's own loss code needs TRL (the dev extra installs it)")
-transformers = pytest.importorskip("transformers", reason="TRL's check drives tiny Hugging Face models")
 
 from trl import DPOConfig  # noqa: E402
 from trl.trainer.dpo_trainer import DataCollatorForPreference, DPOTrainer  # noqa: E402
@@ -35,7 +35,9 @@ from ray_dpo.core.losses import (  # noqa: E402
 )
 
 PAD = 0
+VOCAB = 61
 TOL = 1e-6
+SPREAD, NEAR = 2.5, 0.7  # logit scales: log-ratios of up to ~15 nats, or within ~6
 TRL_METRICS = (
     "rewards/chosen",
     "rewards/rejected",
@@ -46,22 +48,28 @@ TRL_METRICS = (
 )
 
 
+class LogitsTable(nn.Module):
+    """A causal LM reduced to its outputs: one learnable logit vector per position of the test batch. The loss and
+    its gradients see exactly what they see from a real model's logits, without a transformer's forward and backward
+    in every comparison."""
+
+    def __init__(self, rows: int, columns: int, scale: float, seed: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.logits = nn.Parameter(scale * torch.randn(rows, columns, VOCAB, generator=g, dtype=torch.float64))
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, use_cache: bool = False):
+        assert input_ids.shape == self.logits.shape[:2], "a table answers only the batch it was made for"
+        return SimpleNamespace(logits=self.logits)
+
+
 @functools.cache  # read-only here: both sides take gradients with autograd.grad, nothing accumulates in .grad
-def tiny_qwen2(seed: int, init: float = 0.3) -> nn.Module:
-    """init 0.3: spread-out logits, so policy/reference log-ratios of up to ~15 nats and losses in their nonlinear
-    range; 0.1 keeps them within ~6 nats."""
-    torch.manual_seed(seed)
-    config = transformers.Qwen2Config(
-        vocab_size=61,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=init,
-        pad_token_id=PAD,
-    )
-    return transformers.Qwen2ForCausalLM(config).to(torch.float64)
+def policy_and_reference(scale: float) -> tuple[LogitsTable, LogitsTable]:
+    """Policy and reference for `preference_batch()`, logits of std `scale`: SPREAD puts the losses in their nonlinear
+    range, NEAR keeps forward_kl's exp(-log-ratio) scores finite in TRL's forms."""
+    rows, columns = preference_batch()["input_ids"].shape
+    policy, reference = (LogitsTable(rows, columns, scale, seed) for seed in (1, 2))
+    return policy, reference.requires_grad_(False)
 
 
 class ExactLogProbs(nn.Module):
@@ -118,12 +126,13 @@ class TRLLoss:
         self._tp_size = 1
 
 
+@functools.cache  # read-only
 def preference_batch(seed: int = 0, pairs: int = 6) -> dict[str, Tensor]:
     """TRL's collator on random pairs: prompts of 2-5 tokens, responses of 1-7 (token 0 is padding)."""
     g = torch.Generator().manual_seed(seed)
     randint = lambda lo, hi, n: torch.randint(lo, hi, (n,), generator=g).tolist()
     examples = [
-        {"prompt_ids": randint(1, 61, p), "chosen_ids": randint(1, 61, c), "rejected_ids": randint(1, 61, r)}
+        {"prompt_ids": randint(1, VOCAB, p), "chosen_ids": randint(1, VOCAB, c), "rejected_ids": randint(1, VOCAB, r)}
         for p, c, r in zip(randint(2, 6, pairs), randint(1, 8, pairs), randint(1, 8, pairs), strict=True)
     ]
     return DataCollatorForPreference(pad_token_id=PAD)(examples)
@@ -152,10 +161,10 @@ def label_smoothing_for(loss_types: list[str]) -> float:
 
 
 def run_both(
-    loss_types, beta, f_divergence_type="reverse_kl", loss_weights=None, alpha=0.5, dtype=torch.float64, init=0.3
+    loss_types, beta, f_divergence_type="reverse_kl", loss_weights=None, alpha=0.5, dtype=torch.float64, scale=SPREAD
 ):
     """TRL's loss and gradients, ours, and the metric differences, on one batch and one pair of models."""
-    policy, reference = tiny_qwen2(seed=1, init=init), tiny_qwen2(seed=2, init=init).requires_grad_(False)
+    policy, reference = policy_and_reference(scale)
     batch = preference_batch()
     settings = dict(
         beta=beta,
@@ -221,7 +230,7 @@ def test_f_divergences_match_trl(f_divergence_type, loss_type, beta):
     # forward_kl's scores grow as exp(-log-ratio): at 15 nats TRL's discopop is NaN (the next test), so it is
     # compared on log-ratios within ~6 nats
     check(
-        [loss_type], beta, f_divergence_type=f_divergence_type, init=0.1 if f_divergence_type == "forward_kl" else 0.3
+        [loss_type], beta, f_divergence_type=f_divergence_type, scale=NEAR if f_divergence_type == "forward_kl" else SPREAD
     )
 
 
@@ -237,7 +246,7 @@ def test_trl_forward_kl_discopop_is_nan_where_ours_is_finite():
 def test_alpha_divergence_matches_trl_in_float32(loss_type, beta):
     """TRL runs alpha_divergence only up to float32 (see the next test): compared there, at float32's precision.
     alpha = 0.3, not the default 0.5, where TRL's alpha and the paper's 1 - alpha would coincide."""
-    kwargs = dict(f_divergence_type="alpha_divergence", alpha=0.3, dtype=torch.float32, init=0.1)
+    kwargs = dict(f_divergence_type="alpha_divergence", alpha=0.3, dtype=torch.float32, scale=NEAR)
     check([loss_type], beta, tol=2e-5, **kwargs)
 
 
