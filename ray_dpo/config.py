@@ -86,9 +86,8 @@ class DPOConfig:
     loss_weights: list[float] | None = None  # one weight per dpo.loss_type entry; null: 1 each
     # label-flip rate of robust, exo_pair (its epsilon), aot and aot_unpaired; of sigmoid with sigmoid_label_smoothing
     label_smoothing: float = 0.0
-    sigmoid_label_smoothing: bool = (
-        False  # sigmoid applies label_smoothing as cDPO (ray_dpo's former sigmoid; not TRL's)
-    )
+    # sigmoid applies label_smoothing as cDPO (ray_dpo's former sigmoid; TRL's ignores it)
+    sigmoid_label_smoothing: bool = False
     f_divergence_type: FDivergenceType = "reverse_kl"  # f-DPO: the divergence the loss regularises by (reverse_kl: DPO)
     f_alpha_divergence_coef: float = 0.5  # alpha_divergence's alpha, TRL's parameterisation (1: reverse KL, 0: forward)
     discopop_tau: float = 0.05  # discopop: temperature of its logistic / exponential mix

@@ -127,10 +127,15 @@ def test_four_trial_asha_sweep_logs_nested_runs_best_config_and_frontier(ray_ses
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_interrupted_sweep_restores_without_rerunning_finished_trials(ray_session, mlflow_uri, tmp_path, monkeypatch):
+    """The searched key is the loss, a combination among its values: the restored sweep keeps the list, every trial
+    trains its own loss, and the table, the plots' labels and the best config show a list as the command line
+    writes it."""
+    from ray_dpo.recipe.sweep import _label
+
     config = _small_sweep(
         tmp_path, "tune.scheduler=fifo", "tune.num_samples=1", "train.checkpoint_every=2", "tune.max_failures=0"
     )
-    config = override(config, {"tune.search_space": {"train.lr": {"grid": [3e-3, 1e-3]}}})
+    config = override(config, {"tune.search_space": {"dpo.loss_type": {"grid": ["ipo", ["sigmoid", "sft"]]}}})
     marker = tmp_path / "failed-once"
     monkeypatch.setenv(FAIL_ENV, str(marker))  # one trial raises once; no retries: the first run ends with it errored
 
@@ -154,6 +159,18 @@ def test_interrupted_sweep_restores_without_rerunning_finished_trials(ray_sessio
     assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)  # the retry reused its run
     assert not any("ray_dpo.error" in r.data.tags for r in children)  # the failed attempt's reason went with it
     assert load_config(second.best_config_path).train.max_steps == 4
+
+    table = second.table
+    assert sorted(map(str, table["dpo.loss_type"])) == ["['sigmoid', 'sft']", "ipo"]
+    assert table["val/loss"].notna().all() and table["val/loss"].nunique() == 2, "each trial trained its own loss"
+    csv = second.table_path.read_text()
+    assert ",[sigmoid, sft]," in csv and ",ipo," in csv, csv
+    assert {_label(row, second.searched) for _, row in table.iterrows()} == {
+        "loss_type=ipo",
+        "loss_type=[sigmoid, sft]",
+    }
+    best = load_config(second.best_config_path)
+    assert best.dpo.loss_type == table.loc[table["trial_id"] == second.best_trial_id, "dpo.loss_type"].iloc[0]
 
 
 @pytest.mark.slow
@@ -182,28 +199,3 @@ def test_optuna_search_with_asha_retries_a_failed_trial(ray_session, mlflow_uri,
         run_sweep(
             override(config, {"tune.search_space": {"train.lr": {"grid": [1e-3, 1e-2]}}}), tracking_uri=mlflow_uri
         )
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_a_sweep_compares_loss_types_lists_included(ray_session, mlflow_uri, tmp_path):
-    """`dpo.loss_type` as a searched key, a combination among the values: every trial trains its loss; the table, the
-    plots' labels and the best config show a list as the command line writes it."""
-    from ray_dpo.recipe.sweep import _label
-
-    config = _small_sweep(tmp_path, "tune.scheduler=fifo", "tune.num_samples=1", "tune.name=losses")
-    space = {"dpo.loss_type": {"grid": ["ipo", ["sigmoid", "sft"]]}}
-    result = run_sweep(override(config, {"tune.search_space": space}), tracking_uri=mlflow_uri)
-
-    table = result.table
-    assert result.status_counts["completed"] == 2, table.to_string()
-    assert sorted(map(str, table["dpo.loss_type"])) == ["['sigmoid', 'sft']", "ipo"]
-    assert table["val/loss"].notna().all() and table["val/loss"].nunique() == 2, "each trial trained its own loss"
-    csv = result.table_path.read_text()
-    assert ",[sigmoid, sft]," in csv and ",ipo," in csv, csv
-    labels = {_label(row, result.searched) for _, row in table.iterrows()}
-    assert labels == {"loss_type=ipo", "loss_type=[sigmoid, sft]"}
-    assert (result.sweep_dir / "plots" / "val_curves.png").is_file()
-    best = load_config(result.best_config_path)
-    assert best.dpo.loss_type in ("ipo", ["sigmoid", "sft"])
-    assert best.dpo.loss_type == table.loc[table["trial_id"] == result.best_trial_id, "dpo.loss_type"].iloc[0]

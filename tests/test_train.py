@@ -4,6 +4,7 @@ Real local Ray (2 CPUs)."""
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import subprocess
@@ -113,21 +114,32 @@ print(took, before, faults())
     assert after * 100 < before, (before, after)
 
 
+# losses that read the global batch: aot's sorts, bco_pair's running mean reward, sft's token mean
+BATCH_STAT_LOSSES = (
+    "dpo.loss_type=[aot, bco_pair, sft]",
+    "dpo.loss_weights=[1.0, 0.5, 0.5]",
+    "dpo.bco_reward_shift=true",
+)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_ddp_two_workers_killed_after_a_checkpoint_lose_nothing(ray_session, tmp_path, init_checkpoint, monkeypatch):
-    """2 workers (grad_accum 1) vs 1 worker (grad_accum 2) on the same global batches: same weights after 6 steps
-    over 2 epochs. The 2-worker run loses rank 1 at the start of step 5, right after step 4's checkpoint is
+    """2 workers accumulating 2 micro-batches of 2 pairs vs 1 worker with the whole batch of 8, on the same global
+    batches: same weights after 6 steps over 2 epochs. The loss reads statistics of the batch: aot sorts it, and
+    bco_pair's shift is the running mean of its rewards, so equality needs them over the GLOBAL batch (every rank,
+    every micro-batch). The 2-worker run loses rank 1 at the start of step 5, right after step 4's checkpoint is
     complete in storage: inside the window where Ray's controller has not registered it. The restarted group
-    resumes from step 4 anyway (found in storage, mid-epoch: its shard is sliced, 8 rows never read), every
-    metric step is logged to MLflow once, and a re-run with the same run name has nothing left to do."""
+    resumes from step 4 anyway (found in storage, mid-epoch: its shard is sliced, 8 rows never read; bco_pair's
+    running mean from state.json), every metric step is logged to MLflow once, metrics stay in range, and a re-run
+    with the same run name has nothing left to do."""
     from ray_dpo.stages import tracking
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     train_ds = ray_session.data.from_items(_pairs(24, seed=1))  # 3 global batches per epoch
     val_ds = ray_session.data.from_items(_pairs(5, seed=2))  # odd size: ranks hold 3 and 2 rows
     common = dict(init_checkpoint=init_checkpoint, reference_checkpoint=init_checkpoint, pad_id=PAD)
-    one = _config(tmp_path, "train.num_workers=1", "train.grad_accum=2", "train.epochs=2", "train.run_name=one")
+    one = _config(tmp_path, *BATCH_STAT_LOSSES, "train.num_workers=1", "train.epochs=2", "train.run_name=one")
     single = fit(one, train_ds, val_ds, **common)
     assert single.rows_read == 24, "each epoch reads its rows once"
 
@@ -135,7 +147,9 @@ def test_ddp_two_workers_killed_after_a_checkpoint_lose_nothing(ray_session, tmp
     monkeypatch.setenv(FAIL_ENV, f"4:1:{marker}")
     two = _config(
         tmp_path,
+        *BATCH_STAT_LOSSES,
         "train.num_workers=2",
+        "train.grad_accum=2",
         "train.epochs=2",
         "train.max_failures=1",
         "train.run_name=two",
@@ -158,6 +172,8 @@ def test_ddp_two_workers_killed_after_a_checkpoint_lose_nothing(ray_session, tmp
     for key in ("train/loss", "val/loss", "val/rewards/accuracies"):
         assert math.isfinite(single.metrics[key])
         assert ddp.metrics[key] == pytest.approx(single.metrics[key], abs=1e-4), key
+    for run, split in itertools.product((single, ddp), ("train", "val")):  # accumulated, not summed
+        assert 0.0 <= run.metrics[f"{split}/rewards/accuracies"] <= 1.0
     kept = sorted(p.name for p in (tmp_path / "ray" / "two").glob("checkpoint_step_*"))
     assert len(kept) <= two.train.num_to_keep and "checkpoint_step_00000006" in kept, kept
     history = lambda key: [m.step for m in tracking.client(uri).get_metric_history(run_id, key)]
@@ -168,7 +184,12 @@ def test_ddp_two_workers_killed_after_a_checkpoint_lose_nothing(ray_session, tmp
     # resumed from its sharded step-4 checkpoint, the same weights as the uninterrupted single worker
     monkeypatch.setenv(FAIL_ENV, f"4:0:{tmp_path / 'fsdp-failed-once'}")
     fsdp_config = _config(
-        tmp_path, "train.num_workers=2", "train.epochs=2", "train.run_name=fsdp", "train.strategy=fsdp"
+        tmp_path,
+        *BATCH_STAT_LOSSES,
+        "train.num_workers=2",
+        "train.epochs=2",
+        "train.run_name=fsdp",
+        "train.strategy=fsdp",
     )
     fsdp = fit(fsdp_config, train_ds, val_ds, **common)
     assert (tmp_path / "fsdp-failed-once").exists() and fsdp.resumed_from == 4 and fsdp.steps == 6
@@ -249,19 +270,29 @@ def hf_base(tmp_path_factory) -> str:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize(
-    ("strategy", "lora", "prefix_sharing"),
-    [("fsdp", False, False), ("fsdp", False, True), ("fsdp", True, True), ("ddp", False, True)],
-    ids=["fsdp-full", "fsdp-full-prefix", "fsdp-lora-prefix", "ddp-full-prefix"],
+    ("strategy", "lora", "prefix_sharing", "tr_dpo"),
+    [
+        ("fsdp", False, False, True),
+        ("fsdp", False, True, False),
+        ("fsdp", True, True, True),
+        ("ddp", False, True, True),
+    ],
+    ids=["fsdp-full-trdpo", "fsdp-full-prefix", "fsdp-lora-prefix-trdpo", "ddp-full-prefix-trdpo"],
 )
 def test_hf_model_with_a_live_reference_on_two_ranks_equals_one_worker(
-    ray_session, tmp_path, hf_base, strategy, lora, prefix_sharing
+    ray_session, tmp_path, hf_base, strategy, lora, prefix_sharing, tr_dpo
 ):
     """A Hugging Face model with its live reference (sharded like the policy under FSDP: each rank reads only its
-    rows of the weights), 2 ranks vs 1 DDP worker with grad_accum 2 on the same global batches: equal weights."""
+    rows of the weights), 2 ranks vs 1 DDP worker with grad_accum 2 on the same global batches: equal weights.
+    `tr_dpo`: the reference follows the policy after every step (TR-DPO, alpha 0.5), so step 2 trains against a
+    synced reference: under DDP each rank mixes its whole copy, under FSDP its shards, with LoRA the reference
+    adapter set."""
     train_ds = ray_session.data.from_items(_pairs(16, seed=1))  # 2 global batches
     val_ds = ray_session.data.from_items(_pairs(4, seed=2))
     settings = [f"model.hf_path={hf_base}", f"model.lora_r={4 if lora else 0}", "model.lora_dropout=0.0"]
-    settings += [f"dpo.prefix_sharing={str(prefix_sharing).lower()}", "train.checkpoint_every=2"]
+    settings += [f"dpo.prefix_sharing={str(prefix_sharing).lower()}", f"train.checkpoint_every={1 if tr_dpo else 2}"]
+    if tr_dpo:
+        settings += ["dpo.sync_ref_model=true", "dpo.ref_model_mixup_alpha=0.5", "dpo.ref_model_sync_steps=1"]
     common = dict(init_checkpoint=hf_base, reference_checkpoint=hf_base, pad_id=PAD)
     one = _config(tmp_path, *settings, "train.num_workers=1", "train.grad_accum=2", "train.run_name=one")
     two = _config(tmp_path, *settings, "train.num_workers=2", f"train.strategy={strategy}", "train.run_name=two")
@@ -273,97 +304,40 @@ def test_hf_model_with_a_live_reference_on_two_ranks_equals_one_worker(
     for name in w1:  # LoRA's A: see test_fsdp_lora_on_an_hf_model_killed_after_a_checkpoint_equals_one_worker
         torch.testing.assert_close(w2[name], w1[name], atol=1e-4 if "lora_A" in name else 1e-5, rtol=0, msg=name)
     assert sharded.metrics["train/loss"] == pytest.approx(single.metrics["train/loss"], abs=1e-5)
+    if tr_dpo:
+        _assert_tr_dpo_references(tmp_path / "ray" / "one", Path(sharded.checkpoint.path), hf_base, strategy, lora)
 
 
-TR_DPO = ["dpo.sync_ref_model=true", "dpo.ref_model_mixup_alpha=0.5", "dpo.ref_model_sync_steps=2"]
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(1200)
-@pytest.mark.parametrize(
-    ("case", "overrides", "strategy", "fail"),
-    [
-        ("aot", ["dpo.loss_type=aot", "dpo.beta=0.5"], "ddp", False),
-        (
-            "bco-shift+sft",
-            ["dpo.loss_type=[bco_pair, sft]", "dpo.loss_weights=[1.0, 0.5]", "dpo.bco_reward_shift=true"],
-            "ddp",
-            True,
-        ),
-        ("tr-dpo", TR_DPO, "ddp", True),
-        ("tr-dpo-fsdp", TR_DPO, "fsdp", False),
-        ("tr-dpo-lora-fsdp", TR_DPO, "fsdp", True),
-    ],
-)
-def test_global_batch_losses_and_tr_dpo_two_accumulating_workers_equal_one_worker_with_the_whole_batch(
-    ray_session, tmp_path, init_checkpoint, monkeypatch, request, case, overrides, strategy, fail
-):
-    """2 workers accumulating 2 micro-batches of 2 pairs each, against 1 worker with the whole batch of 8 in one
-    micro-batch: the same weights after 4 steps. aot sorts and bco_pair's shift averages the WHOLE global batch (every
-    rank, every micro-batch); sft's token mean counts its tokens. TR-DPO: every 2 steps the reference becomes
-    0.5 * policy + 0.5 * reference, checked against the policies of the step-2 and step-4 checkpoints, under DDP, FSDP
-    (shard by shard) and LoRA (the reference adapter set). `fail`: rank 1 dies right after the step-2 checkpoint; the
-    resumed group continues bco_pair's running mean and the synced reference from it. Metrics stay in range under
-    accumulation."""
-    lora = "lora" in case
-    model_args, init = [], init_checkpoint
-    if lora:
-        init = request.getfixturevalue("hf_base")
-        model_args = [f"model.hf_path={init}", "model.lora_r=4", "model.lora_dropout=0.0"]
-    train_ds = ray_session.data.from_items(_pairs(24, seed=1))  # 3 global batches of 8 per epoch
-    val_ds = ray_session.data.from_items(_pairs(5, seed=2))
-    common = dict(init_checkpoint=init, reference_checkpoint=init, pad_id=PAD)
-    settings = [*model_args, *overrides, "train.max_steps=4", "train.epochs=2"]
-    one = _config(tmp_path, *settings, "train.num_workers=1", "train.grad_accum=1", "train.run_name=one")
-    single = fit(one, train_ds, val_ds, **common)
-    marker = tmp_path / "failed-once"
-    if fail:
-        monkeypatch.setenv(FAIL_ENV, f"2:1:{marker}")
-    split = ["train.num_workers=2", "train.grad_accum=2", f"train.strategy={strategy}", "train.run_name=two"]
-    two = _config(tmp_path, *settings, *split)
-    multi = fit(two, train_ds, val_ds, **common)
-    assert single.steps == multi.steps == 4
-    if fail:
-        assert marker.exists() and multi.resumed_from == 2, "the restarted group resumes from the step-2 checkpoint"
-
-    w1, w2 = _weights(single.checkpoint), _weights(multi.checkpoint)
-    moved = [k for k in w1 if (w1[k] - _weights(init)[k]).abs().max() > 1e-3] if not lora else ["lora"]
-    assert moved, "training moved the weights"
-    assert w1.keys() == w2.keys()
-    for name in w1:  # LoRA's A: see test_fsdp_lora_on_an_hf_model_killed_after_a_checkpoint_equals_one_worker
-        torch.testing.assert_close(w2[name], w1[name], atol=1e-4 if "lora_A" in name else 1e-5, rtol=0, msg=name)
-    for run in (single, multi):
-        for split in ("train", "val"):
-            assert 0.0 <= run.metrics[f"{split}/rewards/accuracies"] <= 1.0 and math.isfinite(
-                run.metrics[f"{split}/loss"]
-            )
-
-    if "tr-dpo" not in case:
-        return
-    # the reference of the single run after steps 2 and 4, against the mixture of its policies
-    steps = {s: tmp_path / "ray" / "one" / f"checkpoint_step_{s:08d}" for s in (2, 4)}
+def _assert_tr_dpo_references(single_run: Path, sharded_final: Path, start: str, strategy: str, lora: bool) -> None:
+    """The single worker's reference after steps 1 and 2 (saved beside each checkpoint's weights) is 0.5 * its policy
+    + 0.5 * the reference before it (the initial weights; for LoRA, whose initial adapters are not saved, step 2
+    only), and the 2-rank run's final reference (a file beside DDP's weights, in FSDP's shards) is the same."""
+    steps = {s: single_run / f"checkpoint_step_{s:08d}" for s in (1, 2)}
     reference = {s: load_file(str(d / layout.REFERENCE_FILE)) for s, d in steps.items()}
     policy = {s: _weights(str(d)) for s, d in steps.items()}
-    policy_key = (lambda k: k.replace(".reference.", ".default.")) if lora else (lambda k: k.removeprefix("model."))
-    if not lora:  # the reference starts as the initial weights
-        start = _weights(init)
-        for k, ref in reference[2].items():
-            torch.testing.assert_close(ref, 0.5 * policy[2][policy_key(k)] + 0.5 * start[policy_key(k)], msg=k)
-    assert reference[4].keys() == reference[2].keys() and reference[4]
-    for k, ref in reference[4].items():
-        torch.testing.assert_close(ref, 0.5 * policy[4][policy_key(k)] + 0.5 * reference[2][k], msg=k)
-    # the 2-worker run's final reference: a file beside DDP's weights, in FSDP's shards
-    final = Path(multi.checkpoint.path)
+    assert reference[1] and reference[1].keys() == reference[2].keys()
+    keys = policy[1].keys()
+    policy_key = lambda k: next(
+        c for c in (k.replace(".reference.", ".default."), k, k.removeprefix("model.")) if c in keys
+    )
+    before = (
+        {2: reference[1]} if lora else {1: {k: _weights(start)[policy_key(k)] for k in reference[1]}, 2: reference[1]}
+    )
+    for s, previous in before.items():
+        for k, ref in reference[s].items():
+            torch.testing.assert_close(
+                ref, 0.5 * policy[s][policy_key(k)] + 0.5 * previous[k], atol=1e-6, rtol=0, msg=k
+            )
     if strategy == "fsdp":
         import torch.distributed.checkpoint as dcp
 
-        shards = {"task": {k: torch.empty_like(v) for k, v in reference[4].items()}}
-        dcp.load(shards, checkpoint_id=str(final))
-        multi_reference = shards["task"]
+        shards = {"task": {k: torch.empty_like(v) for k, v in reference[2].items()}}
+        dcp.load(shards, checkpoint_id=str(sharded_final))
+        final = shards["task"]
     else:
-        multi_reference = load_file(str(final / layout.REFERENCE_FILE))
-    for k, ref in reference[4].items():
-        torch.testing.assert_close(multi_reference[k], ref, atol=1e-4 if "lora_A" in k else 1e-5, rtol=0, msg=k)
+        final = load_file(str(sharded_final / layout.REFERENCE_FILE))
+    for k, ref in reference[2].items():
+        torch.testing.assert_close(final[k], ref, atol=1e-4 if "lora_A" in k else 1e-5, rtol=0, msg=k)
 
 
 def _worker_spec(config, checkpoint):

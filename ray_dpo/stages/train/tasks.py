@@ -146,9 +146,10 @@ def dpo_task(spec: WorkerSpec, model: nn.Module, device: torch.device, resumed: 
 
     def after_step(step: int) -> None:
         if d.sync_ref_model and step % d.ref_model_sync_steps == 0:
-            parallel.reshard(model)  # under FSDP: the shards are what is mixed, and what the next forward gathers
+            # under FSDP: the shards are what is mixed, and what the next forward gathers
+            parallel.reshard(model)
             if reference is not None:
-                pass  # MUTATION
+                parallel.reshard(reference)
             mix_into(list(synced.values()), d.ref_model_mixup_alpha)
 
     return Task(
