@@ -370,7 +370,7 @@ def _rows(pairs: list[dict]) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("losses", [["simpo", "sft"], ["aot"], ["sigmoid", "bco_pair"]])
 def test_a_worker_task_splits_a_step_into_micro_batches_with_the_whole_batchs_statistics(tmp_path, losses):
     """One process, no Ray: the DPO task's micro-batches, each with its rows of the step's statistics (`prepare`),
-    sum to the loss of the whole batch through the torch API; sft's token mean needs only the token counts, and a
+    sum to the loss of the whole batch through the torch API, in training and in validation; sft's token mean needs only the token counts, and a
     reference-free loss loads no reference (the checkpoint named for it does not exist)."""
     from ray_dpo.stages.train.tasks import dpo_task
 
@@ -387,8 +387,11 @@ def test_a_worker_task_splits_a_step_into_micro_batches_with_the_whole_batchs_st
     task = dpo_task(spec, LogpsModel(policy), torch.device("cpu"), {})
     batches = [task.collate(_rows(_pairs(4, seed=s))) for s in (1, 2)]
     with torch.autocast("cpu", enabled=False):
-        contexts = task.prepare(batches)
+        contexts = task.prepare(batches, True)
         loss = sum(task.score(b, True, c)[0] for b, c in zip(batches, contexts, strict=True)) / 8
+        with torch.no_grad():  # validation: the statistics of the whole split; the running mean stays
+            contexts = task.prepare(batches, False)
+            val_loss = sum(task.score(b, False, c)[0] for b, c in zip(batches, contexts, strict=True)) / 8
     whole = {k: torch.cat([b[k] for b in batches]) if k.endswith("len") else None for k in batches[0]}
     width = max(b["chosen"].shape[1] for b in batches)
     for side in ("chosen", "rejected"):
@@ -400,5 +403,6 @@ def test_a_worker_task_splits_a_step_into_micro_batches_with_the_whole_batchs_st
         whole["ref_chosen_logp"], whole["ref_rejected_logp"] = (torch.cat(s) for s in zip(*sums, strict=True))
     dpo = DPO(policy, reference="precomputed", pad_id=PAD, **config.dpo.loss_options())
     torch.testing.assert_close(loss, dpo.batch_loss(whole)[0], atol=1e-12, rtol=0)
+    torch.testing.assert_close(val_loss, loss.detach(), atol=1e-12, rtol=0)
     if "bco_pair" in losses:
         assert task.state()["bco_running"]["count"] == 1, "one optimizer step: the running mean moved once"

@@ -260,7 +260,7 @@ def train_step(w: _Worker, batches: list[dict[str, Tensor]]) -> tuple[list[float
     global_count = all_reduce_sum(torch.tensor(float(sum(map(task.count, batches)))), w.device).item()
     sums = torch.zeros(len(task.metric_names) + 1, dtype=torch.float64)
     with w.autocast():
-        contexts = task.prepare(batches)  # statistics of the whole global batch, for the losses that read them
+        contexts = task.prepare(batches, True)  # statistics of the whole global batch, for the losses that read them
     for i, batch in enumerate(batches):
         with parallel.gradient_sync(model, i == accum - 1), w.autocast():
             loss_sum, metric_sums, _, tokens = task.score(batch, True, contexts[i])
@@ -346,13 +346,15 @@ def _after_step(w: _Worker, fresh: dict[str, float], val_shard: Shard | None) ->
 
 
 def validation_metrics(w: _Worker, shard: Shard) -> dict[str, float]:
-    """Metrics over the whole validation split: every rank scores its rows, sums and counts are all-reduced."""
+    """Metrics over the whole validation split: every rank scores its rows, sums and counts are all-reduced. Losses
+    that read statistics of the batch read those of the whole split (`Task.prepare`)."""
     task, module = w.task, parallel.unwrap(w.model)
     module.eval()
     sums = torch.zeros(len(task.metric_names) + 1, dtype=torch.float64)
     with torch.no_grad(), w.autocast():
-        for batch in micro_batches(shard, w.spec.micro_batch, task.collate, drop_last=False):
-            _, metric_sums, count, _ = task.score(batch, False, None)
+        batches = list(micro_batches(shard, w.spec.micro_batch, task.collate, drop_last=False))
+        for batch, context in zip(batches, task.prepare(batches, False), strict=True):
+            _, metric_sums, count, _ = task.score(batch, False, context)
             sums += torch.tensor([*(metric_sums[k].item() for k in task.metric_names), count], dtype=torch.float64)
     module.train()
     *totals, count = all_reduce_sum(sums, w.device).tolist()

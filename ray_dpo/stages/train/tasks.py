@@ -35,15 +35,16 @@ Batch = dict[str, Tensor]
 class Task:
     """`collate` numpy rows -> tensors; `count(batch)` the units a batch holds (pairs for DPO, response tokens for
     SFT); `score(batch, training, context)` -> (loss_sum, metric_sums, count, tokens processed), sums over those
-    units. Around them, for tasks that need it: `prepare(batches)` -> one `context` per micro-batch of a step (every
-    rank calls it, a collective); `after_step(step)` once the optimizer stepped; `state()` (JSON, into state.json)
+    units. Around them, for tasks that need it: `prepare(batches, training)` -> one `context` per micro-batch of a
+    step, or of the validation split (every rank calls it, a collective); `after_step(step)` once the optimizer
+    stepped; `state()` (JSON, into state.json)
     and `tensors()` (weights besides the model's, saved with it) are what a resume needs to continue."""
 
     collate: Callable[[dict[str, np.ndarray]], Batch]
     count: Callable[[Batch], float]
     score: Callable[[Batch, bool, Any], tuple[Tensor, dict[str, Tensor], float, float]]
     metric_names: tuple[str, ...]
-    prepare: Callable[[list[Batch]], list[Any]] = lambda batches: [None] * len(batches)
+    prepare: Callable[[list[Batch], bool], list[Any]] = lambda batches, training: [None] * len(batches)
     after_step: Callable[[int], None] = lambda step: None
     state: Callable[[], dict[str, Any]] = dict
     tensors: Callable[[], dict[str, Tensor]] = dict
@@ -68,6 +69,13 @@ def live_reference(spec: WorkerSpec, model: nn.Module, device: torch.device) -> 
     if t.compile:  # compiled like the policy: its forward is a quarter of a step's FLOPs
         frozen.compile()
     return LogpsModel(frozen)
+
+
+def _no_rows(with_reference: bool, device: torch.device) -> PairLogps:
+    """A rank's part of the global batch before its micro-batches: none, but with the columns every rank gathers
+    (a rank may hold no validation rows)."""
+    empty = torch.zeros(0, dtype=torch.float64, device=device)
+    return PairLogps(empty, empty, empty, empty, *((empty, empty) if with_reference else ()))
 
 
 def synced_tensors(model: nn.Module, reference: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
@@ -98,12 +106,15 @@ def dpo_task(spec: WorkerSpec, model: nn.Module, device: torch.device, resumed: 
     running = RunningMean(**resumed.get("bco_running", {}))  # bco_pair's shift continues across a resume
     synced = synced_tensors(model, reference) if d.sync_ref_model else {}
 
-    def prepare(batches: list[Batch]) -> list[tuple[BatchStats, tuple[Tensor, Tensor] | None] | None]:
-        """The global batch's statistics, each micro-batch's rows of them, and its reference log-probs when scored
-        here (for the loss pass to reuse). A no-grad pass over this rank's micro-batches, gathered over ranks."""
+    def prepare(batches: list[Batch], training: bool) -> list[tuple[BatchStats, tuple[Tensor, Tensor] | None] | None]:
+        """The global batch's statistics (validation: the whole split's, so that val metrics do not depend on how
+        its rows are split over ranks and micro-batches), each micro-batch's rows of them, and its reference
+        log-probs when scored here (for the loss pass to reuse). A no-grad pass over this rank's micro-batches,
+        gathered over ranks: every rank calls it, one with no rows too."""
         if not loss_spec.needs_batch_stats:
             return [None] * len(batches)
-        parts, references = [], []
+        with_reference = loss_spec.needs_policy_scores and val_dpo.reference != "none"  # as batch_pairs gives
+        parts, references = [_no_rows(with_reference, device)], []
         with torch.no_grad():
             for batch in batches:
                 batch = {k: v.to(device) for k, v in batch.items()}
@@ -117,28 +128,23 @@ def dpo_task(spec: WorkerSpec, model: nn.Module, device: torch.device, resumed: 
                     parts.append(PairLogps(zeros, zeros, chosen, rejected))
                     references.append(None)
         everything, start = gather_pairs(PairLogps.cat(parts))  # on the device: NCCL rejects CPU tensors
-        stats = batch_stats(loss_spec, everything, running)  # once per optimizer step: the running mean moves
+        if training:
+            stats = batch_stats(loss_spec, everything, running)  # once per optimizer step: the running mean moves
+        else:  # the reward shift training has reached, not the split's own (unless nothing trained yet)
+            stats = batch_stats(loss_spec, everything)
+            if loss_spec.bco_reward_shift and running.count:
+                stats.bco_shift = torch.tensor(running.mean, dtype=torch.float64, device=device)
         contexts = []
-        for part, ref in zip(parts, references, strict=True):
+        for part, ref in zip(parts[1:], references, strict=True):
             contexts.append((stats.rows(start, start + len(part)), ref))
             start += len(part)
         return contexts
-
-    def validation_stats(pairs: PairLogps) -> BatchStats:
-        """Statistics of a validation micro-batch: aot's sorts and sft's token mean over that micro-batch (ranks hold
-        different numbers of validation rows), the reward shift training has reached (not the batch's)."""
-        stats = batch_stats(loss_spec, pairs.detach())
-        if loss_spec.bco_reward_shift and running.count:
-            stats = dataclasses.replace(stats, bco_shift=torch.tensor(running.mean, dtype=torch.float64, device=device))
-        return stats
 
     def score(batch: Batch, training: bool, context=None):
         batch = {k: v.to(device) for k, v in batch.items()}
         stats, ref = context if context is not None else (None, None)
         dpo = train_dpo if training else val_dpo
         pairs = dpo.batch_pairs(batch, reference=ref)
-        if stats is None and not training:
-            stats = validation_stats(pairs)
         out = dpo.loss(pairs, stats)
         n = out.count
         tokens = (2 * batch["prompt_len"] + batch["chosen_len"] + batch["rejected_len"]).sum().item()
