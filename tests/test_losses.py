@@ -483,6 +483,18 @@ def test_bco_reward_shift_is_the_running_mean_of_step_means():
     assert_same(preference_loss(spec, x, stats).loss, expected, x)
 
 
+def test_sfts_statistics_need_only_the_token_counts():
+    """A trainer gathers token counts alone when sft's token mean is the only statistic, even beside a loss that
+    needs the reference (RPO: sigmoid + sft)."""
+    x = rows(6)
+    counts_only = PairLogps(torch.zeros(6), torch.zeros(6), x.chosen_tokens, x.rejected_tokens)
+    spec = LossSpec(["sigmoid", "sft"])
+    assert not spec.needs_policy_scores
+    stats = batch_stats(spec, counts_only)
+    assert stats.chosen_tokens_mean.item() == pytest.approx(x.chosen_tokens.double().mean().item(), rel=1e-15)
+    assert_same(preference_loss(spec, x, stats).loss, preference_loss(spec, x).loss, x)
+
+
 def test_gather_pairs_without_distributed_is_the_batch_itself():
     x = rows(5)
     everything, offset = gather_pairs(x)

@@ -367,11 +367,12 @@ def _rows(pairs: list[dict]) -> dict[str, np.ndarray]:
     return {k: column(k) for k in ("prompt", "chosen", "rejected")}
 
 
-@pytest.mark.parametrize("losses", [["simpo", "sft"], ["aot"], ["sigmoid", "bco_pair"]])
+@pytest.mark.parametrize("losses", [["simpo", "sft"], ["sigmoid", "sft"], ["aot"], ["sigmoid", "bco_pair"]])
 def test_a_worker_task_splits_a_step_into_micro_batches_with_the_whole_batchs_statistics(tmp_path, losses):
     """One process, no Ray: the DPO task's micro-batches, each with its rows of the step's statistics (`prepare`),
-    sum to the loss of the whole batch through the torch API, in training and in validation; sft's token mean needs only the token counts, and a
-    reference-free loss loads no reference (the checkpoint named for it does not exist)."""
+    sum to the loss of the whole batch through the torch API, in training and in validation; sft's token mean needs
+    only the token counts (beside a loss that reads the reference too), and a reference-free loss loads no reference
+    (the checkpoint named for it does not exist)."""
     from ray_dpo.stages.train.tasks import dpo_task
 
     torch.manual_seed(0)

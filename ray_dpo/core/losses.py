@@ -443,16 +443,18 @@ def batch_stats(spec: LossSpec, batch: PairLogps, running: RunningMean | None = 
     """The statistics `spec`'s losses take from `batch`, which must be the GLOBAL batch (see the module docstring).
     Call once per optimizer step: it updates `running` (bco_pair's shift; None = this batch's mean reward alone)."""
     with torch.no_grad():
-        r = _prepare(spec, batch.detach())
         stats = BatchStats(size=len(batch))
+        if "sft" in spec.types:  # a batch without chosen tokens has no NLL either: 0 / 1, not 0 / 0
+            tokens = batch.chosen_tokens.to(torch.float64).sum().clamp(min=1)
+            stats.chosen_tokens_mean = tokens / len(batch)
+        if not spec.needs_policy_scores:  # sft's count is all: `batch` may hold token counts alone
+            return stats
+        r = _prepare(spec, batch.detach())
         if "aot" in spec.types:
             stats.aot_margin_partner = _sorted_partner(r.chosen - r.rejected, r.ref_chosen - r.ref_rejected)
         if "aot_unpaired" in spec.types:
             stats.aot_chosen_partner = _sorted_partner(r.chosen_ratio, r.rejected_ratio)
             stats.aot_rejected_partner = _sorted_partner(r.rejected_ratio, r.chosen_ratio)
-        if "sft" in spec.types:  # a batch without chosen tokens has no NLL either: 0 / 1, not 0 / 0
-            tokens = batch.chosen_tokens.to(torch.float64).sum().clamp(min=1)
-            stats.chosen_tokens_mean = tokens / len(batch)
         if spec.bco_reward_shift:
             reward = (spec.beta * torch.cat((r.chosen_ratio, r.rejected_ratio))).mean().item()
             shift = running.update(reward) if running is not None else reward
