@@ -164,7 +164,7 @@ def test_interrupted_sweep_restores_without_rerunning_finished_trials(ray_sessio
     assert sorted(map(str, table["dpo.loss_type"])) == ["['sigmoid', 'sft']", "ipo"]
     assert table["val/loss"].notna().all() and table["val/loss"].nunique() == 2, "each trial trained its own loss"
     csv = second.table_path.read_text()
-    assert ",[sigmoid, sft]," in csv and ",ipo," in csv, csv
+    assert ',"[sigmoid, sft]",' in csv and ",ipo," in csv, csv  # quoted: the list's comma
     assert {_label(row, second.searched) for _, row in table.iterrows()} == {
         "loss_type=ipo",
         "loss_type=[sigmoid, sft]",
