@@ -267,7 +267,8 @@ def hf_base(tmp_path_factory) -> str:
     return str(build(tmp_path_factory.mktemp("hf") / "qwen2", arch="qwen2", vocab_size=400))
 
 
-_ONE_WORKER: dict[tuple[bool, bool], TrainResult] = {}  # (lora, prefix_sharing) -> the 1-worker run (same data)
+# (lora, prefix_sharing, tr_dpo) -> the 1-worker run (same data)
+_ONE_WORKER: dict[tuple[bool, bool, bool], TrainResult] = {}
 
 
 @pytest.mark.slow
@@ -275,12 +276,12 @@ _ONE_WORKER: dict[tuple[bool, bool], TrainResult] = {}  # (lora, prefix_sharing)
 @pytest.mark.parametrize(
     ("strategy", "lora", "prefix_sharing", "tr_dpo"),
     [
-        ("fsdp", False, False, True),
-        ("fsdp", False, True, False),
+        ("fsdp", False, False, False),
+        ("fsdp", False, True, True),
         ("fsdp", True, True, True),
         ("ddp", False, True, True),
     ],
-    ids=["fsdp-full-trdpo", "fsdp-full-prefix", "fsdp-lora-prefix-trdpo", "ddp-full-prefix-trdpo"],
+    ids=["fsdp-full", "fsdp-full-prefix-trdpo", "fsdp-lora-prefix-trdpo", "ddp-full-prefix-trdpo"],
 )
 def test_hf_model_with_a_live_reference_on_two_ranks_equals_one_worker(
     ray_session, tmp_path, hf_base, strategy, lora, prefix_sharing, tr_dpo
@@ -299,9 +300,10 @@ def test_hf_model_with_a_live_reference_on_two_ranks_equals_one_worker(
     common = dict(init_checkpoint=hf_base, reference_checkpoint=hf_base, pad_id=PAD)
     one = _config(tmp_path, *settings, "train.num_workers=1", "train.grad_accum=2", "train.run_name=one")
     two = _config(tmp_path, *settings, "train.num_workers=2", f"train.strategy={strategy}", "train.run_name=two")
-    if (lora, prefix_sharing) not in _ONE_WORKER:  # cases that differ only in the 2-rank strategy share this run
-        _ONE_WORKER[lora, prefix_sharing] = fit(one, train_ds, val_ds, **common)
-    single, sharded = _ONE_WORKER[lora, prefix_sharing], fit(two, train_ds, val_ds, **common)
+    case = (lora, prefix_sharing, tr_dpo)
+    if case not in _ONE_WORKER:  # cases that differ only in the 2-rank strategy share this run
+        _ONE_WORKER[case] = fit(one, train_ds, val_ds, **common)
+    single, sharded = _ONE_WORKER[case], fit(two, train_ds, val_ds, **common)
     assert single.steps == sharded.steps == 2
     w1, w2, w0 = _weights(single.checkpoint), _weights(sharded.checkpoint), _weights(hf_base)
     moved = [k for k in w1 if k in w0 and (w1[k] - w0[k]).abs().max() > 1e-4] if not lora else list(w1)
@@ -310,7 +312,8 @@ def test_hf_model_with_a_live_reference_on_two_ranks_equals_one_worker(
         torch.testing.assert_close(w2[name], w1[name], atol=1e-4 if "lora_A" in name else 1e-5, rtol=0, msg=name)
     assert sharded.metrics["train/loss"] == pytest.approx(single.metrics["train/loss"], abs=1e-5)
     if tr_dpo:
-        _assert_tr_dpo_references(tmp_path / "ray" / "one", Path(sharded.checkpoint.path), hf_base, strategy, lora)
+        single_run = Path(single.checkpoint.path).parent  # a shared run lives in its first case's tmp_path
+        _assert_tr_dpo_references(single_run, Path(sharded.checkpoint.path), hf_base, strategy, lora)
 
 
 def _assert_tr_dpo_references(single_run: Path, sharded_final: Path, start: str, strategy: str, lora: bool) -> None:
