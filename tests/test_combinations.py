@@ -26,22 +26,23 @@ SWITCHES = {
     "train.precision": ("fp32", "bf16"),
     "train.compile": (False, True),
     "train.grad_accum": (1, 2),
+    "data.packing": (False, True),
 }
 # A pairwise covering array of SWITCHES (checked by test_the_rows_cover_every_pair_of_switch_values), ordered so
 # that the cheap rows come first.
 ROWS = [
-    ("ours", "ddp", "live", False, False, 0, "fp32", False, 1),
-    ("ours", "fsdp", "precomputed", True, False, 16, "bf16", False, 2),
-    ("ours", "ddp", "none", True, True, 16, "bf16", True, 1),
-    ("hf", "ddp", "precomputed", False, True, 16, "fp32", False, 2),
-    ("hf", "fsdp", "live", True, True, 0, "bf16", False, 1),
-    ("hf", "fsdp", "none", False, False, 16, "fp32", True, 1),
-    ("hf_lora", "ddp", "none", True, False, 0, "fp32", False, 2),
-    ("hf_lora", "fsdp", "live", False, True, 16, "fp32", False, 1),
-    ("hf_lora", "ddp", "precomputed", True, True, 0, "bf16", True, 2),
-    ("hf", "ddp", "live", True, False, 0, "bf16", True, 2),
-    ("ours", "fsdp", "live", False, False, 0, "fp32", True, 2),
-    ("hf_lora", "fsdp", "precomputed", False, False, 16, "bf16", False, 1),
+    ("ours", "ddp", "live", False, False, 0, "fp32", False, 1, False),
+    ("ours", "fsdp", "precomputed", True, False, 16, "bf16", False, 2, True),
+    ("ours", "ddp", "none", True, True, 16, "bf16", True, 1, False),
+    ("hf", "ddp", "precomputed", False, True, 16, "fp32", False, 2, True),
+    ("hf", "fsdp", "live", True, True, 0, "bf16", False, 1, False),
+    ("hf", "fsdp", "none", False, False, 16, "fp32", True, 1, False),
+    ("hf_lora", "ddp", "none", True, False, 0, "fp32", False, 2, True),
+    ("hf_lora", "fsdp", "live", False, True, 16, "fp32", False, 1, False),
+    ("hf_lora", "ddp", "precomputed", True, True, 0, "bf16", True, 2, False),
+    ("hf", "ddp", "live", True, False, 0, "bf16", True, 2, False),
+    ("ours", "fsdp", "live", False, False, 0, "fp32", True, 2, True),
+    ("hf_lora", "fsdp", "precomputed", False, False, 16, "bf16", False, 1, True),
 ]
 
 

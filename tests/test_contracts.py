@@ -71,8 +71,9 @@ def test_the_config_imports_no_torch_and_names_our_model_keys_once():
             ["train.init_checkpoint=file:///nonexistent/ckpt"],
             "train.init_checkpoint=file:///nonexistent/ckpt: not a model checkpoint",
         ),
+        (["data.packing=true", "data.pack_len=100"], "data.pack_len=100 must hold the longest pair"),
     ],
-    ids=["reward-fn", "batch", "sft-batch", "eval", "positions", "chat-template", "prompt-len", "init-uri"],
+    ids=["reward-fn", "batch", "sft-batch", "eval", "positions", "chat-template", "prompt-len", "init-uri", "pack-len"],
 )
 def test_every_check_runs_before_ray_and_writes_nothing(tmp_path, capsys, monkeypatch, overrides, key):
     import ray

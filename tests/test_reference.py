@@ -1,6 +1,9 @@
 """ray_dpo.stages.reference: log-probs from the actor pool == log-probs computed directly with the model."""
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
 from conftest import HH_TEST
 
@@ -51,3 +54,75 @@ def test_actor_pool_reference_logps_equal_direct(ray_session, tmp_path):
     np.testing.assert_allclose(
         [r["ref_chosen_logp"] for r in again.take_all()], [r["ref_chosen_logp"] for r in out], rtol=1e-5, atol=1e-5
     )
+
+
+def test_the_reference_pass_packs_and_scores_as_unpacked():
+    """`PairScorer` (one actor's work, no Ray) with `data.packing`: packed rows, with and without prefix sharing, give
+    the unpacked log-probs of every pair (float64: to rounding)."""
+    import pyarrow as pa
+
+    from ray_dpo.stages.reference import PairScorer
+
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(max_seq_len=96, dim=32, depth=2, heads=2)).double().eval()
+    rng = np.random.default_rng(0)
+    rows = {k: [rng.integers(3, 250, rng.integers(lo, 40)).tolist() for _ in range(20)] for k, lo in
+            (("prompt", 1), ("chosen", 0), ("rejected", 1))}  # fmt: skip
+    table = pa.table({k: pa.array(v, pa.list_(pa.int32())) for k, v in rows.items()})
+    scored = {}
+    for name, kwargs in {
+        "unpacked": dict(prefix_sharing=False),
+        "packed": dict(prefix_sharing=False, pack_len=160),
+        "packed, prefix sharing": dict(prefix_sharing=True, pack_len=160),
+    }.items():
+        scorer = PairScorer({"ref": model}, reduction="sum", device="cpu", bf16=False, **kwargs)
+        scored[name] = scorer(table)
+        assert scored[name].column_names == ["prompt", "chosen", "rejected", "ref_chosen_logp", "ref_rejected_logp"]
+    for side in ("chosen", "rejected"):
+        want = scored["unpacked"][f"ref_{side}_logp"].to_numpy()
+        assert np.all(want < 0) and np.ptp(want) > 1.0
+        for name in ("packed", "packed, prefix sharing"):
+            np.testing.assert_allclose(scored[name][f"ref_{side}_logp"].to_numpy(), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_reference_logps_are_computed_once_and_reused_by_a_later_run(ray_session, tmp_path):
+    """`dpo.reference=precomputed` with the cache: the first run computes (MLflow tag `computed`), a second run of
+    another name on the same data and reference reads them (`reused`: the same columns, so the same step-1 loss), a
+    third with another `data.max_len` (other encoded data: another key) computes again."""
+    from mlflow import MlflowClient
+
+    from ray_dpo.config import load_config
+    from ray_dpo.recipe import open_run
+    from ray_dpo.recipe.demo import write_sort_task
+    from ray_dpo.recipe.stages import REFERENCE_TAG, load_data, starting_weights, with_reference_logps
+    from ray_dpo.stages.train import train_dpo
+
+    files = write_sort_task(tmp_path / "sort", rows=96, seed=0)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+    def run(name: str, *overrides: str):
+        settings = [f"output_dir={tmp_path / 'out'}", f"train.storage_path={tmp_path / 'ray'}", "data.synthetic=null"]
+        settings += [f"data.train_path={files['train']}", "data.val_fraction=0.25", "dpo.reference=precomputed"]
+        settings += [f"train.run_name={name}", "train.num_workers=1", "train.max_steps=1", *overrides]
+        config = load_config(tiny, settings)
+        with open_run(config, tracking_uri=uri) as opened:
+            data = load_data(opened)
+            reference = starting_weights(opened)  # a fresh seeded model, staged under this run's name
+            data = with_reference_logps(opened, data, reference)
+            trained = train_dpo(
+                opened.config, data.train, data.val, name=name, init_checkpoint=reference, pad_id=ByteTokenizer.pad_id
+            )
+        tag = MlflowClient(uri).get_run(opened.run_id).data.tags[REFERENCE_TAG]
+        return tag, data.train.to_pandas(), trained.metrics["train/loss"]
+
+    first, second, other = run("first"), run("second"), run("other", "data.max_len=48")
+    assert [first[0], second[0], other[0]] == ["computed", "reused", "computed"]
+    for column in ("ref_chosen_logp", "ref_rejected_logp"):
+        np.testing.assert_array_equal(second[1][column].to_numpy(), first[1][column].to_numpy())
+        assert np.isfinite(first[1][column]).all()
+    assert second[2] == first[2]  # the same step-1 loss, to the bit
+    cached = list((tmp_path / "ray" / "reference_logps").glob("*/part-*.parquet"))
+    assert len({p.parent for p in cached}) == 2 and len(cached) == 2 * 2  # two keys, train and val parts each

@@ -17,10 +17,12 @@ from ray_dpo.core.losses import default_reduction, dpo_loss
 from ray_dpo.core.names import REFERENCE_MODES
 from ray_dpo.core.pairs import (
     check_prefix_sharing,
+    pack_batch,
     reduce_logps,
     response_mask,
     score_batch,
     score_pairs,
+    score_rows,
 )
 
 
@@ -52,6 +54,8 @@ class DPO(nn.Module):
     `reduction`: sequence log-prob as "sum" (the DPO paper) or "mean"; default "mean" for IPO (as TRL), else "sum".
     `prefix_sharing=True` (TransformerLM only): policy and live reference each run ONE packed
     `[prompt, chosen, rejected]` row per pair instead of two sequences; same log-probs, the prompt computed once.
+    `pack_len` (TransformerLM, Hugging Face Llama / Qwen2 / Mistral): whole pairs packed into rows of up to that many
+    tokens, padding only after a row's last pair (`ray_dpo.core.pairs.pack_rows`); same log-probs.
     """
 
     def __init__(
@@ -67,6 +71,7 @@ class DPO(nn.Module):
         ref_model: nn.Module | None = None,
         reduction: str | None = None,
         prefix_sharing: bool = False,
+        pack_len: int | None = None,
     ):
         super().__init__()
         if reference not in REFERENCE_MODES:
@@ -75,7 +80,9 @@ class DPO(nn.Module):
             raise ValueError(f"a ref_model was given but reference={reference!r}: use reference='live'")
         if prefix_sharing:
             check_prefix_sharing(model)
-        self.prefix_sharing = prefix_sharing
+        if pack_len is not None:
+            check_prefix_sharing(model, "data.packing")
+        self.prefix_sharing, self.pack_len = prefix_sharing, pack_len
         self.policy_model = model
         self.reference = reference
         self.ref_model = None
@@ -132,14 +139,20 @@ class DPO(nn.Module):
             rejected_mask=rejected_mask,
             prefix_sharing=self.prefix_sharing,
             pad_id=self._pad,
+            pack_len=self.pack_len,
         )
         loss, metrics = self._loss(score, ref_chosen_logps, ref_rejected_logps)
         return (loss, metrics) if return_metrics else loss
 
     def batch_loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """DPO loss from a training-worker batch (see `score_batch`), with optional precomputed reference
-        log-probs `ref_chosen_logp`, `ref_rejected_logp` (B,). Uses the packed path when `prefix_sharing` is on."""
-        score = functools.partial(score_batch, batch=batch, prefix_sharing=self.prefix_sharing, pad_id=self._pad)
+        log-probs `ref_chosen_logp`, `ref_rejected_logp` (B,). Uses the packed path when `prefix_sharing` is on; with
+        `pack_len` the rows are packed once for the policy and the live reference."""
+        if self.pack_len is not None:
+            packed = pack_batch(batch, prefix_sharing=self.prefix_sharing, pack_len=self.pack_len, pad_id=self._pad)
+            score = functools.partial(score_rows, packed=packed)
+        else:
+            score = functools.partial(score_batch, batch=batch, prefix_sharing=self.prefix_sharing, pad_id=self._pad)
         return self._loss(score, batch.get("ref_chosen_logp"), batch.get("ref_rejected_logp"))
 
     @property
