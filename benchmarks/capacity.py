@@ -485,7 +485,7 @@ def _measured_section(data: dict) -> list[str]:
         target[config] = {k: (big[k] - small[k]) / fp32 for k in big}
     for row in validate_data(data):
         config, kind = row["config"], row["kind"]
-        key = "eval_actor" if kind in ("eval_generator", "pair_scorer") else kind
+        key = "eval_actor" if kind in ("eval_actor", "reference_pass") else kind
         threshold = {"driver": "0.25"}.get(key, "")
         if config == "lora" and key in ("train_worker", "eval_actor"):
             threshold = "0.75"
@@ -675,7 +675,7 @@ def predict_cpu_today(shape: Shape, config: str, workload: dict) -> dict[str, di
     else:  # an fp32 checkpoint: mapped, not read yet while the reference loads
         during_reference_load = load_peak(shape, job, 4)
     running = 4 * P + 4 * P
-    for kind in ("eval_generator", "pair_scorer"):
+    for kind in ("eval_actor", "reference_pass"):
         out[kind] = {"loading": during_reference_load, "running": running}
         out[kind]["peak"] = max(during_reference_load, running)
     # driver: export loads the final policy in fp32 (a LoRA base converted from bf16; an fp32 checkpoint mapped, then

@@ -11,6 +11,7 @@ Ray), with overrides for 2 optimizer steps on 2 workers, validation, evaluation 
 registration, in one of three configurations:
 
   lora       DDP + LoRA (model.lora_r=8; the reference is the base with adapters off)
+  lora_ckpt  the same with gradient checkpointing (model.gradient_checkpointing=true), as a 7-8B LoRA run is set up
   fsdp       FSDP2 full fine-tune (train.strategy=fsdp model.lora_r=0; a live bf16 reference)
   ddp_full   DDP full fine-tune (model.lora_r=0): the baseline the FSDP target compares with
 
@@ -21,8 +22,9 @@ is downloaded. The 0.3b shape (hidden 1024, 24 layers, MLP 2816, 16 heads, 2 KV 
 
 Peak memory is VmHWM of /proc/<pid>/status (the high-water mark of resident memory), polled while each process
 lives: the driver (the align.py subprocess) and every Ray process descended from it, told apart by their titles:
-`ray::RayTrainWorker` (train workers), `...PolicyReferenceGenerator` (evaluation: generation from policy and
-reference), `...PairScorer` (evaluation's held-out pair scoring; also the reference pass when it runs). A process's
+`ray::RayTrainWorker` (train workers), `...PolicyReferenceEvaluator` (evaluation: generation from policy and
+reference, and held-out pair scoring), `...PairScorer` (the reference pass, when it runs), `ray::_publish` and
+`ray::_load_and_stage` (the tasks that export, register and stage weights: the driver loads none). A process's
 kind is the model-work title it ever had (Ray starts actors in pooled worker processes).
 
 Reported per (configuration, process kind): the peak at each size, the fp32 size of the 0.3b model, and the growth
@@ -73,6 +75,8 @@ SHAPES = {  # Qwen2 shapes; the vocabulary is the trained tokenizer's
 VOCAB = 2048
 CONFIGS = {
     "lora": ["model.lora_r=8"],
+    # what a 7-8B LoRA run uses (docs/SCALING.md): activations recomputed in backward
+    "lora_ckpt": ["model.lora_r=8", "model.gradient_checkpointing=true"],
     "fsdp": ["train.strategy=fsdp", "model.lora_r=0", "train.lr=1e-5"],
     "ddp_full": ["model.lora_r=0", "train.lr=1e-5"],
 }
@@ -98,7 +102,7 @@ WORKLOAD = dict(
 TARGETS = {"driver": 0.25, "lora_train_worker": 0.75, "eval_actor": 0.75, "fsdp_over_ddp_full": 0.6}
 # ray.init gives the local raylet a fixed 30 s to register: on a machine loaded by others it sometimes does not
 RAY_STARTUP_FLAKE = "timed out during startup"
-KINDS = ("driver", "train_worker", "eval_generator", "pair_scorer")
+KINDS = ("driver", "train_worker", "eval_actor", "reference_pass", "weights_task")
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -221,10 +225,12 @@ def kind_of(title: str) -> str | None:
     """The model-work kind of a Ray process title, None for the rest."""
     if title.startswith("ray::RayTrainWorker"):
         return "train_worker"
-    if "PolicyReferenceGenerator" in title:
-        return "eval_generator"
+    if "PolicyReferenceEvaluator" in title:
+        return "eval_actor"
     if "PairScorer" in title:
-        return "pair_scorer"
+        return "reference_pass"
+    if title.startswith(("ray::_publish", "ray::_load_and_stage")):
+        return "weights_task"
     return None
 
 
@@ -431,9 +437,9 @@ def growth_rows(cells: list[dict], fp32_bytes: int, sizes: tuple[str, str] = ("t
             target = None
             if kind == "driver":
                 target = TARGETS["driver"]
-            elif kind == "train_worker" and config == "lora":
+            elif kind == "train_worker" and config in ("lora", "lora_ckpt"):
                 target = TARGETS["lora_train_worker"]
-            elif kind in ("eval_generator", "pair_scorer") and config == "lora":
+            elif kind in ("eval_actor", "reference_pass") and config in ("lora", "lora_ckpt"):
                 target = TARGETS["eval_actor"]
             if target is not None:
                 row["target_x"] = target

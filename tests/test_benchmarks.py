@@ -143,3 +143,18 @@ def test_generate_benchmark_smoke(tmp_path):
         assert row["median_s"] > 0 and row["tokens_per_s"] > 0
         if row["reference"]:
             assert row["ratio"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_scale_benchmark_smoke(tmp_path):
+    """The real pipeline on a tiny random HF model (LoRA, 2 workers, evaluation on): every process kind's peak
+    memory is found and measured."""
+    result = run_smoke("scale.py", tmp_path / "scale.json", timeout_s=800)
+    assert result["smoke"] is True and result["env"]["cpu"]
+    assert all(v > 0 for v in result["matmul_peaks_flops"].values())
+    (cell,) = result["cells"]
+    assert (cell["size"], cell["config"], cell["status"]) == ("tiny", "lora", "ok"), cell
+    assert len(cell["peaks"]["train_worker"]) == 2
+    for kind in ("driver", "train_worker", "eval_actor"):
+        assert cell["peaks"][kind] and min(cell["peaks"][kind]) > 100 * 2**20, (kind, cell["peaks"])

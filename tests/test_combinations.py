@@ -4,11 +4,11 @@ keys. `dpo.reference=precomputed` (the reference pool's real output) gives the l
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 from pathlib import Path
 
 import pytest
+from conftest import pipeline_main
 
 from ray_dpo.config import load_config
 from ray_dpo.recipe.checks import refused_combination
@@ -28,21 +28,21 @@ SWITCHES = {
     "train.grad_accum": (1, 2),
     "data.packing": (False, True),
 }
-# A pairwise covering array of SWITCHES (checked by test_the_rows_cover_every_pair_of_switch_values), ordered so
-# that the cheap rows come first.
+# A pairwise covering array of SWITCHES (checked by test_the_rows_cover_every_pair_of_switch_values): nine rows that
+# train cover every pair but (ours, chat template), which the last row covers by being refused. Precomputed
+# reference log-probs on each model kind, with and without prefix sharing and length bucketing; three compiled rows;
+# packed rows on each model kind and strategy, a precomputed reference among them.
 ROWS = [
-    ("ours", "ddp", "live", False, False, 0, "fp32", False, 1, False),
-    ("ours", "fsdp", "precomputed", True, False, 16, "bf16", False, 2, True),
-    ("ours", "ddp", "none", True, True, 16, "bf16", True, 1, False),
-    ("hf", "ddp", "precomputed", False, True, 16, "fp32", False, 2, True),
-    ("hf", "fsdp", "live", True, True, 0, "bf16", False, 1, False),
-    ("hf", "fsdp", "none", False, False, 16, "fp32", True, 1, False),
-    ("hf_lora", "ddp", "none", True, False, 0, "fp32", False, 2, True),
-    ("hf_lora", "fsdp", "live", False, True, 16, "fp32", False, 1, False),
-    ("hf_lora", "ddp", "precomputed", True, True, 0, "bf16", True, 2, False),
-    ("hf", "ddp", "live", True, False, 0, "bf16", True, 2, False),
-    ("ours", "fsdp", "live", False, False, 0, "fp32", True, 2, True),
-    ("hf_lora", "fsdp", "precomputed", False, False, 16, "bf16", False, 1, True),
+    ("ours", "fsdp", "live", True, False, 16, "bf16", False, 1, False),
+    ("ours", "ddp", "precomputed", False, False, 0, "fp32", False, 2, True),
+    ("ours", "fsdp", "none", False, False, 0, "fp32", True, 2, False),
+    ("hf", "ddp", "live", False, False, 16, "fp32", True, 1, True),
+    ("hf", "fsdp", "precomputed", False, True, 16, "bf16", False, 2, False),
+    ("hf", "ddp", "none", True, True, 0, "bf16", False, 1, True),
+    ("hf_lora", "ddp", "live", True, True, 0, "fp32", False, 2, False),
+    ("hf_lora", "fsdp", "precomputed", True, True, 16, "bf16", True, 1, True),
+    ("hf_lora", "fsdp", "none", False, False, 16, "fp32", False, 1, True),
+    ("ours", "ddp", "none", True, True, 16, "bf16", False, 1, False),  # refused: bytes have no chat template
 ]
 
 
@@ -57,11 +57,12 @@ def test_the_rows_cover_every_pair_of_switch_values():
         assert not missing, f"{a} x {b}: {sorted(missing, key=str)}"
 
 
-def _align_main():
-    spec = importlib.util.spec_from_file_location("align_pipeline", ROOT / "pipelines" / "align.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> dict[str, str]:
+    """The demo task's pairs as files (no SFT set: each row is one DPO run)."""
+    from ray_dpo.recipe.demo import write_sort_task
+
+    return write_sort_task(tmp_path_factory.mktemp("data"), rows=64, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +72,13 @@ def hf_model(tmp_path_factory) -> str:
     return str(build(tmp_path_factory.mktemp("hf") / "qwen2", arch="qwen2", vocab_size=400))
 
 
-def _overrides(row: tuple, hf_model: str, out: Path) -> list[str]:
+def _overrides(row: tuple, hf_model: str, pairs: dict[str, str], out: Path) -> list[str]:
     values = dict(zip(SWITCHES, row, strict=True))
     kind = values.pop("kind")
     args = [f"output_dir={out}", f"train.storage_path={out}/ray", "train.max_steps=1", "train.batch_size=8"]
     args += ["train.log_every=1", "train.eval_every=1", "train.checkpoint_every=1", "eval.enabled=false"]
-    args += ["tracking.registered_model=null", "data.synthetic_rows=64", "sft.path=null", "data.max_len=64"]
+    args += ["tracking.registered_model=null", "data.synthetic=null", f"data.train_path={pairs['train']}"]
+    args += [f"data.val_path={pairs['val']}", "data.max_len=64"]
     args += ["data.max_prompt_len=32", "train.cpus_per_worker=0.5"]
     if kind != "ours":
         args += [f"model.hf_path={hf_model}", f"model.lora_r={4 if kind == 'hf_lora' else 0}"]
@@ -94,13 +96,13 @@ def _step1_loss(uri: str) -> float:
 
 
 @pytest.mark.parametrize("row", ROWS, ids=lambda row: "-".join(str(v) for v in row))
-def test_each_combination_trains_one_step_or_is_refused_at_start(ray_session, hf_model, tmp_path, capsys, row):
+def test_each_combination_trains_one_step_or_is_refused_at_start(ray_session, hf_model, pairs, tmp_path, capsys, row):
     """One step through `pipelines/align.py` (in-process, on the shared Ray): exit 0 with a checkpoint, or exit 2
     with `error: config: ...` naming the keys and nothing written. A precomputed reference's step-1 loss equals
     the live reference's."""
-    main = _align_main()
+    main = pipeline_main("align")
     out = tmp_path / "out"
-    argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), *_overrides(row, hf_model, out)]
+    argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), *_overrides(row, hf_model, pairs, out)]
     config = load_config(argv[1], argv[2:])
     kind = row[0]
     refusal = refused_combination(config, "hf_lora" if kind == "hf_lora" else kind)

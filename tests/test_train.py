@@ -228,7 +228,9 @@ def test_fsdp_lora_on_an_hf_model_killed_after_a_checkpoint_equals_one_worker(ra
     w1, w2 = _weights(single.checkpoint), _weights(fsdp.checkpoint)
     assert w1.keys() == w2.keys() and any("lora_B" in k and w1[k].abs().max() > 1e-4 for k in w1), "adapters moved"
     for name in w1:
-        torch.testing.assert_close(w2[name], w1[name], atol=1e-5, rtol=0, msg=name)
+        # LoRA's A gets no gradient while B is zero, then tiny ones, which Adam's normalisation amplifies: FSDP's
+        # and DDP's summation orders part there by ~3e-5 after 6 steps (a sharding mistake moves weights by far more)
+        torch.testing.assert_close(w2[name], w1[name], atol=1e-4 if "lora_A" in name else 1e-5, rtol=0, msg=name)
 
 
 @pytest.mark.slow
@@ -259,3 +261,39 @@ def test_two_workers_packed_equal_one_worker_unpacked(ray_session, tmp_path, ini
     for split in ("train", "val"):
         fraction = packed.metrics[f"{split}/padded_fraction"]
         assert 0 <= fraction < 0.5 * plain.metrics[f"{split}/padded_fraction"], (split, fraction)
+
+
+@pytest.fixture(scope="module")
+def hf_base(tmp_path_factory) -> str:
+    from tiny_hf import build
+
+    return str(build(tmp_path_factory.mktemp("hf") / "qwen2", arch="qwen2", vocab_size=400))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize(
+    ("strategy", "lora", "prefix_sharing"),
+    [("fsdp", False, False), ("fsdp", False, True), ("fsdp", True, True), ("ddp", False, True)],
+    ids=["fsdp-full", "fsdp-full-prefix", "fsdp-lora-prefix", "ddp-full-prefix"],
+)
+def test_hf_model_with_a_live_reference_on_two_ranks_equals_one_worker(
+    ray_session, tmp_path, hf_base, strategy, lora, prefix_sharing
+):
+    """A Hugging Face model with its live reference (sharded like the policy under FSDP: each rank reads only its
+    rows of the weights), 2 ranks vs 1 DDP worker with grad_accum 2 on the same global batches: equal weights."""
+    train_ds = ray_session.data.from_items(_pairs(16, seed=1))  # 2 global batches
+    val_ds = ray_session.data.from_items(_pairs(4, seed=2))
+    settings = [f"model.hf_path={hf_base}", f"model.lora_r={4 if lora else 0}", "model.lora_dropout=0.0"]
+    settings += [f"dpo.prefix_sharing={str(prefix_sharing).lower()}", "train.checkpoint_every=2"]
+    common = dict(init_checkpoint=hf_base, reference_checkpoint=hf_base, pad_id=PAD)
+    one = _config(tmp_path, *settings, "train.num_workers=1", "train.grad_accum=2", "train.run_name=one")
+    two = _config(tmp_path, *settings, "train.num_workers=2", f"train.strategy={strategy}", "train.run_name=two")
+    single, sharded = fit(one, train_ds, val_ds, **common), fit(two, train_ds, val_ds, **common)
+    assert single.steps == sharded.steps == 2
+    w1, w2, w0 = _weights(single.checkpoint), _weights(sharded.checkpoint), _weights(hf_base)
+    moved = [k for k in w1 if k in w0 and (w1[k] - w0[k]).abs().max() > 1e-4] if not lora else list(w1)
+    assert moved, "training moved the weights"
+    for name in w1:  # LoRA's A: see test_fsdp_lora_on_an_hf_model_killed_after_a_checkpoint_equals_one_worker
+        torch.testing.assert_close(w2[name], w1[name], atol=1e-4 if "lora_A" in name else 1e-5, rtol=0, msg=name)
+    assert sharded.metrics["train/loss"] == pytest.approx(single.metrics["train/loss"], abs=1e-5)

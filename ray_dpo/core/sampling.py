@@ -150,12 +150,6 @@ def _prepare_prompts(
     return tokens, lens
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    from ray_dpo.core.compat import AutoregressiveWrapper  # the wrapper calls this module: imported when used
-
-    return model.net if isinstance(model, AutoregressiveWrapper) else model
-
-
 def _has_cache_api(model: Callable) -> bool:
     """Our protocol (TransformerLM): `init_cache`, and forward takes positions / attn_mask / cache."""
     return callable(getattr(model, "init_cache", None))
@@ -342,8 +336,7 @@ def generate(
     decode: how a TransformerLM's single-token step runs: "eager" (fused kernels, the default) or "compile"
     (torch.compile; on a 2-core CPU slower than eager, and seconds of compiling per shape).
     """
-    model = _unwrap(model)
-    amateurs = () if amateur_model is None else tuple(map(_unwrap, _as_tuple(amateur_model)))
+    amateurs = () if amateur_model is None else _as_tuple(amateur_model)
     cd_kwargs = _contrastive_kwargs(contrastive_decode_kwargs, len(amateurs))
     filter_fn = None if amateurs else _resolve_filter(filter_logits_fn)
     if seq_len < 1:
@@ -440,7 +433,6 @@ def beam_search(
     beam can beat its `beams` finished ones. stochastic: candidates are picked by Gumbel-perturbed filtered
     logits / temperature (the seed's stochastic beam search) and ranked by their true scores. decode: as `generate`.
     """
-    model = _unwrap(model)
     filter_fn = _resolve_filter(filter_logits_fn)
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")

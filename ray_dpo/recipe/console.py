@@ -1,9 +1,9 @@
 """What a user sees: one line per stage, a live progress line per training run, the summary last.
 
-Ray's own logs (its driver logs, worker and actor output, Ray Data's plans and Train's reports) go to the Ray
-session's log directory, not to the terminal; `--verbose` brings them back. On a terminal the progress line is
-redrawn in place (tqdm style); in a log file (not a TTY) it is a plain line every `PLAIN_EVERY_S` seconds and at the
-end of the run.
+Ray's own logs (its driver logs, worker and actor output, Ray Data's plans and Train's reports, and what its native
+core writes to stderr) go to the Ray session's log directory, not to the terminal; `--verbose` brings them back.
+On a terminal the progress line is redrawn in place (tqdm style); in a log file (not a TTY) it is a plain line every
+`PLAIN_EVERY_S` seconds and at the end of the run.
 """
 
 from __future__ import annotations
@@ -68,10 +68,12 @@ class Console:
             warnings.filterwarnings("ignore", category=category, module=libraries)
 
     def log_to(self, log_dir: str | None) -> None:
-        """Write the held and all further library log records to `<log_dir>/ray-dpo-driver.log`."""
+        """Write the held and all further library log records to `<log_dir>/ray-dpo-driver.log`, and the native
+        libraries' output (Ray's core, gloo: they write to file descriptor 2 directly) to `ray-dpo-native.log`."""
         held = getattr(self, "_held", None)
         if held is None or not log_dir:
             return
+        self._native_to(Path(log_dir) / "ray-dpo-native.log")
         handler = logging.FileHandler(Path(log_dir) / "ray-dpo-driver.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         held.setTarget(handler)
@@ -84,6 +86,21 @@ class Console:
             logger.addHandler(handler)
             logger.propagate = False
         self._held = None
+
+    def _native_to(self, path: Path) -> None:
+        """Point file descriptor 2 at `path`, and this process's Python stderr (our lines, the final error line)
+        at a duplicate of the terminal. Only for a real stderr: a test's captured stream is left alone."""
+        try:
+            if sys.stderr.fileno() != 2 or self.stream is not sys.stderr:
+                return
+        except (AttributeError, ValueError, io.UnsupportedOperation):
+            return
+        sys.stderr.flush()
+        terminal = os.fdopen(os.dup(2), "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace")
+        native = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(native, 2)
+        os.close(native)
+        sys.stderr = self.stream = terminal
 
     @contextlib.contextmanager
     def captured(self) -> Iterator[io.StringIO]:

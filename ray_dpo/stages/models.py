@@ -45,13 +45,20 @@ def reuse_freed_memory() -> bool:
     return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
+def file_names(source: str | Path | Checkpoint) -> set[str]:
+    """The file names of a checkpoint directory, local or in storage (listed: nothing downloaded)."""
+    if isinstance(source, (str, Path)) and not storage.is_uri(str(source)):
+        return {p.name for p in Path(source).iterdir()} if Path(source).is_dir() else set()
+    checkpoint = storage.as_checkpoint(str(source) if isinstance(source, Path) else source)
+    infos = checkpoint.filesystem.get_file_info(pafs.FileSelector(checkpoint.path, allow_not_found=True))
+    return {i.path.rsplit("/", 1)[-1] for i in infos if i.type == pafs.FileType.File}
+
+
 def kind(source: str | Path | Checkpoint) -> layout.DirectoryKind:
     """What a checkpoint directory holds, local or in storage, read from its file names (nothing downloaded)."""
     if isinstance(source, (str, Path)) and not storage.is_uri(str(source)):
         return layout.local_kind(source)
-    checkpoint = storage.as_checkpoint(str(source) if isinstance(source, Path) else source)
-    infos = checkpoint.filesystem.get_file_info(pafs.FileSelector(checkpoint.path, allow_not_found=True))
-    found = layout.directory_kind(i.path.rsplit("/", 1)[-1] for i in infos if i.type == pafs.FileType.File)
+    found = layout.directory_kind(file_names(source))
     if found is None:
         raise ValueError("not a model checkpoint (no model_config.json, config.json, adapter_config.json or .metadata)")
     return found
@@ -168,6 +175,20 @@ def save(directory: str | Path, model: nn.Module, *, encoding: Encoding | None =
     if encoding is not None:
         encoding.save(directory)
     return directory
+
+
+def save_adapters(directory: str | Path, model: nn.Module, adapters: dict[str, torch.Tensor], *, base: str) -> None:
+    """LoRA adapters given as whole tensors (gathered from shards), saved as PEFT saves them: `adapter_config.json`,
+    `adapter_model.safetensors` and `base.json` naming their base."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    model.peft_config["default"].save_pretrained(str(directory))
+    save_file(
+        {name.replace(".default", ""): t.contiguous() for name, t in adapters.items()},
+        directory / "adapter_model.safetensors",
+    )
+    (directory / layout.BASE_FILE).write_text(json.dumps({"base": base}))
 
 
 def save_config(directory: str | Path, model: nn.Module) -> None:

@@ -12,6 +12,7 @@ policy's safetensors, its tokenizer and its `encoding.json`, so `predict` encode
 
 from __future__ import annotations
 
+import fnmatch
 import shutil
 import tempfile
 import warnings
@@ -31,7 +32,14 @@ from ray_dpo.stages import models, storage, tracking
 from ray_dpo.stages.tracking import TrackingError, client, one_line
 
 POLICY_ARTIFACT = "policy"  # key of the policy's files inside the logged MLflow model
-TRAINING_STATE = (layout.OPTIMIZER_FILE, layout.STATE_FILE, layout.SCHEDULER_FILE, layout.SHARDED_METADATA)
+TRAINING_STATE = (
+    layout.OPTIMIZER_FILE,
+    layout.STATE_FILE,
+    layout.SCHEDULER_FILE,
+    layout.SHARDED_METADATA,
+    "*.distcp",
+    "manifest.*",
+)
 
 # "Models from code": MLflow stores this file in the model and runs it on load, so nothing is pickled (the
 # weights are safetensors, the class comes from the installed ray-dpo package).
@@ -119,9 +127,8 @@ def _stage_policy(policy_dir: Path, into: Path) -> Path:
     policy = into / POLICY_ARTIFACT
     policy.mkdir(parents=True)
     for source in policy_dir.iterdir():
-        if source.is_file() and source.name not in TRAINING_STATE and not source.name.startswith("manifest."):
-            if not source.name.endswith(".distcp"):
-                shutil.copy2(source, policy / source.name)
+        if source.is_file() and not any(fnmatch.fnmatch(source.name, pattern) for pattern in TRAINING_STATE):
+            shutil.copy2(source, policy / source.name)
     return policy
 
 
@@ -294,7 +301,7 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> dict[str, Path
     models.save(out["model"], models.merged(models.load(str(checkpoint_dir))), encoding=encoding)
     if models.kind(checkpoint_dir) == "adapter":
         out["adapter"] = Path(out_dir) / "adapter"
-        shutil.copytree(checkpoint_dir, out["adapter"], ignore=shutil.ignore_patterns(*TRAINING_STATE, "manifest.*"))
+        shutil.copytree(checkpoint_dir, out["adapter"], ignore=shutil.ignore_patterns(*TRAINING_STATE))
     return out
 
 
@@ -303,13 +310,15 @@ def _publish(checkpoint: Checkpoint, uri: str, run_id: str, name: str | None, ex
     with storage.local_directory(checkpoint) as final, tempfile.TemporaryDirectory(prefix="ray-dpo-publish-") as tmp:
         tracking.log_artifact(uri, run_id, final, "checkpoints/final")
         policy_dir, export = Path(final), None
-        if models.kind(final) != "ours":  # your model back in its own format, LoRA merged: what is served too
-            exported = export_hf(final, Path(tmp) / "export")
+        if models.kind(final) not in ("ours", "hf"):  # adapters merged, or shards gathered: whole weights to serve
+            policy_dir = export_hf(final, Path(tmp) / "export")["model"]
+        if models.kind(policy_dir) == "hf":  # your model back in its own format: what is served too
+            if policy_dir == Path(final):
+                shutil.copytree(final, Path(tmp) / "export" / "model", ignore=shutil.ignore_patterns(*TRAINING_STATE))
             tracking.log_artifact(uri, run_id, Path(tmp) / "export", "export")
             if export_to is not None:
                 staged = storage.stage_directory(Path(tmp) / "export", export_to[0], *export_to[1:])
                 export = f"{storage.checkpoint_uri(staged)}/model"
-            policy_dir = exported["model"]
         model_uri = register_model(uri, run_id, policy_dir, name)
     return Published(model_uri, export)
 

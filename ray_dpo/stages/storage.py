@@ -12,7 +12,9 @@ when a node cannot see it (Ray itself would only fail after the first checkpoint
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,6 +98,50 @@ def local_directory(checkpoint: str | Checkpoint) -> Iterator[str]:
         return
     with as_checkpoint(checkpoint).as_directory() as directory:
         yield directory
+
+
+@contextlib.contextmanager
+def small_files(location: str | Checkpoint, names: tuple[str, ...]) -> Iterator[str]:
+    """A local directory holding a checkpoint's `names` (configs, tokenizer, state): the directory itself when it is
+    local, else only those files fetched from storage (never the weights)."""
+    if isinstance(location, str) and not is_uri(location):
+        yield location
+        return
+    checkpoint = as_checkpoint(location)
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        yield checkpoint.path
+        return
+    with tempfile.TemporaryDirectory(prefix="ray-dpo-small-") as tmp:
+        for name in names:
+            try:
+                with checkpoint.filesystem.open_input_stream(f"{checkpoint.path.rstrip('/')}/{name}") as source:
+                    (Path(tmp) / name).write_bytes(source.read())
+            except (FileNotFoundError, OSError):
+                continue  # not every kind of checkpoint has every file
+        yield tmp
+
+
+NODE_CACHE = Path(tempfile.gettempdir()) / "ray-dpo-node-cache"
+
+
+@contextlib.contextmanager
+def node_local(location: str | Checkpoint) -> Iterator[str]:
+    """A checkpoint as a local directory: itself when local; from storage, downloaded ONCE per node into a cache
+    the node's ranks share (a file lock: the first rank downloads, the others wait and read the same files)."""
+    checkpoint = as_checkpoint(location)
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        yield checkpoint.path
+        return
+    from filelock import FileLock
+
+    key = hashlib.sha256(checkpoint_uri(checkpoint).encode()).hexdigest()[:16]
+    cache = NODE_CACHE / key
+    NODE_CACHE.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache) + ".lock"):
+        if not (cache / STAGED_MARKER).is_file():
+            pafs.copy_files(checkpoint.path, str(cache), source_filesystem=checkpoint.filesystem)
+            (cache / STAGED_MARKER).write_text("complete\n")
+    yield str(cache)
 
 
 # ------------------------------------------------------------------------------------------- many nodes

@@ -2,7 +2,8 @@
 optimises (`tasks`: DPO, SFT)."""
 
 from ray_dpo.stages.train.driver import TrainingDivergedError, TrainResult, train_dpo, train_sft
-from ray_dpo.stages.train.loop import FAIL_ENV, WorkerSpec, all_reduce_sum, lr_factor
+from ray_dpo.stages.train.loop import FAIL_ENV, all_reduce_sum, lr_factor
+from ray_dpo.stages.train.spec import WorkerSpec
 
 __all__ = [
     "FAIL_ENV",

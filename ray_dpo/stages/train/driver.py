@@ -30,8 +30,9 @@ from ray_dpo.config import Config
 from ray_dpo.errors import UserError
 from ray_dpo.stages import storage, tracking
 from ray_dpo.stages.train import checkpoints
-from ray_dpo.stages.train.loop import FAIL_ENV, WorkerSpec, train_loop
+from ray_dpo.stages.train.loop import FAIL_ENV, train_loop
 from ray_dpo.stages.train.shards import deal
+from ray_dpo.stages.train.spec import WorkerSpec
 
 Progress = Callable[[dict[str, Any]], None]  # called with each report of rank 0 (`step`, `total_steps`, metrics)
 
@@ -72,9 +73,9 @@ def train_dpo(
     mode = config.dpo.reference
     if mode == "live" and not reference_checkpoint:
         raise UserError("train: dpo.reference=live needs a reference checkpoint")
-    for name, ds in (("train", train_ds), ("val", val_ds)):
+    for split, ds in (("train", train_ds), ("val", val_ds)):
         if mode == "precomputed" and ds is not None and "ref_chosen_logp" not in ds.columns():
-            raise UserError(f"train: dpo.reference=precomputed but the {name} data has no ref_chosen_logp column")
+            raise UserError(f"train: dpo.reference=precomputed but the {split} data has no ref_chosen_logp column")
     t = config.train
     return _fit(
         "dpo",

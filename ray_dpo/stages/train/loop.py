@@ -15,6 +15,7 @@ Failure injection for tests: RAY_DPO_FAIL_AT="step:rank:/abs/marker" in the driv
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import random
@@ -23,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import ray
@@ -34,39 +35,21 @@ import torch.distributed as dist
 from ray.train import Checkpoint
 from torch import Tensor, nn
 
-from ray_dpo.config import Config, ModelSettings
+from ray_dpo.config import ModelSettings
 from ray_dpo.core import checkpoint as layout
 from ray_dpo.core.checkpoint import load_training_state, save_training_state
 from ray_dpo.core.encoding import ENCODING_FILE
-from ray_dpo.core.kinds import is_hf
+from ray_dpo.core.kinds import is_peft
 from ray_dpo.core.logps import LogpsModel, core_model
 from ray_dpo.errors import UserError
 from ray_dpo.stages import models, storage
-from ray_dpo.stages.storage import local_directory
-from ray_dpo.stages.train import checkpoints, parallel
+from ray_dpo.stages.train import checkpoints, parallel, shard_load
+from ray_dpo.stages.train.shard_load import ShardSpec
 from ray_dpo.stages.train.shards import Shard, micro_batches
+from ray_dpo.stages.train.spec import WorkerSpec
 from ray_dpo.stages.train.tasks import TASKS, Task
 
 FAIL_ENV = "RAY_DPO_FAIL_AT"  # "step:rank:marker_path": that rank exits once at that step (failure-recovery tests)
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """Everything a worker needs, typed: built by the driver, pickled once into `train_loop_config`."""
-
-    task: Literal["dpo", "sft"]
-    config: Config
-    init_checkpoint: Checkpoint  # weights (and tokenizer) the run starts from, staged where every node reads
-    reference_checkpoint: Checkpoint | None  # the frozen reference (dpo.reference=live)
-    micro_batch: int  # rows per micro-batch on one rank
-    steps_per_epoch: int
-    total_steps: int
-    lr: float
-    pad_id: int
-    metric_prefix: str  # "train" (DPO) or "sft": train metrics are `<prefix>/loss`, ...
-    val_prefix: str  # "val" or "sft_val"
-    perf_key: str  # tokens/s metric name
-    fail_at: str | None = None  # failure injection (FAIL_ENV)
 
 
 def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
@@ -146,41 +129,61 @@ def setup_worker(spec: WorkerSpec) -> _Worker:
     resume = checkpoints.resume_checkpoint(ray.train.get_checkpoint(), *run_path)
     state = {"step": 0, "epoch": 0, "epoch_step": 0, "metrics": {}}
     m = spec.config.model
-    with local_directory(resume or spec.init_checkpoint) as directory:
-        sharded = parallel.is_sharded(directory)
-        if sharded != (resume is not None and t.strategy == "fsdp"):
-            raise UserError(
-                f"train: checkpoint {directory} was written with train.strategy={'fsdp' if sharded else 'ddp'}; "
-                f"resume it with that strategy (or start a new train.run_name)"
-            )
-        model = models.skeleton(directory) if sharded else models.load(directory, trainable=True)
-        if is_hf(model) and m.lora_r and resume is None:  # fresh adapters on the base: only they train
+    source = resume or spec.init_checkpoint
+    sharded = layout.SHARDED_METADATA in models.file_names(source)  # listed: nothing downloaded
+    if sharded != (resume is not None and t.strategy == "fsdp"):
+        raise UserError(
+            f"train: checkpoint {storage.checkpoint_uri(source)} was written with train.strategy="
+            f"{'fsdp' if sharded else 'ddp'}; resume it with that strategy (or start a new train.run_name)"
+        )
+    adapters = bool(m.lora_r) and resume is None and models.kind(spec.init_checkpoint) != "ours"
+
+    def prepare(model: nn.Module) -> nn.Module:  # before distributing (under FSDP: still on the meta device)
+        if adapters:  # fresh adapters on the base: only they train
             model = with_lora(model, m, t.seed)
         if m.gradient_checkpointing:
             models.enable_gradient_checkpointing(model)
+        return model
+
+    with storage.small_files(source, (*layout.TOKENIZER_FILES, ENCODING_FILE, layout.STATE_FILE)) as directory:
         encoding_files = {  # the tokenizer and encoding the run started with, saved into every checkpoint
             name: (Path(directory) / name).read_bytes()
             for name in (*layout.TOKENIZER_FILES, ENCODING_FILE)
             if (Path(directory) / name).is_file()
         }
+        if resume is not None:
+            state = json.loads((Path(directory) / layout.STATE_FILE).read_text())
+    if t.strategy == "fsdp":  # each rank allocates and reads only its shard
+        model = shard_load.build_sharded(
+            source, device, spec=ShardSpec(bf16_compute=bf16, prepare=prepare), seed=t.seed
+        )
+        if t.compile:
+            core_model(model).compile()
+    else:
+        # a LoRA base is frozen: held in bf16 under bf16 compute (half its memory; the adapters stay fp32)
+        dtype = torch.bfloat16 if bf16 and m.lora_r else None
+        with storage.local_directory(source) as directory:
+            model = prepare(models.load(directory, trainable=True, dtype=dtype))
+        if adapters:
+            shard_load.init_adapters(model, t.seed)
         if t.compile:
             model.compile()
-        # the module DDP / FSDP wrap scores inside its forward: gradient sync covers the (chunked) head too
-        model = parallel.distribute(LogpsModel(model), t.strategy, device, bf16=bf16)
-        # fused: one kernel over all parameters, on CPU and CUDA alike (torch >= 2.4); FSDP's sharded (DTensor)
-        # parameters take the foreach implementation
-        fused = t.strategy == "ddp"
-        trained = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
-        optimizer = torch.optim.AdamW(trained, lr=spec.lr, weight_decay=t.weight_decay, fused=fused)
-        schedule = functools.partial(lr_factor, warmup=t.warmup_steps, total=spec.total_steps, min_ratio=t.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        if resume is not None:  # after distributing: optimizer state lands on the parameters' devices and shards
-            optimizer_state, state = load_training_state(directory)
-            if sharded:
-                parallel.load_sharded(directory, model, optimizer, scheduler)
-            else:
-                optimizer.load_state_dict(optimizer_state["optimizer"])
-                scheduler.load_state_dict(optimizer_state["scheduler"])
+        # the module DDP wraps scores inside its forward: gradient sync covers the (chunked) head too
+        model = parallel.distribute(LogpsModel(model), "ddp", device, bf16=bf16)
+    # fused: one kernel over all parameters, on CPU and CUDA alike (torch >= 2.4); FSDP's sharded (DTensor)
+    # parameters take the foreach implementation
+    trained = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
+    optimizer = torch.optim.AdamW(trained, lr=spec.lr, weight_decay=t.weight_decay, fused=t.strategy == "ddp")
+    schedule = functools.partial(lr_factor, warmup=t.warmup_steps, total=spec.total_steps, min_ratio=t.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    if resume is not None:  # after distributing: optimizer state lands on the parameters' devices and shards
+        if sharded:  # this rank reads its own shard files, straight from storage
+            parallel.load_sharded(storage.as_checkpoint(resume), model, optimizer, scheduler)
+        else:
+            with storage.local_directory(resume) as directory:
+                optimizer_state, _ = load_training_state(directory)
+            optimizer.load_state_dict(optimizer_state["optimizer"])
+            scheduler.load_state_dict(optimizer_state["scheduler"])
     known = set()
     if ctx.get_world_rank() == 0:
         reported = ray.train.get_all_reported_checkpoints(ray.train.CheckpointConsistencyMode.COMMITTED)
@@ -340,15 +343,14 @@ def save_checkpoint(w: _Worker, metrics: dict[str, float]) -> None:
     state = {**w.state, "seed": w.spec.config.train.seed}
     core = core_model(w.model)
     base = storage.checkpoint_uri(w.spec.init_checkpoint)  # LoRA: adapters point at the staged base
-    if sharded:
+    if sharded:  # every rank its shard; no rank gathers the whole model (readers load shards: models.load)
         parallel.save_sharded(directory, w.model, w.optimizer, w.scheduler)
-        final = parallel.full_state_dict(w.model) if w.state["step"] == w.spec.total_steps else None
+        last = w.state["step"] == w.spec.total_steps
+        adapters = parallel.full_adapters(w.model) if last and is_peft(core) else None  # small: gathered whole
         if w.rank == 0:
             models.save_config(directory, core)
-            if final is not None:  # the last checkpoint holds whole weights: what evaluation and export read
-                whole = models.skeleton(directory)
-                whole.load_state_dict({k.removeprefix("model."): v for k, v in final.items()})
-                models.save(directory, whole, base=base)
+            if adapters is not None:  # the last checkpoint of LoRA training: the adapters on their staged base
+                models.save_adapters(directory, core, adapters, base=base)
             save_training_state(directory, None, state)
     else:
         models.save(directory, core, base=base)

@@ -11,22 +11,23 @@ from __future__ import annotations
 
 import contextlib
 import json
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray.train.torch
 import torch
 import torch.distributed.checkpoint as dcp
+from ray.train import Checkpoint
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from ray_dpo.core import checkpoint as layout
 from ray_dpo.core.kinds import module_kind, peft_base
 from ray_dpo.core.logps import core_model
 
@@ -39,10 +40,11 @@ def blocks(model: nn.Module) -> list[nn.Module]:
     return list(inner.blocks) if module_kind(inner) == "ours" else list(inner.get_decoder().layers)
 
 
-def shard(model: nn.Module, device: torch.device, *, bf16: bool) -> nn.Module:
+def shard(model: nn.Module, device: torch.device, *, bf16: bool, on_meta: bool = False) -> nn.Module:
     """FSDP2: each block its own unit (all-gathered just before it runs), the rest (embeddings, tied head) in the
-    root unit."""
-    model.to(device)
+    root unit. `on_meta`: the parameters are still on the meta device (the caller allocates the shards)."""
+    if not on_meta:
+        model.to(device)
     # inputs are token ids, masks and positions (autocast picks the compute dtype): nothing for FSDP to cast, and its
     # cast would rebuild the prefix-sharing mask (a dataclass) field by field
     policy = (
@@ -81,10 +83,6 @@ def grad_norm(model: nn.Module, clip: float) -> float:
     return (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
 
 
-def is_sharded(directory: str | Path) -> bool:
-    return (Path(directory) / ".metadata").is_file()
-
-
 def save_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
     """Every rank: its shard of model and optimizer state; the LR schedule as JSON (no pickle)."""
     model_state, optimizer_state = get_state_dict(model, optimizer)
@@ -92,14 +90,61 @@ def save_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optim
     (directory / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict()))
 
 
-def load_sharded(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+def load_sharded(checkpoint: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+    """Every rank: its shard of model and optimizer state, read from the checkpoint in storage (only the files its
+    read plan needs are fetched), and the LR schedule."""
+    from ray_dpo.stages.storage import small_files
+
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=directory)
+    with planned_reader(checkpoint) as reader:
+        dcp.load(state, storage_reader=reader)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    scheduler.load_state_dict(json.loads((Path(directory) / SCHEDULER_FILE).read_text()))
+    with small_files(checkpoint, (SCHEDULER_FILE,)) as directory:
+        scheduler.load_state_dict(json.loads((Path(directory) / SCHEDULER_FILE).read_text()))
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's weights on rank 0's CPU (a collective: every rank calls it; others get {})."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def full_adapters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA adapters as whole tensors on the CPU, names as in the PEFT model (a collective: every rank calls it).
+    Only the adapters are gathered: no rank ever holds the whole base."""
+    from ray_dpo.core.logps import core_model
+
+    return {
+        name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
+        for name, p in core_model(model).named_parameters()
+        if "lora_" in name
+    }
+
+
+class PlannedDownloadReader(FileSystemReader):
+    """torch.distributed.checkpoint's reader over a checkpoint in storage: this rank downloads `.metadata` and then
+    only the files its load plan reads (with the same world size: its own `__<rank>_0.distcp`)."""
+
+    def __init__(self, checkpoint: Checkpoint, local_dir: str):
+        super().__init__(local_dir)
+        self.remote, self.local_dir = checkpoint, Path(local_dir)
+        self._fetch(layout.SHARDED_METADATA)
+
+    def _fetch(self, relative_path: str) -> None:
+        target = self.local_dir / relative_path
+        if not target.is_file():
+            source = f"{self.remote.path.rstrip('/')}/{relative_path}"
+            with self.remote.filesystem.open_input_stream(source) as stream, open(target, "wb") as out:
+                while chunk := stream.read(64 << 20):
+                    out.write(chunk)
+
+    def read_data(self, plan, planner):
+        for relative_path in {self.storage_data[item.storage_index].relative_path for item in plan.items}:
+            self._fetch(relative_path)
+        return super().read_data(plan, planner)
+
+
+@contextlib.contextmanager
+def planned_reader(checkpoint: Checkpoint) -> Iterator[FileSystemReader]:
+    """A DCP reader for a sharded checkpoint: reads it in place when it is local, else downloads only what this rank
+    reads."""
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        yield FileSystemReader(checkpoint.path)
+        return
+    with tempfile.TemporaryDirectory(prefix="ray-dpo-shards-") as tmp:
+        yield PlannedDownloadReader(checkpoint, tmp)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,10 +20,9 @@ from ray_dpo.core.kinds import is_peft
 from ray_dpo.core.logps import LogpsModel, core_model, scored_logps
 from ray_dpo.core.pairs import layout_tokens, response_mask_from_lengths
 from ray_dpo.stages import models
-from ray_dpo.stages.train import parallel
-
-if TYPE_CHECKING:
-    from ray_dpo.stages.train.loop import WorkerSpec
+from ray_dpo.stages.train import parallel, shard_load
+from ray_dpo.stages.train.shard_load import ShardSpec
+from ray_dpo.stages.train.spec import WorkerSpec
 
 DPO_METRICS = (
     "loss",
@@ -70,15 +68,15 @@ def dpo_task(spec: WorkerSpec, model: nn.Module, device: torch.device) -> Task:
     if d.reference == "live" and is_peft(core_model(model)):  # the base with adapters off: no second copy of it
         reference = LogpsModel(core_model(model), adapters_disabled=True)
     elif d.reference == "live":  # identical on every rank: it comes from one checkpoint; bf16 halves its memory
-        dtype = torch.bfloat16 if t.precision == "bf16" else None
-        frozen = models.load(spec.reference_checkpoint, device, dtype=dtype).eval().requires_grad_(False)
-        if t.compile and t.strategy != "fsdp":  # compiled like the policy: its forward is a quarter of a step's FLOPs
-            frozen.compile()
-        # sharded like the policy (no rank holds a whole second model), with the scoring module as FSDP's root: the
-        # root's forward is what all-gathers the embeddings and the head
-        reference = LogpsModel(frozen)
-        if t.strategy == "fsdp":
-            reference = parallel.shard(reference, device, bf16=False)
+        dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
+        if t.strategy == "fsdp":  # sharded like the policy: each rank holds and reads only its shard of it
+            shards = ShardSpec(bf16_compute=False, dtype=dtype, frozen=True)
+            reference = shard_load.build_sharded(spec.reference_checkpoint, device, spec=shards, seed=t.seed).eval()
+        else:
+            frozen = models.load(spec.reference_checkpoint, device, dtype=dtype).eval().requires_grad_(False)
+            if t.compile:  # compiled like the policy: its forward is a quarter of a step's FLOPs
+                frozen.compile()
+            reference = LogpsModel(frozen)
     kwargs = dict(
         beta=d.beta,
         pad_id=spec.pad_id,
