@@ -113,7 +113,13 @@ def test_reference_logps_are_computed_once_and_reused_by_a_later_run(ray_session
             reference = starting_weights(opened)  # a fresh seeded model, staged under this run's name
             data = with_reference_logps(opened, data, reference)
             trained = train_dpo(
-                opened.config, data.train, data.val, name=name, init_checkpoint=reference, pad_id=ByteTokenizer.pad_id
+                opened.config,
+                data.train,
+                data.val,
+                name=name,
+                init_checkpoint=reference,
+                reference_checkpoint=None,
+                pad_id=ByteTokenizer.pad_id,
             )
         tag = MlflowClient(uri).get_run(opened.run_id).data.tags[REFERENCE_TAG]
         return tag, data.train.to_pandas(), trained.metrics["train/loss"]
