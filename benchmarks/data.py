@@ -111,6 +111,12 @@ def cpu_seconds() -> float:
 # ------------------------------------------------------------------------------------------------ the two paths
 
 
+def encoding(tokenizer):
+    from ray_dpo.core.encoding import Encoding
+
+    return Encoding(tokenizer, max_len=MAX_LEN, max_prompt_len=MAX_PROMPT_LEN)
+
+
 def plain_loop(path: Path, tokenizer) -> tuple[pa.Table, np.ndarray]:
     """One process, no Ray: pyarrow batches through the same vectorised rules -> (token rows, rows per status)."""
     from ray_dpo.stages.data.read import _MAP_BATCH_SIZE, _STATUS, REASONS, _process
@@ -122,9 +128,7 @@ def plain_loop(path: Path, tokenizer) -> tuple[pa.Table, np.ndarray]:
         done = _process(
             pa.Table.from_batches([batch]),
             names=names,
-            tokenizer=tokenizer,
-            max_len=MAX_LEN,
-            max_prompt_len=MAX_PROMPT_LEN,
+            encoding=encoding(tokenizer),
         )
         counts += np.bincount(done.status.astype(np.int64), minlength=len(counts))
         parts.append(done.table.filter(pa.array(done.status < 2)).drop_columns([_STATUS]))
@@ -159,9 +163,7 @@ def python_rows_loop(path: Path, tokenizer) -> int:
 def ray_read(path: Path, tokenizer):
     from ray_dpo.stages.data import read_preferences
 
-    return read_preferences(
-        path, tokenizer=tokenizer, max_len=MAX_LEN, max_prompt_len=MAX_PROMPT_LEN, on_bad_row="skip"
-    )
+    return read_preferences(path, encoding=encoding(tokenizer), on_bad_row="skip")
 
 
 def check_same(path: Path, tokenizer) -> None:
