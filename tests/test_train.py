@@ -233,36 +233,6 @@ def test_fsdp_lora_on_an_hf_model_killed_after_a_checkpoint_equals_one_worker(ra
         torch.testing.assert_close(w2[name], w1[name], atol=1e-4 if "lora_A" in name else 1e-5, rtol=0, msg=name)
 
 
-@pytest.mark.slow
-def test_two_workers_packed_equal_one_worker_unpacked(ray_session, tmp_path, init_checkpoint):
-    """`data.packing` through the trainer: 2 DDP workers packing each micro-batch (prefix sharing, pack_len 32: two
-    rows of pairs per micro-batch) train the weights 1 worker gets unpacked (grad_accum 2) from the same global
-    batches, and log a padded fraction far below the unpacked one."""
-    train_ds = ray_session.data.from_items(_pairs(24, seed=1))
-    val_ds = ray_session.data.from_items(_pairs(6, seed=2))
-    common = dict(init_checkpoint=init_checkpoint, reference_checkpoint=init_checkpoint, pad_id=PAD)
-    one = _config(tmp_path, "train.num_workers=1", "train.grad_accum=2", "train.run_name=unpacked")
-    packed = _config(
-        tmp_path,
-        "train.num_workers=2",
-        "train.run_name=packed",
-        "data.packing=true",
-        "data.pack_len=32",
-        "dpo.prefix_sharing=true",
-    )
-    plain, packed = fit(one, train_ds, val_ds, **common), fit(packed, train_ds, val_ds, **common)
-    assert plain.steps == packed.steps == 3
-    w0, w1, w2 = _weights(init_checkpoint), _weights(plain.checkpoint), _weights(packed.checkpoint)
-    assert max((w1[k] - w0[k]).abs().max().item() for k in w0) > 1e-3  # training moved the weights
-    for name in w1:
-        torch.testing.assert_close(w2[name], w1[name], atol=1e-5, rtol=0, msg=name)
-    for key in ("train/loss", "val/loss", "val/rewards/accuracies"):
-        assert packed.metrics[key] == pytest.approx(plain.metrics[key], abs=1e-5), key
-    for split in ("train", "val"):
-        fraction = packed.metrics[f"{split}/padded_fraction"]
-        assert 0 <= fraction < 0.5 * plain.metrics[f"{split}/padded_fraction"], (split, fraction)
-
-
 @pytest.fixture(scope="module")
 def hf_base(tmp_path_factory) -> str:
     from tiny_hf import build
