@@ -49,6 +49,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torch import Tensor, nn
@@ -58,9 +59,11 @@ from common import cpu_info, load_average, matmul_peak, print_table, setup, writ
 
 import ray_dpo.core.kernels as model_lib  # noqa: E402
 from ray_dpo.core.dpo import DPO  # noqa: E402
+from ray_dpo.core.logps import LogpsModel  # noqa: E402
 from ray_dpo.core.model import ModelConfig, TransformerLM  # noqa: E402
-from ray_dpo.core.pairs import pack_pairs, response_mask_from_lengths
+from ray_dpo.core.pairs import layout_tokens, pack_pairs, response_mask_from_lengths  # noqa: E402
 from ray_dpo.core.tokenizer import ByteTokenizer  # noqa: E402
+from ray_dpo.stages.data.order import bucket_sort_key  # noqa: E402
 from ray_dpo.stages.models import reuse_freed_memory  # noqa: E402
 
 HH_PATH = Path(__file__).resolve().parents[1] / "data" / "hh_rlhf" / "hh_rlhf_harmless_train_1812.parquet"
@@ -105,17 +108,38 @@ def collate(prompts: list[np.ndarray], chosens: list[np.ndarray], rejecteds: lis
     return dict(chosen=rows(chosens), rejected=rows(rejecteds), prompt_len=p, chosen_len=c, rejected_len=r)
 
 
-def hh_batches(path: Path, batch: int, n_batches: int, max_len: int, max_prompt: int, seed: int = 0) -> list[dict]:
-    """HH-RLHF-shaped batches: byte tokens, prompt left-truncated to `max_prompt`, responses cut at `max_len`."""
+def hh_rows(path: Path, max_len: int, max_prompt: int, rows: np.ndarray | None = None) -> tuple[list, list, list]:
+    """HH-RLHF pairs as byte tokens: prompt left-truncated to `max_prompt`, responses cut at `max_len` (all rows, or
+    `rows` in that order)."""
     table = pq.read_table(path, columns=["prompt", "chosen", "rejected"])
     tok = ByteTokenizer()
-    order = np.random.default_rng(seed).permutation(table.num_rows)[: batch * n_batches]
+    order = np.arange(table.num_rows) if rows is None else rows
     cols = {name: tok.encode_batch([table.column(name)[int(i)].as_py() for i in order]) for name in table.column_names}
     prompts = [x[-max_prompt:] for x in cols["prompt"]]  # keep the end: the last turn and "Assistant:"
     chosens = [x[: max_len - len(q)] for q, x in zip(prompts, cols["chosen"], strict=True)]
     rejecteds = [x[: max_len - len(q)] for q, x in zip(prompts, cols["rejected"], strict=True)]
+    return prompts, chosens, rejecteds
+
+
+def hh_batches(path: Path, batch: int, n_batches: int, max_len: int, max_prompt: int, seed: int = 0) -> list[dict]:
+    """HH-RLHF-shaped batches in random order: `hh_rows` of a seeded permutation."""
+    rows = np.random.default_rng(seed).permutation(pq.read_metadata(path).num_rows)[: batch * n_batches]
+    prompts, chosens, rejecteds = hh_rows(path, max_len, max_prompt, rows)
     sl = lambda xs, k: xs[k * batch : (k + 1) * batch]
-    return [collate(sl(prompts, k), sl(chosens, k), sl(rejecteds, k), tok.pad_id) for k in range(n_batches)]
+    return [collate(sl(prompts, k), sl(chosens, k), sl(rejecteds, k), ByteTokenizer.pad_id) for k in range(n_batches)]
+
+
+def bucketed_batches(path: Path, batch: int, max_len: int, max_prompt: int, window: int, seed: int = 0) -> list[dict]:
+    """Every batch of an epoch of HH-RLHF pairs in `bucket_by_length`'s order (`data.length_bucket_window`): what a
+    training worker's micro-batches hold."""
+    prompts, chosens, rejecteds = hh_rows(path, max_len, max_prompt)
+    table = pa.table({"prompt": prompts, "chosen": chosens, "rejected": rejecteds})
+    order = np.argsort(bucket_sort_key(table, max(1, -(-table.num_rows // window)), seed), kind="stable")
+    pick = lambda xs, k: [xs[i] for i in order[k * batch : (k + 1) * batch]]
+    return [
+        collate(pick(prompts, k), pick(chosens, k), pick(rejecteds, k), ByteTokenizer.pad_id)
+        for k in range(len(order) // batch)
+    ]
 
 
 def pair_tokens(batch: dict) -> int:
@@ -181,12 +205,23 @@ def fp32_matmuls(onednn: bool):
 
 
 def our_step(
-    model: TransformerLM, *, prefix_sharing: bool, bf16: bool, compile: bool, pad_id: int, onednn: bool = True
+    model: nn.Module,
+    *,
+    prefix_sharing: bool,
+    bf16: bool,
+    compile: bool,
+    pad_id: int,
+    onednn: bool = True,
+    pack_len: int | None = None,
 ) -> Callable:
     """`DPO.batch_loss` + backward + fused AdamW, as a training worker runs it: the live reference is a frozen copy,
-    held in bf16 for bf16 runs (`ray_dpo.stages.train.tasks`)."""
+    held in bf16 for bf16 runs (`ray_dpo.stages.train.tasks`); a Hugging Face model inside `LogpsModel`, as there."""
     reference = copy.deepcopy(model).to(torch.bfloat16 if bf16 else torch.float32).eval().requires_grad_(False)
-    dpo = DPO(copy.deepcopy(model), beta=0.1, pad_id=pad_id, prefix_sharing=prefix_sharing, ref_model=reference)
+    policy = copy.deepcopy(model)
+    if not isinstance(model, TransformerLM):
+        policy, reference = LogpsModel(policy), LogpsModel(reference)
+    kw = dict(beta=0.1, pad_id=pad_id, prefix_sharing=prefix_sharing, pack_len=pack_len)
+    dpo = DPO(policy, ref_model=reference, **kw)
     optimizer = torch.optim.AdamW(dpo.policy_model.parameters(), lr=1e-4, fused=True)
     if compile:
         dpo.policy_model = torch.compile(dpo.policy_model)
@@ -419,6 +454,122 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
+# --- packing: whole pairs side by side in rows (data.packing) vs length-bucketed batches -------------------------
+
+
+def tiny_hf(vocab: int, max_len: int) -> nn.Module:
+    """The tiny Hugging Face model of tests/tiny_hf.py (Qwen2, 2 layers, hidden 64), over byte tokens."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    size = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    )
+    config = Qwen2Config(vocab_size=vocab, max_position_embeddings=max_len, tie_word_embeddings=True, **size)
+    return Qwen2ForCausalLM(config)
+
+
+def padded_fraction(batches: list[dict], **layout) -> float:
+    """Padding over the positions the model runs, summed over `batches` (`ray_dpo.core.pairs.layout_tokens`: what the
+    trainer logs as train/padded_fraction)."""
+    counts = np.array([layout_tokens(b, **layout) for b in batches]).sum(0)
+    return float(1 - counts[1] / counts[0])
+
+
+def packing_workload(c: dict, args) -> dict:
+    """bf16 eager DPO steps over HH-RLHF batches in bucketed order (`data.length_bucket_window`), each batch as the
+    trainer runs it bucketed (padded to the batch's longest pair) and packed (`pack_len`), interleaved."""
+    epoch = bucketed_batches(HH_PATH, c["batch"], c["hh_len"], c["hh_prompt"], args.bucket_window)
+    spaced = np.linspace(0, len(epoch) - 1, args.packing_batches).round().astype(int)  # spread over the epoch
+    batches = [epoch[i] for i in spaced]
+    vocab, pad = ByteTokenizer.vocab_size, ByteTokenizer.pad_id
+    torch.manual_seed(0)
+    ours = TransformerLM(
+        ModelConfig(vocab_size=vocab, max_seq_len=c["hh_len"], dim=c["dim"], depth=c["depth"], heads=c["heads"])
+    )
+    models = {"ours": ours}
+    if args.hf:
+        models["tiny HF Qwen2"] = tiny_hf(vocab, c["hh_len"])
+    settings = []  # (model, prefix sharing, pack_len)
+    for name in models:
+        for prefix_sharing in (True, False) if name == "ours" else (True,):
+            settings += [(name, prefix_sharing, None), (name, prefix_sharing, args.pack_len)]
+    entries = []
+    for name, prefix_sharing, pack_len in settings:
+        step = our_step(
+            models[name], prefix_sharing=prefix_sharing, bf16=True, compile=False, pad_id=pad, pack_len=pack_len
+        )
+        label = f"{name}, {'prefix sharing' if prefix_sharing else 'concatenated'}, " + (
+            f"packed ({pack_len})" if pack_len else "bucketed"
+        )
+        layout = dict(prefix_sharing=prefix_sharing, pack_len=pack_len)
+        entries.append(dict(name=label, model=name, layout=layout, step=step, batches=batches))
+    load_before = load_average()
+    print(f"\npacking: {len(entries)} settings x {args.packing_rounds} interleaved rounds (load {load_before}) ...")
+    peaks = run_round_robin(
+        entries, rounds=args.packing_rounds, peak_size=args.peak_size, peak_repeats=args.peak_repeats
+    )
+    load_after = load_average()
+    rows = []
+    for entry in entries:
+        bucketed = next(
+            e for e in entries if e["model"] == entry["model"] and e["layout"] == dict(entry["layout"], pack_len=None)
+        )
+        per_round = [b / o for b, o in zip(bucketed["wall"], entry["wall"], strict=True)]
+        wall = statistics.median(entry["wall"])
+        rows.append(
+            dict(
+                setting=entry["name"],
+                model=entry["model"],
+                **entry["layout"],
+                step_s=wall,
+                cpu_s=statistics.median(entry["cpu"]),
+                tokens_per_s=statistics.mean(pair_tokens(b) for b in batches) / wall,
+                padded_fraction=padded_fraction(batches, **entry["layout"]),
+                epoch_padded_fraction=padded_fraction(epoch, **entry["layout"]),
+                vs_bucketed=statistics.median(per_round),
+                wall_samples=entry["wall"],
+            )
+        )
+    packed = next(r for r in rows if r["model"] == "ours" and r["prefix_sharing"] and r["pack_len"])
+    summary = dict(
+        packed_vs_bucketed=packed["vs_bucketed"],
+        target=PACKING_TARGET,
+        meets_target=packed["vs_bucketed"] >= PACKING_TARGET,
+        epoch_padded_fraction=packed["epoch_padded_fraction"],
+        padded_target=PADDED_TARGET,
+        meets_padded_target=packed["epoch_padded_fraction"] <= PADDED_TARGET,
+    )
+    title = (
+        f"packing: HH-RLHF, {len(batches)} of the {len(epoch)} batches of {c['batch']} pairs of an epoch in bucketed "
+        f"order (window {args.bucket_window}), bf16 eager; median of {args.packing_rounds} rounds; {CPU['model']}, "
+        f"{torch.get_num_threads()} threads; load {load_before} -> {load_after}"
+    )
+    print_table(title, rows, PACKING_COLUMNS)
+    return dict(
+        rows=rows,
+        peaks=peaks,
+        load_before=load_before,
+        load_after=load_after,
+        summary=summary,
+        batches=len(batches),
+        epoch_batches=len(epoch),
+    )
+
+
+PACKING_TARGET = 1.25  # packed / bucketed step time, ours, bf16 eager
+PADDED_TARGET = 0.05  # padded-token fraction of an HH-RLHF epoch, packed
+PACKING_COLUMNS = [
+    ("setting", "setting", "s"),
+    ("step_s", "s/step (median)", ".3f"),
+    ("cpu_s", "CPU s/step", ".3f"),
+    ("tokens_per_s", "tokens/s", ".0f"),
+    ("padded_fraction", "padded (these batches)", ".1%"),
+    ("epoch_padded_fraction", "padded (epoch)", ".1%"),
+    ("vs_bucketed", "vs bucketed (same round)", ".2f"),
+]
+
+
 CPU = cpu_info()
 
 
@@ -432,6 +583,12 @@ def main() -> None:
     ap.add_argument("--hh-batches", type=int, default=6, help="HH-RLHF batches per round (0 = skip)")
     ap.add_argument("--peak-size", type=int, default=2048)
     ap.add_argument("--peak-repeats", type=int, default=3)
+    ap.add_argument("--packing-rounds", type=int, default=5, help="interleaved rounds, packed vs bucketed (0 = skip)")
+    ap.add_argument("--packing-batches", type=int, default=8, help="bucketed HH-RLHF batches, spread over the epoch")
+    ap.add_argument("--pack-len", type=int, default=4096, help="data.pack_len of the packed settings")
+    ap.add_argument("--bucket-window", type=int, default=256, help="data.length_bucket_window (configs/hh_rlhf.yaml)")
+    ap.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True, help="the tiny HF model too")
+    ap.add_argument("--packing-only", action="store_true", help="only the packing rows (not vs x-transformers)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, 1 round, 1 thread, no compile: a < 30 s check")
     ap.add_argument("--out", default="benchmarks/results/dpo_step.json")
     args = ap.parse_args()
@@ -441,22 +598,20 @@ def main() -> None:
         args.hh_batches, args.peak_size = min(args.hh_batches, 1), 256
         args.compile = args.xt_compile = False
         args.threads = 1  # no threads waiting on each other on a busy machine: a smoke run checks paths, not speed
+        args.packing_rounds, args.packing_batches, args.pack_len = min(args.packing_rounds, 1), 2, 4 * c["hh_len"]
     env = setup(args.threads) | {"cpu_info": CPU, "reuses_freed_memory": reuse_freed_memory()}
     print(f"{CPU['model']} (family/model {CPU['family_model']}, {', '.join(CPU['features'])}), ", end="")
     print(f"{env['threads']} threads, torch {env['torch']}, load {load_average()}")
 
-    synth = [synthetic_batch(c["batch"], c["seq"], c["prompt"], c["vocab"])]
-    title = (
-        f"synthetic: dim {c['dim']} depth {c['depth']} heads {c['heads']} vocab {c['vocab']}, {c['batch']} pairs x "
-        f"{c['seq']} tokens (prompt {c['prompt']})"
-    )
-    result = dict(
-        env=env,
-        config=c,
-        args=vars(args),
-        synthetic=workload(title, synth, c, c["vocab"], c["seq"], None, args.rounds, args),
-    )
-    if args.hh_batches:
+    result = dict(env=env, config=c, args=vars(args))
+    if not args.packing_only:
+        synth = [synthetic_batch(c["batch"], c["seq"], c["prompt"], c["vocab"])]
+        title = (
+            f"synthetic: dim {c['dim']} depth {c['depth']} heads {c['heads']} vocab {c['vocab']}, {c['batch']} pairs "
+            f"x {c['seq']} tokens (prompt {c['prompt']})"
+        )
+        result["synthetic"] = workload(title, synth, c, c["vocab"], c["seq"], None, args.rounds, args)
+    if args.hh_batches and not args.packing_only:
         hh = hh_batches(HH_PATH, c["batch"], args.hh_batches, max_len=c["hh_len"], max_prompt=c["hh_prompt"])
         shapes = [(int(b["prompt_len"].float().mean()), b["chosen"].shape[1]) for b in hh]
         title = (
@@ -475,6 +630,15 @@ def main() -> None:
                 + (f", compiled {s['mfu_compiled']:.1%}" if s["mfu_compiled"] else "")
                 + (f"; oneDNN fp32 matmuls vs MKL {s['onednn_vs_mkl']:.2f}x" if "onednn_vs_mkl" in s else "")
             )
+    if args.packing_rounds:
+        result["packing"] = packing_workload(c, args)
+        s = result["packing"]["summary"]
+        print(
+            f"packing: ours (prefix sharing, bf16 eager) packed vs bucketed {s['packed_vs_bucketed']:.2f}x (target "
+            f"{s['target']}x: {'met' if s['meets_target'] else 'NOT met'}); padded fraction of the epoch packed "
+            f"{s['epoch_padded_fraction']:.1%} (target <= {s['padded_target']:.0%}: "
+            f"{'met' if s['meets_padded_target'] else 'NOT met'})"
+        )
     path = write_json(args.out, result)
     print(f"\nwrote {path}")
 

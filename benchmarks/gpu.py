@@ -14,6 +14,12 @@ frozen bf16 reference, backward, fused AdamW. Three settings:
 - "chunked": `LogpsModel` (the head only on scored tokens, `chunk_size` rows at a time), 2B rows;
 - "chunked + prefix sharing": the same with `prefix_sharing=True` (one packed row per pair, a 4-D mask).
 
+Packing rows (`data.packing`): pairs of varied lengths (prompt seq/8..seq/2, responses 8..the rest of seq), each
+DPO step padded to the batch's longest pair (prefix sharing, what a bucketed batch runs) against the same pairs packed
+into rows of up to 4 x seq tokens: the Hugging Face Llama with its 4-D mask (SDPA), and our TransformerLM of the same
+width and depth with the dense mask (SDPA) and with FlexAttention's block mask (`attention.PACKED_CUDA_ATTENTION`:
+set the faster; FlexAttention only on CUDA).
+
 Pairs share a prompt of `--prompt` tokens; both responses fill the row (`--seq`). Reported per setting: median s/step,
 tokens/s (sum of 2 p + c + r per step), executed TFLOP/s and MFU against the bf16 matmul peak measured in this run
 (and the datasheet's dense bf16 peak where the device is known), peak memory (CUDA max_memory_allocated during the
@@ -42,8 +48,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import matmul_peak, print_table, summarize, time_fn, write_json  # noqa: E402
 from dpo_step import linear_weights, pair_tokens, step_flops, synthetic_batch  # noqa: E402
 
+import ray_dpo.core.attention as attention  # noqa: E402
 from ray_dpo.core.dpo import DPO  # noqa: E402
 from ray_dpo.core.logps import LogpsModel  # noqa: E402
+from ray_dpo.core.model import ModelConfig, TransformerLM  # noqa: E402
+from ray_dpo.core.pairs import layout_tokens  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = {  # Llama shapes: ~0.49B parameters (untied 32k vocabulary), and a CPU-sized one for dry runs
@@ -102,6 +111,79 @@ def dpo_step(policy: nn.Module, reference: nn.Module, kind: str):
         optimizer.zero_grad(set_to_none=True)
 
     return step, (model, optimizer)
+
+
+def varied_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict:
+    """Pairs of varied lengths sharing their prompts, right-padded to the longest (the training batch contract)."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.randint(seq // 8, seq // 2 + 1, (batch,), generator=g)
+    c, r = (torch.stack([torch.randint(8, seq - int(x) + 1, (1,), generator=g)[0] for x in p]) for _ in range(2))
+    n = int((p + torch.maximum(c, r)).max())
+    j = torch.arange(n)
+    chosen, rejected = (torch.randint(0, vocab, (batch, n), generator=g) for _ in range(2))
+    rejected = torch.where(j < p[:, None], chosen, rejected)
+    chosen, rejected = chosen.masked_fill(j >= (p + c)[:, None], 0), rejected.masked_fill(j >= (p + r)[:, None], 0)
+    return dict(chosen=chosen, rejected=rejected, prompt_len=p, chosen_len=c, rejected_len=r)
+
+
+def packing_rows(policy: nn.Module, batch: dict, steps: int, device: torch.device) -> list[dict]:
+    """Padded vs packed DPO steps (prefix sharing, bf16 autocast, frozen bf16 reference) on varied-length pairs: the
+    Hugging Face Llama (4-D mask) and our TransformerLM of its shape (dense mask; FlexAttention on CUDA)."""
+    c = policy.config
+    torch.manual_seed(0)
+    ours = TransformerLM(
+        ModelConfig(
+            vocab_size=c.vocab_size,
+            max_seq_len=4 * batch["chosen"].shape[1],
+            dim=c.hidden_size,
+            depth=c.num_hidden_layers,
+            heads=c.num_attention_heads,
+        )
+    ).to(device)
+    pack_len = 4 * batch["chosen"].shape[1]
+    settings = [("HF Llama", policy, None, "sdpa"), ("HF Llama", policy, pack_len, "sdpa")]
+    settings += [("ours", ours, None, "sdpa"), ("ours", ours, pack_len, "sdpa")]
+    if device.type == "cuda":
+        settings.append(("ours", ours, pack_len, "flex"))
+    rows = []
+    for name, model, packed, kernel in settings:
+        reference = copy.deepcopy(model).to(torch.bfloat16).eval().requires_grad_(False)
+        trained = copy.deepcopy(model)
+        wrap = LogpsModel if name != "ours" else (lambda m: m)
+        dpo = DPO(wrap(trained), ref_model=wrap(reference), prefix_sharing=True, pack_len=packed)
+        optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-5, fused=True)
+
+        def step(dpo=dpo, optimizer=optimizer) -> None:
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss, _ = dpo.batch_loss(batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        shipped, attention.PACKED_CUDA_ATTENTION = attention.PACKED_CUDA_ATTENTION, kernel
+        try:
+            stats = summarize(time_fn(step, warmup=2, repeats=steps))
+        finally:
+            attention.PACKED_CUDA_ATTENTION = shipped
+        positions, pair_tokens = layout_tokens(batch, prefix_sharing=True, pack_len=packed)
+        kernels = {"flex": "FlexAttention", "sdpa": "SDPA" if device.type == "cuda" else "CPU tiles"}
+        layout = "padded" if not packed else f"packed rows, {'4-D mask' if name != 'ours' else kernels[kernel]}"
+        rows.append(
+            dict(
+                setting=f"{name}, {layout}",
+                step_s=stats["median_s"],
+                tokens_per_s=pair_tokens / stats["median_s"],
+                padded_fraction=1 - pair_tokens / positions,
+                timing=stats,
+            )
+        )
+        del dpo, optimizer, trained, reference
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for row in rows:
+        padded = next(r for r in rows if r["setting"].split(",")[0] == row["setting"].split(",")[0])
+        row["vs_padded"] = padded["step_s"] / row["step_s"]
+    return rows
 
 
 def train_smoke(use_gpu: bool) -> dict:
@@ -219,6 +301,19 @@ def main() -> None:
     print(f"bf16 matmul peak measured: {peak / 1e12:.2f} TFLOP/s{sheet}")
     print_table(f"DPO step on {name}, Llama {preset}, {batch_size} pairs x {seq}, median of {steps}", rows, columns)
 
+    varied = {k: v.to(device) for k, v in varied_batch(batch_size, seq, c.vocab_size).items()}
+    packing = packing_rows(policy, varied, steps, device)
+    packing_columns = [
+        ("setting", "DPO step, varied lengths, prefix sharing", "s"),
+        ("step_s", "median (s)", ".3f"),
+        ("tokens_per_s", "tokens/s", ".0f"),
+        ("padded_fraction", "padded", ".1%"),
+        ("vs_padded", "vs padded", ".2f"),
+    ]
+    print_table(
+        f"Packing on {name}: {batch_size} pairs of up to {seq} tokens, median of {steps}", packing, packing_columns
+    )
+
     prompts = torch.randint(0, c.vocab_size, (batch_size, 128 if not tiny else 16), device=device)
     gen_kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     generate = lambda: reference.generate(prompts, attention_mask=torch.ones_like(prompts), **gen_kwargs)
@@ -239,6 +334,7 @@ def main() -> None:
         peak_bf16=peak,
         datasheet_bf16=datasheet,
         dpo_step=rows,
+        packing=packing,
         generation=gen,
         torch=torch.__version__,
     )

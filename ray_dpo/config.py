@@ -75,6 +75,11 @@ class DataConfig:
     columns: dict[str, str] = field(default_factory=dict)  # our name -> file column, e.g. {prompt: question}
     on_bad_row: Literal["error", "skip"] = "error"  # stop on the first bad row, or drop and count bad rows
     length_bucket_window: int = 0  # sort pairs by length within windows of this many rows (0 = off)
+    # pack whole pairs side by side into rows of up to pack_len tokens, padding only after a row's last pair; each
+    # pair keeps its own positions and attention (the loss and gradients of the unpacked pairs). Our model, and
+    # Hugging Face Llama / Qwen2 / Mistral (a 4-D mask and position ids)
+    packing: bool = False
+    pack_len: int = 4096  # tokens per packed row: at least 2 * max_len (prompt + both responses of the longest pair)
     seed: int = 0  # split and shuffle seed
 
 
@@ -110,6 +115,10 @@ class DPOConfig:
     reference_concurrency: int = 1  # actors of the precomputed reference pass (each loads the reference once)
     reference_num_gpus: float | None = None  # GPUs per reference-pass actor; null: one when train.use_gpu
     reference_batch_size: int = 32  # pairs per batch of the reference pass
+    # keep the reference pass's log-probs in <train.storage_path>/reference_logps/<key>/ (key: the reference's
+    # weights, the encoding and the scoring settings; rows found by their tokens) and reuse them in any later run or
+    # sweep with the same key; a sweep then runs the pass once for all its trials (README: Tune sweeps)
+    reference_cache: bool = True
 
     def loss_spec(self):
         """The loss these keys describe (`ray_dpo.core.losses.LossSpec`); ValueError naming the key if invalid."""

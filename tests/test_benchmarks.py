@@ -74,6 +74,17 @@ def test_dpo_step_benchmark_smoke(tmp_path):
             best = max(r["vs_xt"] for r in section["rows"] if r["impl"] == "ours" and r["dtype"] == dtype)
             assert summary["target"] > 1 and summary["meets_target"] == (best >= summary["target"])
         assert section["summary"]["fp32"]["onednn_vs_mkl"] > 0
+    packing = result["packing"]  # packed vs bucketed HH-RLHF batches, bf16 eager: ours and the tiny HF model
+    settings = {(row["model"], row["prefix_sharing"], row["pack_len"] is not None) for row in packing["rows"]}
+    assert {("ours", ps, packed) for ps in (False, True) for packed in (False, True)} <= settings
+    assert {("tiny HF Qwen2", True, False), ("tiny HF Qwen2", True, True)} <= settings
+    bucketed = {(r["model"], r["prefix_sharing"]): r for r in packing["rows"] if r["pack_len"] is None}
+    for row in packing["rows"]:
+        assert row["step_s"] > 0 and row["vs_bucketed"] > 0 and 0 <= row["epoch_padded_fraction"] < 1
+        if row["pack_len"] is not None:
+            assert row["epoch_padded_fraction"] < bucketed[row["model"], row["prefix_sharing"]]["epoch_padded_fraction"]
+    summary = packing["summary"]
+    assert summary["target"] == 1.25 and summary["meets_target"] == (summary["packed_vs_bucketed"] >= 1.25)
 
 
 @pytest.mark.slow
@@ -87,6 +98,14 @@ def test_gpu_benchmark_smoke(tmp_path):
     for row in result["dpo_step"]:
         assert row["step_s"] > 0 and row["tokens_per_s"] > 0 and row["mfu"] > 0 and row["speedup_vs_plain"] > 0
     assert result["generation"]["tokens_per_s"] > 0
+    packing = {row["setting"]: row for row in result["packing"]}  # FlexAttention only on CUDA
+    assert set(packing) == {"HF Llama, padded", "HF Llama, packed rows, 4-D mask", "ours, padded"} | {
+        "ours, packed rows, CPU tiles"
+    }
+    for row in packing.values():
+        assert (
+            row["step_s"] > 0 and row["vs_padded"] > 0 and (row["padded_fraction"] == 0) == ("packed" in row["setting"])
+        )
 
 
 @pytest.mark.slow

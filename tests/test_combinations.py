@@ -26,21 +26,23 @@ SWITCHES = {
     "train.precision": ("fp32", "bf16"),
     "train.compile": (False, True),
     "train.grad_accum": (1, 2),
+    "data.packing": (False, True),
 }
 # A pairwise covering array of SWITCHES (checked by test_the_rows_cover_every_pair_of_switch_values): nine rows that
 # train cover every pair but (ours, chat template), which the last row covers by being refused. Precomputed
-# reference log-probs on each model kind, with and without prefix sharing and length bucketing; three compiled rows.
+# reference log-probs on each model kind, with and without prefix sharing and length bucketing; three compiled rows;
+# packed rows on each model kind and strategy, a precomputed reference among them.
 ROWS = [
-    ("ours", "fsdp", "live", True, False, 16, "bf16", False, 1),
-    ("ours", "ddp", "precomputed", False, False, 0, "fp32", False, 2),
-    ("ours", "fsdp", "none", False, False, 0, "fp32", True, 2),
-    ("hf", "ddp", "live", False, False, 16, "fp32", True, 1),
-    ("hf", "fsdp", "precomputed", False, True, 16, "bf16", False, 2),
-    ("hf", "ddp", "none", True, True, 0, "bf16", False, 1),
-    ("hf_lora", "ddp", "live", True, True, 0, "fp32", False, 2),
-    ("hf_lora", "fsdp", "precomputed", True, True, 16, "bf16", True, 1),
-    ("hf_lora", "fsdp", "none", False, False, 16, "fp32", False, 1),
-    ("ours", "ddp", "none", True, True, 16, "bf16", False, 1),  # refused: bytes have no chat template
+    ("ours", "fsdp", "live", True, False, 16, "bf16", False, 1, False),
+    ("ours", "ddp", "precomputed", False, False, 0, "fp32", False, 2, True),
+    ("ours", "fsdp", "none", False, False, 0, "fp32", True, 2, False),
+    ("hf", "ddp", "live", False, False, 16, "fp32", True, 1, True),
+    ("hf", "fsdp", "precomputed", False, True, 16, "bf16", False, 2, False),
+    ("hf", "ddp", "none", True, True, 0, "bf16", False, 1, True),
+    ("hf_lora", "ddp", "live", True, True, 0, "fp32", False, 2, False),
+    ("hf_lora", "fsdp", "precomputed", True, True, 16, "bf16", True, 1, True),
+    ("hf_lora", "fsdp", "none", False, False, 16, "fp32", False, 1, True),
+    ("ours", "ddp", "none", True, True, 16, "bf16", False, 1, False),  # refused: bytes have no chat template
 ]
 
 
@@ -84,12 +86,12 @@ def _overrides(row: tuple, hf_model: str, pairs: dict[str, str], out: Path) -> l
     return args
 
 
-def _step1_loss(uri: str) -> float:
+def _step1(uri: str, key: str = "train/loss") -> float:
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    (first,) = [m for m in client.get_metric_history(run.info.run_id, "train/loss") if m.step == 1]
+    (first,) = [m for m in client.get_metric_history(run.info.run_id, key) if m.step == 1]
     return first.value
 
 
@@ -97,7 +99,7 @@ def _step1_loss(uri: str) -> float:
 def test_each_combination_trains_one_step_or_is_refused_at_start(ray_session, hf_model, pairs, tmp_path, capsys, row):
     """One step through `pipelines/align.py` (in-process, on the shared Ray): exit 0 with a checkpoint, or exit 2
     with `error: config: ...` naming the keys and nothing written. A precomputed reference's step-1 loss equals
-    the live reference's."""
+    the live reference's; packed rows log (almost) no padding."""
     main = pipeline_main("align")
     out = tmp_path / "out"
     argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), *_overrides(row, hf_model, pairs, out)]
@@ -112,11 +114,13 @@ def test_each_combination_trains_one_step_or_is_refused_at_start(ray_session, hf
     assert code == 0, err[-3000:]
     assert list((out / "ray" / "tiny").glob("checkpoint_step_00000001/manifest.rank0-of-*.json")), "no checkpoint"
     values = dict(zip(SWITCHES, row, strict=True))
+    padded = _step1(f"sqlite:///{out / 'mlflow.db'}", "train/padded_fraction")
+    assert 0 <= padded <= (0.05 if values["data.packing"] else 1), padded  # packed: the batch's pairs fill their rows
     if values["dpo.reference"] == "precomputed":
         live = tmp_path / "live"
         live_argv = [a.replace(str(out), str(live)) for a in argv] + ["dpo.reference=live"]
         assert main(live_argv) == 0, capsys.readouterr().err[-3000:]
-        precomputed_loss = _step1_loss(f"sqlite:///{out / 'mlflow.db'}")
+        precomputed_loss = _step1(f"sqlite:///{out / 'mlflow.db'}")
         # the pass scores in the training precision: exact in fp32, to bf16's rounding (other batch shapes) in bf16
         tolerance = 1e-5 if values["train.precision"] == "fp32" else 1e-2
-        assert precomputed_loss == pytest.approx(_step1_loss(f"sqlite:///{live / 'mlflow.db'}"), abs=tolerance)
+        assert precomputed_loss == pytest.approx(_step1(f"sqlite:///{live / 'mlflow.db'}"), abs=tolerance)

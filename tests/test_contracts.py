@@ -71,6 +71,7 @@ def test_the_config_imports_no_torch_and_names_our_model_keys_once():
         (["dpo.sync_ref_model=true", "dpo.reference=precomputed"], "dpo.sync_ref_model=true needs dpo.reference=live"),
         (["dpo.sync_ref_model=true", "dpo.loss_type=simpo"], "dpo.sync_ref_model=true but dpo.loss_type=['simpo']"),
         (["dpo.sync_ref_model=true", "dpo.ref_model_mixup_alpha=0"], "dpo.ref_model_mixup_alpha must be in (0, 1]"),
+        (["data.packing=true", "data.pack_len=100"], "data.pack_len=100 must hold the longest pair"),
     ],
     ids=[
         "reward-fn",
@@ -87,6 +88,7 @@ def test_the_config_imports_no_torch_and_names_our_model_keys_once():
         "tr-dpo-precomputed",
         "tr-dpo-reference-free",
         "tr-dpo-alpha",
+        "pack-len",
     ],
 )
 def test_every_check_runs_before_ray_and_writes_nothing(tmp_path, capsys, monkeypatch, overrides, key):

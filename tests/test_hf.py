@@ -58,15 +58,19 @@ def _hand_logps(model, seq: torch.Tensor, p: int, n: int) -> torch.Tensor:
 @pytest.mark.parametrize(
     ("prefix_sharing", "attn"), [(False, "eager"), (False, "sdpa"), (True, "eager"), (True, "sdpa")]
 )
-def test_dpo_on_hf_models_equals_a_float64_hand_reference(hf_dirs, arch, prefix_sharing, attn):
-    """Loss, rewards and every gradient: DPO's chunked head (and packed prefix-sharing rows with a 4-D mask, under
-    both attention implementations) against a row-by-row float64 reference written here from full logits."""
+@pytest.mark.parametrize("pack_len", [None, 24])  # packed: the three pairs in two rows
+def test_dpo_on_hf_models_equals_a_float64_hand_reference(hf_dirs, arch, prefix_sharing, attn, pack_len):
+    """Loss, rewards and every gradient: DPO's chunked head (and packed prefix-sharing rows, and rows packed with
+    whole pairs (`data.packing`), with a 4-D mask and position ids, under both attention implementations) against a
+    row-by-row float64 reference written here from full logits."""
     policy, reference = _load(hf_dirs[arch], attn=attn), _load(hf_dirs[arch], attn=attn)
     with torch.no_grad():  # a policy that differs from its reference
         for param in policy.parameters():
             param.add_(0.02 * torch.randn_like(param))
     batch, beta = _pairs(policy.config.vocab_size), 0.3
-    dpo = DPO(LogpsModel(policy), ref_model=LogpsModel(reference), beta=beta, prefix_sharing=prefix_sharing)
+    dpo = DPO(
+        LogpsModel(policy), ref_model=LogpsModel(reference), beta=beta, prefix_sharing=prefix_sharing, pack_len=pack_len
+    )
     loss, metrics = dpo.batch_loss(batch)
     loss.backward()
     got = {name: p.grad.clone() for name, p in policy.named_parameters()}
@@ -92,7 +96,7 @@ def test_dpo_on_hf_models_equals_a_float64_hand_reference(hf_dirs, arch, prefix_
     # exact on the same rows and kernel; otherwise to float32 precision: transformers' eager attention takes its
     # softmax in float32 (even for float64 inputs) and the packed rows' softmax spans other keys than the unpadded
     # ones; PyTorch's CPU SDPA kernels round differently from eager
-    exact = attn == "eager" and not prefix_sharing
+    exact = attn == "eager" and not prefix_sharing and pack_len is None
     tol = dict(atol=1e-12, rtol=1e-9) if exact else dict(atol=1e-7, rtol=1e-5)
     torch.testing.assert_close(loss, expected, **tol)
     torch.testing.assert_close(metrics["rewards/margins"], torch.stack(margins).mean(), **tol)
@@ -204,11 +208,14 @@ def test_chat_template_rendering_and_truncation(hf_dirs, arch):
 
 
 def test_bad_hf_settings_are_one_line_errors_that_write_nothing(hf_dirs, tmp_path, monkeypatch, capsys):
-    from transformers import AutoTokenizer, T5Config
+    from transformers import AutoTokenizer, GPT2Config, T5Config
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     t5 = tmp_path / "t5"
     T5Config(vocab_size=100, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2).save_pretrained(t5)
+    gpt2 = tmp_path / "gpt2"  # a causal LM without 4-D masks or position ids in packed rows
+    GPT2Config(vocab_size=400, n_embd=16, n_layer=1, n_head=2).save_pretrained(gpt2)
+    AutoTokenizer.from_pretrained(hf_dirs["qwen2"]).save_pretrained(gpt2)
     plain = tmp_path / "no-template"
     tokenizer = AutoTokenizer.from_pretrained(hf_dirs["qwen2"])
     tokenizer.chat_template = None
@@ -221,6 +228,10 @@ def test_bad_hf_settings_are_one_line_errors_that_write_nothing(hf_dirs, tmp_pat
         ([f"model.hf_path={t5}"], "is a t5 model, not a causal LM"),
         ([f"model.hf_path={hf_dirs['qwen2']}", f"data.tokenizer={plain}"], "has no chat template"),
         ([f"model.hf_path={hf_dirs['qwen2']}", "model.lora_target_modules=[nope]"], "match no module of"),
+        (
+            [f"model.hf_path={gpt2}", "model.lora_r=0", "dpo.prefix_sharing=false", "data.packing=true"],
+            "data.packing=true needs a LlamaForCausalLM",
+        ),
     ]
     main = pipeline_main("align")
     for overrides, message in cases:

@@ -65,6 +65,21 @@ def test_bad_sweep_settings_fail_before_anything_runs(tmp_path, overrides, messa
     assert not (tmp_path / "sweeps").exists()  # checked before anything was written
 
 
+def test_a_sweep_scores_the_reference_once_unless_its_search_changes_the_scores():
+    from ray_dpo.recipe.sweep import trial_reference
+
+    config = load_config(SWEEP_YAML)
+    trials, why = trial_reference(config)  # searches dpo.beta and train.lr: the reference's log-probs do not change
+    assert trials.dpo.reference == "precomputed" and "once for all trials" in why
+    assert override(trials, {"dpo.reference": "live"}) == config
+    for key, values in (("dpo.loss_type", ["sigmoid", "ipo"]), ("train.precision", ["fp32", "bf16"])):
+        searched = override(config, {"tune.search_space": {key: {"grid": values}}})
+        trials, why = trial_reference(searched)
+        assert trials.dpo.reference == "live" and key in why
+    for off in ({"dpo.reference_cache": False}, {"dpo.reference": "none"}):
+        assert trial_reference(override(config, off)) == (override(config, off), "")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_four_trial_asha_sweep_logs_nested_runs_best_config_and_frontier(ray_session, mlflow_uri, tmp_path):
@@ -101,6 +116,9 @@ def test_four_trial_asha_sweep_logs_nested_runs_best_config_and_frontier(ray_ses
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=mlflow_uri)
+    # dpo.reference=live: the pairs were scored under the reference once, by the sweep, for every trial
+    assert client.get_run(result.parent_run_id).data.tags["ray_dpo.reference_logps"] == "computed"
+    assert {r.data.params["dpo.reference"] for r in children} == {"precomputed"}
     done_run = completed["mlflow_run_id"].iloc[0]
     assert [m.step for m in client.get_metric_history(done_run, "val/loss")] == [2, 4, 6]
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
@@ -114,6 +132,7 @@ def test_four_trial_asha_sweep_logs_nested_runs_best_config_and_frontier(ray_ses
     best = load_config(result.best_config_path)
     assert best.train.lr == pytest.approx(best_row["train.lr"]) and best.dpo.beta == best_row["dpo.beta"]
     assert best.model == config.model and best.train.max_steps == config.train.max_steps
+    assert best.dpo.reference == "live"  # the user's setting: an align run has no sweep to score for it
     # the user's storage path holds the sweep: Tune's state and every trial's Train run (a cluster needs no shared disk)
     storage = Path(config.train.storage_path)
     assert (storage / config.tune.name / "tune").is_dir()

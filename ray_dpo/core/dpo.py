@@ -22,10 +22,12 @@ from ray_dpo.core.names import REFERENCE_MODES
 from ray_dpo.core.pairs import (
     PairTokenLogps,
     check_prefix_sharing,
+    pack_batch,
     reduce_logps,
     response_mask,
     score_batch,
     score_pairs,
+    score_rows,
 )
 
 
@@ -102,6 +104,8 @@ class DPO(nn.Module):
     `prefix_sharing=True` (TransformerLM only): policy and live reference each run ONE packed
     `[prompt, chosen, rejected]` row per pair instead of two sequences; same log-probs, the prompt computed once.
     TR-DPO: `sync_reference(alpha)` moves the live reference towards the policy.
+    `pack_len` (TransformerLM, Hugging Face Llama / Qwen2 / Mistral): whole pairs packed into rows of up to that many
+    tokens, padding only after a row's last pair (`ray_dpo.core.pairs.pack_rows`); same log-probs.
     """
 
     def __init__(
@@ -114,6 +118,7 @@ class DPO(nn.Module):
         reference: str = "live",
         ref_model: nn.Module | None = None,
         prefix_sharing: bool = False,
+        pack_len: int | None = None,
         **loss_options,
     ):
         super().__init__()
@@ -126,7 +131,9 @@ class DPO(nn.Module):
             raise ValueError(f"a ref_model was given but dpo.loss_type={list(self.spec.types)} needs no reference")
         if prefix_sharing:
             check_prefix_sharing(model)
-        self.prefix_sharing = prefix_sharing
+        if pack_len is not None:
+            check_prefix_sharing(model, "data.packing")
+        self.prefix_sharing, self.pack_len = prefix_sharing, pack_len
         self.policy_model = model
         self.reference = reference if self.spec.needs_reference else "none"
         self.ref_model = None
@@ -175,6 +182,7 @@ class DPO(nn.Module):
             rejected_mask=rejected_mask,
             prefix_sharing=self.prefix_sharing,
             pad_id=self._pad,
+            pack_len=self.pack_len,
         )
         policy = score(self.policy_model)  # the policy first: under FSDP its root forward gathers the shared weights
         out = self.loss(pair_logps(policy, self._reference(score, ref_chosen_logps, ref_rejected_logps)))
@@ -210,6 +218,10 @@ class DPO(nn.Module):
         mix_into(list(parameter_pairs(self.ref_model, self.policy_model).values()), alpha)
 
     def _batch_scorer(self, batch: Mapping[str, Tensor]):
+        """Scores a training batch; with `pack_len` its rows are packed once, for the policy and the live reference."""
+        if self.pack_len is not None:
+            packed = pack_batch(batch, prefix_sharing=self.prefix_sharing, pack_len=self.pack_len, pad_id=self._pad)
+            return functools.partial(score_rows, packed=packed)
         return functools.partial(score_batch, batch=batch, prefix_sharing=self.prefix_sharing, pad_id=self._pad)
 
     @property

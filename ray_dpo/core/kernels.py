@@ -7,7 +7,8 @@ that twin is already fast: on CUDA and under `torch.compile` (Inductor fuses the
     rms_norm            RMSNorm with its backward written out, statistics in fp32
     rope / rotary_qkv   RoPE on q and k together, straight out of the fused q/k/v projection
     swiglu              silu(gate) * up, one gradient buffer for both halves
-    tiled_attention     bf16 attention as query tiles that never multiply the keys a causal mask hides
+    tiled_attention     attention as query tiles that never multiply the keys a mask hides (bf16 causal rows, and
+                        packed rows of pairs in any dtype)
 """
 
 from __future__ import annotations
@@ -192,12 +193,14 @@ def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
 @dataclass(frozen=True)
 class AttentionTile:
     """Queries [start, end) over the keys in `key_ranges` (concatenated in that order), masked by the additive
-    `bias`, broadcastable to (B * H, end - start, keys)."""
+    `bias`, broadcastable to (B * H, end - start, keys); `row`: of that batch row only (bias broadcastable to
+    (H, end - start, keys)), None: of every row."""
 
     start: int
     end: int
     key_ranges: tuple[tuple[int, int], ...]
     bias: Tensor
+    row: int | None = None
 
 
 @functools.lru_cache(maxsize=64)
@@ -218,11 +221,15 @@ def causal_tiles(n: int, dtype: torch.dtype, device: torch.device) -> list[Atten
 
 
 def _from_row(tiles: list[AttentionTile], row: int) -> list[AttentionTile]:
-    """The tiles' queries from `row` on: earlier tiles dropped, the one holding `row` cut (its bias too)."""
-    kept = [tile for tile in tiles if tile.end > row]
-    first = kept[0]
-    if first.start < row:
-        kept[0] = AttentionTile(row, first.end, first.key_ranges, first.bias[..., row - first.start :, :])
+    """The tiles' queries from `row` on: tiles that end before it dropped, those holding it cut (their bias too)."""
+    kept = []
+    for tile in tiles:
+        if tile.end <= row:
+            continue
+        if tile.start < row:
+            bias = tile.bias[..., row - tile.start :, :]
+            tile = AttentionTile(row, tile.end, tile.key_ranges, bias, tile.row)
+        kept.append(tile)
     return kept
 
 
@@ -232,54 +239,68 @@ def _tile_keys(x: Tensor, tile: AttentionTile) -> Tensor:
     return ranges[0] if len(ranges) == 1 else torch.cat(ranges, dim=1)
 
 
+def _heads(tile: AttentionTile, heads: int) -> slice:
+    """The (B * H) rows of q, k, v a tile reads: all, or the heads of its batch row."""
+    return slice(None) if tile.row is None else slice(tile.row * heads, (tile.row + 1) * heads)
+
+
 class _TiledAttention(torch.autograd.Function):
     """Matmul attention tile by tile, written out: each tile's softmax saved for backward, and the key and value
-    gradients accumulated in place, where autograd over the same tiles adds zero-padded slices and concatenations."""
+    gradients accumulated in place, where autograd over the same tiles adds zero-padded slices and concatenations.
+    Query rows no tile covers (padding after packed pairs) get zeros, and no gradient."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, tiles: list[AttentionTile]) -> Tensor:
-        b, h, _, d = q.shape
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, tiles: list[AttentionTile], queries_from: int) -> Tensor:
+        b, h, n, d = q.shape
         q3, k3, v3 = (x.reshape(b * h, x.shape[-2], d) for x in (q, k, v))
-        probs, outs = [], []
-        for tile in tiles:
-            keys = _tile_keys(k3, tile).transpose(1, 2)
-            scores = torch.baddbmm(tile.bias, q3[:, tile.start : tile.end], keys, alpha=d**-0.5)
-            probs.append(scores.softmax(-1))
-            outs.append(torch.bmm(probs[-1], _tile_keys(v3, tile)).view(b, h, -1, d).transpose(1, 2))
-        ctx.save_for_backward(q3, k3, v3, *probs)
-        ctx.tiles = tiles
+        per_row = any(tile.row is not None for tile in tiles)
         # one (B, N, H, D) buffer: the caller's "b h n d -> b n (h d)" is then a view, not a copy
-        return torch.cat(outs, dim=1).transpose(1, 2)
+        out = (q.new_zeros if per_row else q.new_empty)(b, n - queries_from, h, d)
+        probs = []
+        for tile in tiles:
+            heads, rows = _heads(tile, h), slice(tile.start - queries_from, tile.end - queries_from)
+            keys = _tile_keys(k3[heads], tile).transpose(1, 2)
+            scores = torch.baddbmm(tile.bias, q3[heads, tile.start : tile.end], keys, alpha=d**-0.5)
+            probs.append(scores.softmax(-1))
+            tile_out = torch.bmm(probs[-1], _tile_keys(v3[heads], tile))
+            tile_out = tile_out.view(-1, h, tile.end - tile.start, d).transpose(1, 2)  # (rows, queries, H, D)
+            if tile.row is None:
+                out[:, rows] = tile_out
+            else:
+                out[tile.row, rows] = tile_out[0]
+        ctx.save_for_backward(q3, k3, v3, *probs)
+        ctx.tiles, ctx.queries_from = tiles, queries_from
+        return out.transpose(1, 2)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None, None]:
         q3, k3, v3, *probs = ctx.saved_tensors
-        b, h, rows_out, d = grad.shape  # output rows: from the first tile's start on
-        first = ctx.tiles[0].start
+        b, h, rows_out, d = grad.shape  # output rows: from queries_from on
+        first = ctx.queries_from
         grad3 = grad.reshape(b * h, rows_out, d)
-        grad_q = [q3.new_zeros(b * h, first, d)] if first else []  # skipped queries
-        grad_k, grad_v = torch.zeros_like(k3), torch.zeros_like(v3)
+        grad_q, grad_k, grad_v = torch.zeros_like(q3), torch.zeros_like(k3), torch.zeros_like(v3)
         for tile, prob in zip(ctx.tiles, probs, strict=True):
-            rows, queries = grad3[:, tile.start - first : tile.end - first], q3[:, tile.start : tile.end]
-            grad_probs = torch.bmm(rows, _tile_keys(v3, tile).transpose(1, 2))
+            heads = _heads(tile, h)
+            rows, queries = grad3[heads, tile.start - first : tile.end - first], q3[heads, tile.start : tile.end]
+            grad_probs = torch.bmm(rows, _tile_keys(v3[heads], tile).transpose(1, 2))
             grad_scores = torch._softmax_backward_data(grad_probs, prob, -1, prob.dtype)
-            grad_q.append(torch.bmm(grad_scores, _tile_keys(k3, tile)).mul_(d**-0.5))
+            grad_q[heads, tile.start : tile.end] = torch.bmm(grad_scores, _tile_keys(k3[heads], tile)).mul_(d**-0.5)
             tile_grad_k = torch.bmm(grad_scores.transpose(1, 2), queries).mul_(d**-0.5)
             tile_grad_v = torch.bmm(prob.transpose(1, 2), rows)
             offset = 0
             for start, end in tile.key_ranges:
-                grad_k[:, start:end] += tile_grad_k[:, offset : offset + end - start]
-                grad_v[:, start:end] += tile_grad_v[:, offset : offset + end - start]
+                grad_k[heads, start:end] += tile_grad_k[:, offset : offset + end - start]
+                grad_v[heads, start:end] += tile_grad_v[:, offset : offset + end - start]
                 offset += end - start
         unflatten = lambda x: x.view(b, h, -1, d)
-        return unflatten(torch.cat(grad_q, dim=1)), unflatten(grad_k), unflatten(grad_v), None
+        return unflatten(grad_q), unflatten(grad_k), unflatten(grad_v), None, None
 
 
 def tiled_attention(q: Tensor, k: Tensor, v: Tensor, tiles: list[AttentionTile], queries_from: int = 0) -> Tensor:
-    """(B, H, N - queries_from, D): attention tile by tile (`AttentionTile`s covering the query rows in order), for
-    the queries from `queries_from` on."""
-    return _TiledAttention.apply(q, k, v, _from_row(tiles, queries_from) if queries_from else tiles)
+    """(B, H, N - queries_from, D): attention tile by tile (`AttentionTile`s covering the query rows, each row once),
+    for the queries from `queries_from` on."""
+    return _TiledAttention.apply(q, k, v, _from_row(tiles, queries_from) if queries_from else tiles, queries_from)
 
 
 class _SwiGLU(torch.autograd.Function):

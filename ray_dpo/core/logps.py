@@ -17,7 +17,7 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
-from ray_dpo.core.attention import SharedPrefixMask
+from ray_dpo.core.attention import PairBlocks, SharedPrefixMask
 from ray_dpo.core.kernels import onednn_mm_t, use_onednn
 from ray_dpo.core.kinds import inner_model, is_hf, peft_base, unwrap
 from ray_dpo.core.model import TransformerLM
@@ -187,7 +187,7 @@ def scored_logps(
     *,
     source: Tensor | None = None,
     positions: Tensor | None = None,
-    attn_mask: Tensor | SharedPrefixMask | None = None,
+    attn_mask: Tensor | SharedPrefixMask | PairBlocks | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> Tensor:
     """log p(targets[b, t]) where `mask[b, t]`, 0 elsewhere: `(B, N) tokens, (B, T) targets, (B, T) mask -> (B, T)`.
@@ -195,7 +195,7 @@ def scored_logps(
     targets[b, t] is scored by the model output at position `source[b, t]` of `tokens` (default t, so pass
     `tokens = seq[:, :-1], targets = seq[:, 1:]`). The output projection runs only on scored positions, chunked.
     positions / attn_mask: passed to the model (TransformerLM's `positions` / `attn_mask`, including a
-    `SharedPrefixMask`; a Hugging Face model's `position_ids` / `attention_mask`). Equal to
+    `SharedPrefixMask` or `PairBlocks`; a Hugging Face model's `position_ids` / `attention_mask`). Equal to
     `token_logps(model(tokens).logits, targets)` under the mask, gradients included.
     """
     if isinstance(unwrap(model)[0], LogpsModel):  # its forward scores: through DDP / FSDP, gradients synced
@@ -219,7 +219,7 @@ def scored_logps(
             head = inner_model(model).to_logits
         else:
             body, head = _hf_parts(inner_model(model))
-            if isinstance(attn_mask, SharedPrefixMask):  # packed prefix-sharing rows: a 4-D mask + position ids
+            if isinstance(attn_mask, (SharedPrefixMask, PairBlocks)):  # packed rows: a 4-D mask + position ids
                 # additive (0 / most negative), which every attention implementation of transformers reads alike
                 dtype = head.weight.dtype
                 attn_mask = torch.zeros((), dtype=dtype, device=tokens.device).masked_fill(

@@ -14,7 +14,7 @@ import torch.utils.checkpoint
 from einops import rearrange
 from torch import Tensor, nn
 
-from ray_dpo.core.attention import SharedPrefixMask, attend
+from ray_dpo.core.attention import PairBlocks, SharedPrefixMask, attend
 from ray_dpo.core.kernels import Linear, rms_norm, rope_tables, rotary_qkv, swiglu
 
 
@@ -105,7 +105,7 @@ class Attention(nn.Module):
         x: Tensor,
         cos: Tensor,
         sin: Tensor,
-        attn_mask: Tensor | SharedPrefixMask | None,
+        attn_mask: Tensor | SharedPrefixMask | PairBlocks | None,
         is_causal: bool,
         cache: KVCache | None,
         queries_from: int = 0,
@@ -174,7 +174,7 @@ class TransformerLM(nn.Module):
         tokens: Tensor,
         *,
         positions: Tensor | None = None,
-        attn_mask: Tensor | SharedPrefixMask | None = None,
+        attn_mask: Tensor | SharedPrefixMask | PairBlocks | None = None,
         cache: KVCache | None = None,
         return_hidden: bool = False,
         hidden_from: int = 0,
@@ -184,15 +184,16 @@ class TransformerLM(nn.Module):
         positions: (B, N) or (N,) RoPE positions; default continues from `cache.length` (or 0).
         attn_mask: bool, True = may attend, broadcastable to (B, heads, N, keys). When given it is used
             as is (the caller composes causality with padding); when None the mask is causal. A
-            `SharedPrefixMask` runs packed prefix-sharing rows (`dpo.pack_pairs`) without a cache.
+            `SharedPrefixMask` runs packed prefix-sharing rows (`pairs.pack_pairs`), a `PairBlocks` rows packed with
+            whole pairs (`pairs.pack_rows`), both without a cache.
         cache: a `KVCache`; the new keys/values are appended and `cache.length` advances by N.
         return_hidden: return the final-normed hidden states (B, N, dim) instead of logits, so a caller can run the
             output projection only where it needs it (`logps.scored_logps`).
         hidden_from: with `return_hidden`, return rows [hidden_from, N) only: the last block then runs attention
             queries, output projection and feed-forward only there (a caller that scores no earlier position).
         """
-        if cache is not None and isinstance(attn_mask, SharedPrefixMask):
-            raise ValueError("a SharedPrefixMask (packed prefix-sharing rows) cannot be used with a KV cache")
+        if cache is not None and isinstance(attn_mask, (SharedPrefixMask, PairBlocks)):
+            raise ValueError("the mask of packed rows (SharedPrefixMask, PairBlocks) cannot be used with a KV cache")
         if hidden_from and (not return_hidden or cache is not None):
             raise ValueError("hidden_from needs return_hidden=True and no KV cache")
         offset = cache.length if cache is not None else 0

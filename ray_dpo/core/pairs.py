@@ -1,5 +1,6 @@
 """Pair scoring: the ONE function the trainer, the reference pass and evaluation use to get the per-token log-probs
-of both responses of each pair, concatenated (2B rows) or prefix-shared (one packed row per pair).
+of both responses of each pair, concatenated (2B rows), prefix-shared (one packed row per pair), or packed: whole
+pairs side by side in rows of up to `pack_len` tokens, padding only after a row's last pair (`pack_rows`).
 
 Token alignment: logits at position t-1 score token t, and target t is scored iff it is a response token (not prompt,
 not padding). Works with any module mapping (B, N) tokens to (B, N, V) logits or to an object with `.logits`.
@@ -10,10 +11,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ray_dpo.core.attention import SharedPrefixMask
+from ray_dpo.core.attention import PairBlocks, SharedPrefixMask
 from ray_dpo.core.kinds import architecture, module_kind
 from ray_dpo.core.logps import core_model, scored_logps
 
@@ -106,15 +108,16 @@ def pack_pairs(
 PREFIX_SHARING_HF = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")  # 4-D masks + position ids
 
 
-def check_prefix_sharing(model: nn.Module) -> None:
+def check_prefix_sharing(model: nn.Module, key: str = "dpo.prefix_sharing") -> None:
+    """Packed rows (prefix sharing, `data.packing`) need per-row positions and a mask other than causal."""
     model = core_model(model)  # the scoring wrapper's model
     kind, name = module_kind(model), architecture(model)
     if kind == "ours" or (kind == "hf" and name in PREFIX_SHARING_HF):
         return
     raise TypeError(
-        "dpo.prefix_sharing needs ray_dpo.core.model.TransformerLM or a Hugging Face "
+        f"{key} needs ray_dpo.core.model.TransformerLM or a Hugging Face "
         f"{' / '.join(PREFIX_SHARING_HF)} (per-row positions and a 4-D attention mask); got {name}. "
-        "Set dpo.prefix_sharing=false for other models."
+        f"Set {key}=false for other models."
     )
 
 
@@ -156,10 +159,178 @@ def lengths_from_masks(
     starts_ok = ((c == 0) | (start_c == prompt_len)).all() & ((r == 0) | (start_r == prompt_len)).all()
     if not bool(same_prompt & contiguous & starts_ok):
         raise ValueError(
-            "dpo.prefix_sharing needs [shared prompt, response, pad] rows: both response masks one contiguous run "
-            "starting right after a prompt that chosen and rejected share"
+            "dpo.prefix_sharing and data.packing need [shared prompt, response, pad] rows: both response masks one "
+            "contiguous run starting right after a prompt that chosen and rejected share"
         )
     return prompt_len, c, r
+
+
+# --- Packing: whole pairs side by side in rows of up to pack_len tokens ----------------------------------------------
+#
+# With prefix sharing a pair is one block [prompt, chosen, rejected] (rejected restarts its positions at p and never
+# sees chosen); without it, two blocks [prompt, chosen], [prompt, rejected]. Positions restart at 0 for every pair and
+# attention never leaves a block (`PairBlocks`), so every token has exactly the context and RoPE phases of its own
+# sequence: the log-probs of the batch's pairs, whatever rows they share.
+
+
+def pair_sizes(prompt_len: np.ndarray, chosen_len: np.ndarray, rejected_len: np.ndarray, prefix_sharing: bool):
+    """Tokens one pair takes in a packed row."""
+    p, c, r = (np.asarray(x, dtype=np.int64) for x in (prompt_len, chosen_len, rejected_len))
+    return p + c + r if prefix_sharing else 2 * p + c + r
+
+
+def plan_rows(sizes: np.ndarray, pack_len: int) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """(row, column offset) of each pair, the number of rows and their width (the fullest row).
+
+    As few rows as hold the pairs, filled evenly: the largest pair first, into the emptiest row (rows all end near
+    the same width, and only that gap is padding); one more row while the fullest would pass `pack_len`."""
+    if len(sizes) and sizes.max() > pack_len:
+        raise ValueError(f"a pair of {int(sizes.max())} tokens does not fit data.pack_len={pack_len}")
+    order = np.argsort(-sizes, kind="stable")
+    rows = max(1, -(-int(sizes.sum()) // pack_len))
+    while True:
+        fill, row, offset = (
+            np.zeros(rows, dtype=np.int64),
+            np.zeros(len(sizes), np.int64),
+            np.zeros(len(sizes), np.int64),
+        )
+        for i in order:
+            row[i] = int(np.argmin(fill))
+            offset[i], fill[row[i]] = fill[row[i]], fill[row[i]] + sizes[i]
+        if fill.max(initial=0) <= pack_len:
+            return row, offset, rows, max(int(fill.max(initial=0)), 1)
+        rows += 1
+
+
+def layout_tokens(batch: Mapping[str, Tensor], *, prefix_sharing: bool, pack_len: int | None) -> tuple[int, int]:
+    """(model input positions, pair tokens among them) of the layout `score_batch` runs: concatenated 2B rows of the
+    batch's width, prefix-shared rows (`pack_pairs`) or packed rows. The padded fraction is 1 - pair / input."""
+    p, c, r = (np.asarray(batch[k].tolist(), dtype=np.int64) for k in ("prompt_len", "chosen_len", "rejected_len"))
+    real = int(pair_sizes(p, c, r, prefix_sharing).sum())
+    if not len(p):
+        return 0, 0
+    if pack_len is not None:
+        _, _, rows, width = plan_rows(pair_sizes(p, c, r, prefix_sharing), pack_len)
+        return rows * width, real
+    if prefix_sharing:  # [prompt, longer response | shorter response], split and width shared by the batch
+        split, width = int((p + np.maximum(c, r)).max()), int(np.minimum(c, r).max())
+        return len(p) * (max(split, 1) + max(width, 1)), real
+    return 2 * len(p) * int((p + np.maximum(c, r)).max()), real
+
+
+@dataclass
+class PackedRows:
+    tokens: Tensor  # (R, L): pairs one after another, each whole in one row; pad_id after a row's last pair
+    positions: Tensor  # (R, L): 0 at every pair's (and without prefix sharing, every sequence's) first token
+    attn_mask: PairBlocks  # a token sees its own block only
+    source: Tensor  # (R, L): the output position that scores each token
+    scored: Tensor  # (R, L) bool: response tokens (never a sequence's token 0, as the concatenated path)
+    chosen_index: Tensor  # (B, C): flat positions in R * L of pair b's scored chosen tokens
+    chosen_mask: Tensor  # (B, C) bool
+    rejected_index: Tensor  # (B, C')
+    rejected_mask: Tensor  # (B, C') bool
+    pair_tokens: int  # tokens of the pairs; the other R * L - pair_tokens are padding
+
+
+def _spans(dest: np.ndarray, src: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flat (destination, source, index within the span) of spans [dest, dest + length) <- [src, src + length)."""
+    within = np.arange(int(length.sum()), dtype=np.int64) - np.repeat(np.cumsum(length) - length, length)
+    return np.repeat(dest, length) + within, np.repeat(src, length) + within, within
+
+
+def pack_rows(
+    chosen: Tensor,
+    rejected: Tensor,
+    prompt_len: Tensor,
+    chosen_len: Tensor,
+    rejected_len: Tensor,
+    *,
+    prefix_sharing: bool,
+    pack_len: int,
+    pad_id: int = 0,
+) -> PackedRows:
+    """Pack right-padded `[prompt, response, pad...]` pairs (B, N) (response lengths excluding the prompt) into rows
+    of up to `pack_len` tokens. The layout is planned on the host from the lengths (one sync)."""
+    batch, n = chosen.shape
+    device = chosen.device
+    p, c, r = (np.asarray(x.tolist(), dtype=np.int64) for x in (prompt_len, chosen_len, rejected_len))
+    row, offset, rows, width = plan_rows(pair_sizes(p, c, r, prefix_sharing), pack_len)
+    base, b = row * width + offset, np.arange(batch, dtype=np.int64)
+    chosen_at, rejected_at = b * n, (batch + b) * n  # rows of cat(chosen, rejected).flatten()
+    # the spans of each pair: (where in the packed rows, where in the batch, length, first position, response kind)
+    if prefix_sharing:
+        spans = [
+            (base, chosen_at, p, 0, 0),
+            (base + p, chosen_at + p, c, p, 1),
+            (base + p + c, rejected_at + p, r, p, 2),
+        ]
+        first = {"chosen": base + p, "rejected": base + p + c}  # each response's first packed column
+        blocks = [(row, offset, offset + p, offset + p + c, offset + p + c + r)]
+        block_of = [b, b, b]
+    else:
+        spans = [(base, chosen_at, p + c, 0, 0), (base + p + c, rejected_at, p + r, 0, 0)]
+        first = {"chosen": base + p, "rejected": base + 2 * p + c}
+        end = offset + p + c
+        blocks = [(row, offset, offset, end, end), (row, end, end, end + p + r, end + p + r)]
+        block_of = [2 * b, 2 * b + 1]
+    slots = rows * width
+    gather = np.full(slots, -1, dtype=np.int64)
+    positions, response = np.zeros(slots, dtype=np.int64), np.zeros(slots, dtype=np.int8)
+    block_ids = np.full(slots, -1, dtype=np.int64)
+    for dest, src, length, position, kind in spans:
+        to, frm, within = _spans(dest, src, length)
+        gather[to], response[to] = frm, kind
+        positions[to] = np.repeat(np.broadcast_to(position, length.shape), length) + within
+    for (dest, _, length, _, _), ids in zip(spans, block_of, strict=True):
+        block_ids[_spans(dest, dest, length)[0]] = np.repeat(ids, length)
+    source = np.arange(slots, dtype=np.int64) % width - 1  # the column before a token scores it ...
+    index = {}
+    for side, length in (("chosen", c), ("rejected", r)):
+        j = np.arange(max(int(length.max(initial=0)), 1), dtype=np.int64)
+        at = first[side][:, None] + j
+        mask = (j < length[:, None]) & (p[:, None] + j >= 1)  # token 0 of a sequence is never scored
+        index[side] = (np.where(mask, at, 0), mask)
+    if prefix_sharing:  # ... except the rejected response's first token: scored by the prompt's last
+        has = (r > 0) & (p > 0)
+        source[first["rejected"][has]] = offset[has] + p[has] - 1
+    scored = np.zeros(slots, dtype=bool)
+    for at, mask in index.values():
+        scored[at[mask]] = True
+    in_order = sorted(tuple(int(x[k]) for x in block) for block in blocks for k in range(batch))  # by row, column
+    as_tensor = lambda x: torch.from_numpy(x).to(device)
+    flat = torch.cat((chosen, rejected)).flatten()
+    gather_t = as_tensor(gather)
+    tokens = torch.where(gather_t >= 0, flat[gather_t.clamp(min=0)], pad_id).view(rows, width)
+    return PackedRows(
+        tokens=tokens,
+        positions=as_tensor(positions).view(rows, width),
+        attn_mask=PairBlocks(
+            tuple(in_order), as_tensor(block_ids).view(rows, width), as_tensor(response).view(rows, width)
+        ),
+        source=as_tensor(source.clip(min=0)).view(rows, width),
+        scored=as_tensor(scored).view(rows, width),
+        chosen_index=as_tensor(index["chosen"][0]),
+        chosen_mask=as_tensor(index["chosen"][1]),
+        rejected_index=as_tensor(index["rejected"][0]),
+        rejected_mask=as_tensor(index["rejected"][1]),
+        pair_tokens=int(pair_sizes(p, c, r, prefix_sharing).sum()),
+    )
+
+
+def score_rows(model: nn.Module, packed: PackedRows) -> PairTokenLogps:
+    """Per-token log-probs of every pair's responses from ONE forward over the packed rows."""
+    token_lp = scored_logps(
+        model,
+        packed.tokens,
+        packed.tokens,
+        packed.scored,
+        source=packed.source,
+        positions=packed.positions,
+        attn_mask=packed.attn_mask,
+    ).flatten()
+    return PairTokenLogps(
+        token_lp[packed.chosen_index], packed.chosen_mask, token_lp[packed.rejected_index], packed.rejected_mask
+    )
 
 
 # --- Pair scoring: the one function the trainer, the reference pass and evaluation use --------------------------
@@ -204,16 +375,20 @@ def score_pairs(
     *,
     prefix_sharing: bool = False,
     pad_id: int = 0,
+    pack_len: int | None = None,
 ) -> PairTokenLogps:
     """Per-token log-probs of both responses of each pair under `model`, in ONE forward pass.
 
     `chosen`, `rejected` (B, N) with response masks (B, N) (True on scored tokens). Concatenated: the 2B sequences
-    run as one batch. `prefix_sharing`: one packed `[prompt, chosen | rejected]` row per pair (masks must then be
-    one contiguous run after a shared prompt, see `lengths_from_masks`).
+    run as one batch. `prefix_sharing`: one packed `[prompt, chosen | rejected]` row per pair; `pack_len`: whole
+    pairs packed into rows of up to that many tokens (`pack_rows`). Both need masks that are one contiguous run
+    after a shared prompt (`lengths_from_masks`).
     """
-    if prefix_sharing:
+    if prefix_sharing or pack_len is not None:
         lengths = lengths_from_masks(chosen, rejected, chosen_mask, rejected_mask)
-        return _score_packed(model, chosen, rejected, *lengths, pad_id)
+        batch = dict(chosen=chosen, rejected=rejected, prompt_len=lengths[0], chosen_len=lengths[1])
+        batch["rejected_len"] = lengths[2]
+        return score_batch(model, batch, prefix_sharing=prefix_sharing, pad_id=pad_id, pack_len=pack_len)
     batch = chosen.shape[0]
     seqs = torch.cat((chosen, rejected))
     scored = torch.cat((chosen_mask, rejected_mask))[:, 1:].bool()
@@ -221,11 +396,27 @@ def score_pairs(
     return PairTokenLogps(token_lp[:batch], scored[:batch], token_lp[batch:], scored[batch:])
 
 
+def pack_batch(batch: Mapping[str, Tensor], *, prefix_sharing: bool, pack_len: int, pad_id: int = 0) -> PackedRows:
+    """`pack_rows` of a training batch."""
+    lengths = (batch[k] for k in ("prompt_len", "chosen_len", "rejected_len"))
+    return pack_rows(
+        batch["chosen"], batch["rejected"], *lengths, prefix_sharing=prefix_sharing, pack_len=pack_len, pad_id=pad_id
+    )
+
+
 def score_batch(
-    model: nn.Module, batch: Mapping[str, Tensor], *, prefix_sharing: bool = False, pad_id: int = 0
+    model: nn.Module,
+    batch: Mapping[str, Tensor],
+    *,
+    prefix_sharing: bool = False,
+    pad_id: int = 0,
+    pack_len: int | None = None,
 ) -> PairTokenLogps:
     """`score_pairs` on a training batch: `chosen`, `rejected` (B, N) right-padded `[prompt, response, pad]`,
     `prompt_len`, `chosen_len`, `rejected_len` (B,) (response lengths, prompt excluded)."""
+    if pack_len is not None:
+        check_prefix_sharing(model, "data.packing")
+        return score_rows(model, pack_batch(batch, prefix_sharing=prefix_sharing, pack_len=pack_len, pad_id=pad_id))
     chosen, rejected = batch["chosen"], batch["rejected"]
     prompt_len, chosen_len, rejected_len = (
         batch[k].to(chosen.device) for k in ("prompt_len", "chosen_len", "rejected_len")

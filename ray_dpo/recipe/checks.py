@@ -106,6 +106,11 @@ def _check_data(c: Config) -> None:
         raise ConfigError(f"config: data.val_fraction must be in (0, 1), got {c.data.val_fraction}")
     if c.data.length_bucket_window < 0:
         raise ConfigError(f"config: data.length_bucket_window must be >= 0, got {c.data.length_bucket_window}")
+    if c.data.packing and c.data.pack_len < 2 * c.data.max_len:
+        raise ConfigError(
+            f"config: data.pack_len={c.data.pack_len} must hold the longest pair (prompt and both responses): at "
+            f"least 2 * data.max_len = {2 * c.data.max_len}"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ model, tokenizer
@@ -228,11 +233,13 @@ def _check_hf_model(c: Config):
                 f"{type(skeleton).__name__}"
             )
     architectures = getattr(hf_config, "architectures", None) or []
-    if c.dpo.prefix_sharing and not set(architectures) & set(PREFIX_SHARING_HF):
-        raise ConfigError(
-            f"config: dpo.prefix_sharing=true needs a {' / '.join(PREFIX_SHARING_HF)} (a 4-D attention mask and "
-            f"position ids); {key} is a {architectures or hf_config.model_type}"
-        )
+    switches = {"dpo.prefix_sharing": c.dpo.prefix_sharing, "data.packing": c.data.packing}
+    for switch in (name for name, on in switches.items() if on):
+        if not set(architectures) & set(PREFIX_SHARING_HF):
+            raise ConfigError(
+                f"config: {switch}=true needs a {' / '.join(PREFIX_SHARING_HF)} (a 4-D attention mask and position "
+                f"ids); {key} is a {architectures or hf_config.model_type}"
+            )
     return tokenizer, getattr(hf_config, "max_position_embeddings", None)
 
 

@@ -2,7 +2,7 @@
 
     data = load_data(run)                               # Parquet -> accounted token rows; train / val; order
     reference = starting_weights(run)                   # your model, an init checkpoint or a fresh one; then SFT
-    data = with_reference_logps(run, data, reference)   # dpo.reference=precomputed: one actor-pool pass
+    data = with_reference_logps(run, data, reference)   # dpo.reference=precomputed: one pass, or the cache
     trained = train_and_evaluate(run.config, data, reference, ...)   # DPO on Ray Train, then policy vs reference
     publish(run, trained)                               # final checkpoint, export, registered model
 
@@ -12,7 +12,9 @@ callback, on the data and reference its sweep prepared once.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import ray
 from ray.train import Checkpoint
@@ -136,24 +138,56 @@ def starting_weights(run: Run) -> Checkpoint:
     return reference
 
 
+REFERENCE_TAG = "ray_dpo.reference_logps"  # MLflow tag: "computed" (the pass ran) or "reused" (from the cache)
+
+
+def reference_scoring(config: Config) -> dict[str, Any]:
+    """Everything that changes the reference pass's numbers, besides the weights and the encoding (the cache key)."""
+    d, data = config.dpo, config.data
+    return dict(  # the pass stores sums over response tokens whatever the loss: each loss normalises them itself
+        precision=config.train.precision,
+        prefix_sharing=d.prefix_sharing,
+        pack_len=data.pack_len if data.packing else None,
+    )
+
+
 @in_stage("reference log-probs")
 def with_reference_logps(run: Run, data: Data, reference: Checkpoint) -> Data:
     """`dpo.reference=precomputed`: reference log-probs as columns of both splits (one actor-pool pass); trainers
-    then hold only the policy. None for a loss that uses no reference (sft, simpo, orpo)."""
+    then hold only the policy. None for a loss that uses no reference (sft, simpo, orpo). With `dpo.reference_cache`
+    they are read from the cache when it holds every row (the same reference weights, encoding and scoring
+    settings), else computed and added to it."""
     if run.config.dpo.reference != "precomputed" or not run.config.dpo.uses_reference:
         return data
-    from ray_dpo.stages.reference import add_reference_logps
+    from ray_dpo.stages.reference import ReferenceCache, reference_logps
 
     d, t = run.config.dpo, run.config.train
+    scoring = reference_scoring(run.config)
     pool = dict(
         prefix_sharing=d.prefix_sharing,
+        pack_len=scoring["pack_len"],
         bf16=t.precision == "bf16",  # scored as the trainer's live reference would be
         batch_size=d.reference_batch_size,
         concurrency=d.reference_concurrency,
         num_gpus=d.reference_num_gpus if d.reference_num_gpus is not None else (1.0 if t.use_gpu else 0.0),
     )
-    run.console.stage("reference log-probs: one actor-pool pass over the training and validation pairs")
-    return Data(*(add_reference_logps(ds, reference, **pool) for ds in (data.train, data.val)))
+    cache = None
+    if d.reference_cache:
+        cache = ReferenceCache.for_reference(
+            t.storage_path, reference, encoding=run.encoding.to_json(), scoring=scoring
+        )
+    started = time.perf_counter()
+    (train, reused_train), (val, reused_val) = (
+        reference_logps(ds, reference, cache=cache, **pool) for ds in (data.train, data.val)
+    )
+    how = "reused" if cache is not None and reused_train and reused_val else "computed"
+    tracking.set_tags(run.tracking_uri, run.run_id, {REFERENCE_TAG: how})
+    where = f" (cache {cache.uri})" if cache is not None else ""
+    run.console.stage(
+        f"reference log-probs: {how} for {train.count():,} training and {val.count():,} validation pairs in "
+        f"{time.perf_counter() - started:.1f} s{where}"
+    )
+    return Data(train, val)
 
 
 @in_stage("train and evaluate")

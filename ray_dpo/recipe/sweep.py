@@ -4,7 +4,8 @@ the stage graph's `train_and_evaluate`, on data and a reference the sweep prepar
     result = run_sweep(load_config("configs/sweep.yaml"))   # -> SweepResult(table, best_config_path, ...)
 
 setup  checks (nothing written), Ray, the sweep's MLflow run; then once: data, starting weights (the reference),
-       reference log-probs when `dpo.reference=precomputed`.
+       reference log-probs (`dpo.reference=precomputed`, and `live` with `dpo.reference_cache` unless the search
+       space changes them: `trial_reference`).
 run    a Tune FUNCTION trainable (Ray 2.60, Train V2): each trial opens its nested MLflow run, fits a TorchTrainer
        with `TuneReportCallback` (every validation of rank 0 reaches Tune and ASHA while training runs), evaluates.
 save   `results.csv` (one row per trial, a column per searched key), plots, `best_config.yaml`, all in MLflow.
@@ -90,10 +91,13 @@ def _sweep(run: Run) -> SweepResult:
     # ---- setup: the shared work, once
     data = stages.load_data(run)
     reference = stages.starting_weights(run)
-    data = stages.with_reference_logps(run, data, reference)
+    trials_config, why = trial_reference(config)
+    if why:
+        run.console.stage(f"reference: {why}")
+    data = stages.with_reference_logps(replace(run, config=trials_config), data, reference)
     total_steps = config.train.max_steps or config.train.epochs * (data.train.count() // config.train.batch_size)
     shared = {
-        "config": config.to_dict(),
+        "config": trials_config.to_dict(),
         "encoding": run.encoding,
         "reference": reference,
         "mlflow_run": (run.tracking_uri, run.run_id),
@@ -136,6 +140,27 @@ def _sweep(run: Run) -> SweepResult:
 
 
 # --------------------------------------------------------------------------------------------- setup helpers
+
+
+# keys that change the reference's log-probs (or whether the loss has a reference): a sweep searching one of them
+# keeps a live reference in every trial
+REFERENCE_KEYS = ("dpo.reference", "dpo.loss_type", "dpo.reduction", "dpo.prefix_sharing", "train.precision")
+REFERENCE_PREFIXES = ("data.", "model.", "sft.", "train.init_checkpoint")
+
+
+def trial_reference(config: Config) -> tuple[Config, str]:
+    """The config the trials run with, and why (a console line; "" when nothing changes). With `dpo.reference=live`
+    and `dpo.reference_cache`, the sweep scores the pairs under the reference ONCE, before the trials, and the
+    trials run `dpo.reference=precomputed`: the same log-probs (the pass scores as a live reference does), without a
+    reference model or its forward passes in any trial. Searching a key that changes those log-probs keeps the
+    reference live in every trial."""
+    d = config.dpo
+    if d.reference != "live" or not d.reference_cache:
+        return config, ""
+    changes = [k for k in config.tune.search_space if k in REFERENCE_KEYS or k.startswith(REFERENCE_PREFIXES)]
+    if changes:
+        return config, f"live in every trial (tune.search_space searches {changes[0]}, which changes its log-probs)"
+    return override(config, {"dpo.reference": "precomputed"}), "log-probs scored once for all trials (precomputed)"
 
 
 def search_space(config: Config) -> dict[str, Any]:

@@ -127,6 +127,7 @@ class PolicyReferenceEvaluator:
         prefix_sharing: bool,
         bf16: bool,
         seed: int,
+        pack_len: int | None = None,
     ):
         models.reuse_freed_memory()
         self.device = torch.device(device)
@@ -136,7 +137,7 @@ class PolicyReferenceEvaluator:
             policy_checkpoint, reference_checkpoint, self.device, dtype
         )
         self.e = EvalConfig(**eval_config)
-        self.reduction, self.prefix_sharing, self.seed = reduction, prefix_sharing, seed
+        self.reduction, self.prefix_sharing, self.seed, self.pack_len = reduction, prefix_sharing, seed, pack_len
         # room for the response inside the positions the models were built for
         self.max_prompt_tokens = min(map(models.max_positions, self.models.values())) - self.e.max_new_tokens
         self.reward_fn = load_reward_fn(self.e.reward_fn)
@@ -167,14 +168,15 @@ class PolicyReferenceEvaluator:
             return self.tokenizer.decode([int(t) for t in tokens], skip_special_tokens=False)
         return self._text(tokens)
 
-    def _score(self, pairs: dict[str, list], *, packed: bool) -> dict[str, np.ndarray]:
+    def _score(self, pairs: dict[str, list], *, packed: bool, pack_len: int | None = None) -> dict[str, np.ndarray]:
         """`{model}_{chosen,rejected}` sequence log-probs of each pair under each model (the trainer's scoring)."""
         tensors = {k: v.to(self.device) for k, v in collate_preferences(pairs, pad_id=0).items()}
         out = {}
         with torch.inference_mode():
             for name, model in self.models.items():
                 with self.contexts[name]():
-                    chosen, rejected = score_batch(model, tensors, prefix_sharing=packed).sequence(self.reduction)
+                    scored = score_batch(model, tensors, prefix_sharing=packed, pack_len=pack_len)
+                    chosen, rejected = scored.sequence(self.reduction)
                 out[f"{name}_chosen"], out[f"{name}_rejected"] = (x.double().cpu().numpy() for x in (chosen, rejected))
         return out
 
@@ -240,7 +242,8 @@ class PolicyReferenceEvaluator:
             parts.append((generate_rows, self._generate([batch["prompt"][i] for i in generate_rows])))
         if len(score_rows):
             pairs = {k: [batch[k][i] for i in score_rows] for k in ("prompt", "chosen", "rejected")}
-            scored = self._score(pairs, packed=self.prefix_sharing)
+            # held-out pairs fit data.pack_len as training pairs do (generated responses may not: never packed)
+            scored = self._score(pairs, packed=self.prefix_sharing, pack_len=self.pack_len)
             parts.append((score_rows, {f"{k}_logp": v for k, v in scored.items()}))
         for rows, columns in parts:  # one column per name over the whole batch: filler where a row has no value
             for name, values in columns.items():
@@ -324,6 +327,7 @@ def evaluate_rows(
             eval_config=dataclasses.asdict(e),
             reduction=config.dpo.loss_spec().reward_reduction,  # the implicit reward as training's rewards/*
             prefix_sharing=config.dpo.prefix_sharing,
+            pack_len=config.data.pack_len if config.data.packing else None,
             bf16=config.train.precision == "bf16",
             seed=config.train.seed,
         ),

@@ -24,9 +24,10 @@ def _padded_length(batch: pa.Table) -> np.ndarray:
     return prompt + np.max(responses, axis=0)
 
 
-def _row_hash(batch: pa.Table, seed: int) -> np.ndarray:
-    """A uint64 per row from its token content and `seed`: same row + same seed -> same value, on any
-    cluster and block layout. Vectorised splitmix64 over tokens and positions, summed per row."""
+def _row_hash(batch: pa.Table, seed: int, columns: list[str] | None = None) -> np.ndarray:
+    """A uint64 per row from its token content (`columns`, default every token column) and `seed`: same row + same
+    seed -> same value, on any cluster and block layout. Vectorised splitmix64 over tokens and positions, summed per
+    row."""
 
     def mix(x: np.ndarray) -> np.ndarray:
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -36,7 +37,7 @@ def _row_hash(batch: pa.Table, seed: int) -> np.ndarray:
     s = np.uint64(seed & 0xFFFFFFFFFFFFFFFF)
     h = mix(np.full(batch.num_rows, s + np.uint64(0x9E3779B97F4A7C15), dtype=np.uint64))
     with np.errstate(over="ignore"):
-        for salt, column in enumerate(_token_columns(batch), start=1):
+        for salt, column in enumerate(columns or _token_columns(batch), start=1):
             arr = batch[column].combine_chunks()
             values = arr.flatten().to_numpy().astype(np.uint64)
             rows = Ragged.from_lengths(
@@ -48,6 +49,13 @@ def _row_hash(batch: pa.Table, seed: int) -> np.ndarray:
             token_mix = mix(values * np.uint64(0x100000001B3) + pos * np.uint64(0x9E3779B97F4A7C15) + s)
             h = mix(h ^ mix(segment_sums(token_mix, rows.offsets) + np.uint64(salt) + rows.lengths.astype(np.uint64)))
     return h
+
+
+def row_keys(batch: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """A pair's identity: two independent 64-bit hashes of its prompt, chosen and rejected tokens (128 bits: the same
+    key for the same tokens in any file, split or order, and practically never for other tokens)."""
+    columns = ["prompt", "chosen", "rejected"]
+    return _row_hash(batch, 0, columns), _row_hash(batch, 1, columns)
 
 
 def split_train_val(
@@ -103,14 +111,18 @@ def bucket_by_length(dataset: ray.data.Dataset, window: int, *, seed: int = 0) -
     key = "_bucket_key"
 
     def add_key(b: pa.Table) -> pa.Table:
-        h = _row_hash(b, seed)
-        window_id = (h % np.uint64(n_windows)).astype(np.int64)
-        padded = _padded_length(b).astype(np.int64)
-        # window id, then length, then hash bits as a tie-break: one int64 sort key
-        sort_key = (window_id << 40) | (np.minimum(padded, (1 << 20) - 1) << 20) | (h >> np.uint64(44)).astype(np.int64)
-        return b.append_column(key, pa.array(sort_key))
+        return b.append_column(key, pa.array(bucket_sort_key(b, n_windows, seed)))
 
     ds = dataset.map_batches(add_key, batch_format="pyarrow", batch_size=None).sort(key)
     ds = ds.map_batches(lambda b: b.drop_columns([key]), batch_format="pyarrow", batch_size=None)
     ds.context.execution_options.preserve_order = True
     return ds.materialize()
+
+
+def bucket_sort_key(batch: pa.Table, n_windows: int, seed: int) -> np.ndarray:
+    """`bucket_by_length`'s order as one int64 per row: window id (from the row hash), then padded length, then hash
+    bits as a tie-break. Sorting a table by it gives the bucketed order (what benchmarks/dpo_step.py does)."""
+    h = _row_hash(batch, seed)
+    window_id = (h % np.uint64(n_windows)).astype(np.int64)
+    padded = _padded_length(batch).astype(np.int64)
+    return (window_id << 40) | (np.minimum(padded, (1 << 20) - 1) << 20) | (h >> np.uint64(44)).astype(np.int64)

@@ -258,14 +258,14 @@ def train_step(w: _Worker, batches: list[dict[str, Tensor]]) -> tuple[list[float
     """
     task, model, accum = w.task, w.model, len(batches)
     global_count = all_reduce_sum(torch.tensor(float(sum(map(task.count, batches)))), w.device).item()
-    sums = torch.zeros(len(task.metric_names) + 1, dtype=torch.float64)
+    sums = torch.zeros(len(task.summed) + 1, dtype=torch.float64)
     with w.autocast():
         contexts = task.prepare(batches, True)  # statistics of the whole global batch, for the losses that read them
     for i, batch in enumerate(batches):
         with parallel.gradient_sync(model, i == accum - 1), w.autocast():
             loss_sum, metric_sums, _, tokens = task.score(batch, True, contexts[i])
             (loss_sum * w.world / global_count).backward()
-        sums += torch.tensor([*(metric_sums[k].item() for k in task.metric_names), tokens], dtype=torch.float64)
+        sums += torch.tensor([*(float(metric_sums[k]) for k in task.summed), tokens], dtype=torch.float64)
     grad_norm = parallel.grad_norm(model, w.spec.config.train.grad_clip)
     return all_reduce_sum(sums, w.device).tolist(), global_count, grad_norm
 
@@ -296,7 +296,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
                 ) from None
             rows_read += sum(len(b["prompt_len"]) for b in step_batches)
             sums, count, grad_norm = train_step(w, step_batches)
-            loss = sums[0] / count
+            loss = sums[0] / count  # the first metric is the loss
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # identical on every rank: all stop
                 return {
                     "error": f"train: non-finite {spec.metric_prefix} loss ({loss}) or grad norm ({grad_norm}) at "
@@ -313,9 +313,12 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
                 models.return_freed_memory()
             state.update(step=step + 1, epoch_step=state["epoch_step"] + 1)
             p = spec.metric_prefix
-            fresh = {f"{p}/{k}": sums[i] / count for i, k in enumerate(w.task.metric_names)}
+            *totals, tokens = sums
+            fresh = {
+                f"{p}/{k}": v for k, v in w.task.metrics(dict(zip(w.task.summed, totals, strict=True)), count).items()
+            }
             fresh.update({f"{p}/lr": lr, f"{p}/grad_norm": grad_norm})
-            fresh[spec.perf_key] = sums[-1] / (time.perf_counter() - started)
+            fresh[spec.perf_key] = tokens / (time.perf_counter() - started)
             metrics = _after_step(w, fresh, val_shard)
             if state["epoch_step"] == 0:  # _after_step rolled over to the next epoch
                 break
@@ -350,17 +353,16 @@ def validation_metrics(w: _Worker, shard: Shard) -> dict[str, float]:
     that read statistics of the batch read those of the whole split (`Task.prepare`)."""
     task, module = w.task, parallel.unwrap(w.model)
     module.eval()
-    sums = torch.zeros(len(task.metric_names) + 1, dtype=torch.float64)
+    sums = torch.zeros(len(task.summed) + 1, dtype=torch.float64)
     with torch.no_grad(), w.autocast():
         batches = list(micro_batches(shard, w.spec.micro_batch, task.collate, drop_last=False))
         for batch, context in zip(batches, task.prepare(batches, False), strict=True):
             _, metric_sums, count, _ = task.score(batch, False, context)
-            sums += torch.tensor([*(metric_sums[k].item() for k in task.metric_names), count], dtype=torch.float64)
+            sums += torch.tensor([*(float(metric_sums[k]) for k in task.summed), count], dtype=torch.float64)
     module.train()
     *totals, count = all_reduce_sum(sums, w.device).tolist()
-    return {
-        f"{w.spec.val_prefix}/{k}": total / max(count, 1.0) for k, total in zip(task.metric_names, totals, strict=True)
-    }
+    metrics = task.metrics(dict(zip(task.summed, totals, strict=True)), count)
+    return {f"{w.spec.val_prefix}/{k}": v for k, v in metrics.items()}
 
 
 def save_checkpoint(w: _Worker, metrics: dict[str, float]) -> None:

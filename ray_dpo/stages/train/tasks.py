@@ -22,7 +22,7 @@ from ray_dpo.core.dpo import DPO, mix_into, parameter_pairs
 from ray_dpo.core.kinds import is_peft
 from ray_dpo.core.logps import LogpsModel, core_model, scored_logps
 from ray_dpo.core.losses import METRICS, BatchStats, PairLogps, RunningMean, batch_stats, gather_pairs
-from ray_dpo.core.pairs import response_mask_from_lengths, scored_counts
+from ray_dpo.core.pairs import layout_tokens, response_mask_from_lengths, scored_counts
 from ray_dpo.stages import models
 from ray_dpo.stages.train import parallel, shard_load
 from ray_dpo.stages.train.shard_load import ShardSpec
@@ -37,8 +37,10 @@ class Task:
     SFT); `score(batch, training, context)` -> (loss_sum, metric_sums, count, tokens processed), sums over those
     units. Around them, for tasks that need it: `prepare(batches, training)` -> one `context` per micro-batch of a
     step, or of the validation split (every rank calls it, a collective); `after_step(step)` once the optimizer
-    stepped; `state()` (JSON, into state.json)
-    and `tensors()` (weights besides the model's, saved with it) are what a resume needs to continue."""
+    stepped; `state()` (JSON, into state.json) and `tensors()` (weights besides the model's, saved with it) are
+    what a resume needs to continue. `ratios`: (metric, numerator, denominator) of sums `score` also returns,
+    reported as the ratio of their sums over the global batch (the padded fraction: padding over the positions the
+    model ran)."""
 
     collate: Callable[[dict[str, np.ndarray]], Batch]
     count: Callable[[Batch], float]
@@ -48,6 +50,17 @@ class Task:
     after_step: Callable[[int], None] = lambda step: None
     state: Callable[[], dict[str, Any]] = dict
     tensors: Callable[[], dict[str, Tensor]] = dict
+    ratios: tuple[tuple[str, str, str], ...] = ()
+
+    @property
+    def summed(self) -> tuple[str, ...]:
+        """Every sum `score` returns: the per-unit metrics, then the ratios' terms."""
+        return (*self.metric_names, *dict.fromkeys(term for _, *terms in self.ratios for term in terms))
+
+    def metrics(self, sums: dict[str, float], count: float) -> dict[str, float]:
+        """Per-unit metrics and ratios from the global sums."""
+        out = {k: sums[k] / max(count, 1.0) for k in self.metric_names}
+        return out | {name: sums[num] / max(sums[den], 1.0) for name, num, den in self.ratios}
 
 
 def live_reference(spec: WorkerSpec, model: nn.Module, device: torch.device) -> nn.Module | None:
@@ -93,12 +106,14 @@ def dpo_task(spec: WorkerSpec, model: nn.Module, device: torch.device, resumed: 
     d = spec.config.dpo
     loss_spec = d.loss_spec()
     reference = live_reference(spec, model, device)
+    pack_len = spec.config.data.pack_len if spec.config.data.packing else None
     kwargs = dict(
         pad_id=spec.pad_id,
         reference=d.reference,
         ref_model=reference,
         prefix_sharing=d.prefix_sharing,
         **d.loss_options(),
+        pack_len=pack_len,
     )
     # validation (and the statistics pass) run the unwrapped module: ranks may hold different numbers of val rows,
     # DDP hooks would hang
@@ -141,6 +156,7 @@ def dpo_task(spec: WorkerSpec, model: nn.Module, device: torch.device, resumed: 
         return contexts
 
     def score(batch: Batch, training: bool, context=None):
+        positions, pair_tokens = layout_tokens(batch, prefix_sharing=d.prefix_sharing, pack_len=pack_len)  # host
         batch = {k: v.to(device) for k, v in batch.items()}
         stats, ref = context if context is not None else (None, None)
         dpo = train_dpo if training else val_dpo
@@ -148,7 +164,9 @@ def dpo_task(spec: WorkerSpec, model: nn.Module, device: torch.device, resumed: 
         out = dpo.loss(pairs, stats)
         n = out.count
         tokens = (2 * batch["prompt_len"] + batch["chosen_len"] + batch["rejected_len"]).sum().item()
-        return out.loss * n, {k: out.metrics[k] * n for k in METRICS}, float(n), float(tokens)
+        sums = {k: out.metrics[k] * n for k in METRICS}
+        sums |= {"padding_tokens": float(positions - pair_tokens), "input_positions": float(positions)}
+        return out.loss * n, sums, float(n), float(tokens)
 
     def after_step(step: int) -> None:
         if d.sync_ref_model and step % d.ref_model_sync_steps == 0:
@@ -167,6 +185,7 @@ def dpo_task(spec: WorkerSpec, model: nn.Module, device: torch.device, resumed: 
         after_step=after_step,
         state=lambda: {"bco_running": dataclasses.asdict(running)} if loss_spec.bco_reward_shift else {},
         tensors=lambda: {name: ref for name, (ref, _) in synced.items()},
+        ratios=(("padded_fraction", "padding_tokens", "input_positions"),),
     )
 
 
