@@ -100,7 +100,8 @@ def test_packed_dpo_loss_metrics_and_grads_equal_the_concatenated_path(prefix_sh
             pad_id=PAD,
             prefix_sharing=prefix_sharing and packed,
             pack_len=pack_len if packed else None,
-            rpo_alpha=0.5,  # the chosen NLL term reads the per-token log-probs too
+            loss_type=["sigmoid", "sft"],  # sft: the chosen NLL term reads the per-token log-probs too
+            loss_weights=[1.0, 0.5],
         )
         loss, metrics = dpo.batch_loss(batch)
         loss.backward()
