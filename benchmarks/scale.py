@@ -1,14 +1,14 @@
 """Memory that scales: the real align pipeline on a tiny and a ~0.3B Hugging Face model, peak memory per process.
 
-    python benchmarks/scale.py                      # tiny + 0.3b, three configurations each (~15-25 min here)
+    python benchmarks/scale.py                      # tiny + 0.3b, four configurations each (~30-40 min here)
     python benchmarks/scale.py --smoke --out /tmp/scale.json       # tiny only, LoRA only (what a test runs)
-    python benchmarks/scale.py --sizes 0.3b --configs lora          # one cell
+    python benchmarks/scale.py --sizes tiny 0.3b --configs fsdp     # one configuration, merged into the JSON
 
 What can't run on this machine (a 7-8B model on 8+ GPUs) is shown by how memory grows from a tiny model to a ~0.3B
 one on 2 CPU workers: a process that holds one more copy of the weights than it must grows by one more fp32 (or
 bf16) model size. Each cell runs `pipelines/align.py --config configs/hf_tiny.yaml` as a subprocess (its own local
 Ray), with overrides for 2 optimizer steps on 2 workers, validation, evaluation (a few prompts), export and MLflow
-registration, in one of three configurations:
+registration, in one of four configurations:
 
   lora       DDP + LoRA (model.lora_r=8; the reference is the base with adapters off)
   lora_ckpt  the same with gradient checkpointing (model.gradient_checkpointing=true), as a 7-8B LoRA run is set up
@@ -30,8 +30,9 @@ kind is the model-work title it ever had (Ray starts actors in pooled worker pro
 Reported per (configuration, process kind): the peak at each size, the fp32 size of the 0.3b model, and the growth
 from tiny to 0.3b as a fraction of that size, against the targets: driver <= 0.25x; LoRA train worker and
 evaluation actor <= 0.75x; FSDP full fine-tune worker <= 0.6x of a DDP full fine-tune worker's growth. A cell that
-fails is reported as "crashed: <last error line>" and the others still run. `benchmarks/capacity.py --validate
-<json>` compares these figures with its memory model.
+fails is reported as "crashed: <last error line>" and the others still run. Cells already in the output JSON that
+this run does not repeat are kept (`--fresh` starts over), so a busy machine can run one configuration at a time.
+`benchmarks/capacity.py --validate <json>` compares these figures with its memory model.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import json
 import os
 import re
 import signal
@@ -241,7 +243,7 @@ class Poller(threading.Thread):
 
     def __init__(self, root: int, interval: float = 0.2):
         super().__init__(daemon=True)
-        self.root, self.interval = root, interval
+        self.root, self.interval, self.started = root, interval, time.monotonic()
         self.procs: dict[int, dict] = {}
         self.done = threading.Event()
 
@@ -268,7 +270,7 @@ class Poller(threading.Thread):
             if "VmHWM" not in status:  # gone (or a kernel thread)
                 alive.discard(pid)
                 continue
-            proc = self.procs.setdefault(pid, {"pid": pid, "kind": None, "titles": [], "hwm_kb": 0})
+            proc = self.procs.setdefault(pid, {"pid": pid, "kind": None, "titles": [], "hwm_kb": 0, "rss_mb": []})
             title = _title(pid)
             short = title.split(" ")[0][:120]
             if short and short not in proc["titles"]:
@@ -278,6 +280,10 @@ class Poller(threading.Thread):
             elif proc["kind"] is None:
                 proc["kind"] = kind_of(title)
             proc["hwm_kb"] = max(proc["hwm_kb"], status["VmHWM"])
+            # resident MiB over time, [seconds since start, MiB] at each change of 32 MiB or more: when the peak was
+            rss = status.get("VmRSS", 0) >> 10
+            if not proc["rss_mb"] or abs(rss - proc["rss_mb"][-1][1]) >= 32:
+                proc["rss_mb"].append([round(time.monotonic() - self.started, 1), rss])
         return alive
 
     def run(self) -> None:
@@ -463,6 +469,29 @@ def _verdict(row: dict) -> str:
     return "met" if row["met"] else "NOT met"
 
 
+def merge_previous(out: str, cells: list[dict], model_info: dict, fresh: bool) -> tuple[list[dict], list[dict]]:
+    """The cells of an earlier run at `out` that this run did not repeat (each 0.3b cell takes minutes, so cells are
+    run one configuration at a time on a shared machine), and this run's cells; `model_info` gains the earlier
+    run's models (the same seeded shapes). Cells of a different workload are not mixed in."""
+    path = Path(out)
+    if fresh or not path.exists():
+        return [], cells
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return [], cells
+    if previous.get("workload") != WORKLOAD or previous.get("smoke"):
+        print(f"not merging {out}: another workload", flush=True)
+        return [], cells
+    done = {(c["size"], c["config"]) for c in cells}
+    kept = [c for c in previous.get("cells", []) if (c["size"], c["config"]) not in done]
+    for size, info in previous.get("models", {}).items():
+        model_info.setdefault(size, info)
+    if kept:
+        print(f"kept from {out}: " + ", ".join(f"{c['size']}/{c['config']}" for c in kept), flush=True)
+    return kept, cells
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -474,6 +503,12 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per cell before it counts as crashed")
     ap.add_argument("--work-dir", default=None, help="keep models, runs and logs here (default: a temp dir, removed)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/scale[_smoke].json)")
+    ap.add_argument(
+        "--fresh",
+        action="store_true",
+        help="overwrite --out; by default the cells run now replace the same (size, config) cells there, the others "
+        "are kept and the growth table is recomputed from all of them",
+    )
     args = ap.parse_args()
     sizes = args.sizes or (["tiny"] if args.smoke else ["tiny", "0.3b"])
     configs = args.configs or (["lora"] if args.smoke else list(CONFIGS))
@@ -566,8 +601,12 @@ def main() -> None:
     ]
     print_table(title, rows, columns)
 
+    out = args.out or f"benchmarks/results/scale{'_smoke' if args.smoke else ''}.json"
+    kept, cells_run = merge_previous(out, cells, model_info, fresh=args.fresh or args.smoke)
+    cells = kept + cells_run
+
     growth = []
-    if len(sizes) >= 2 and "0.3b" in model_info and "tiny" in model_info:
+    if "0.3b" in model_info and "tiny" in model_info:
         growth = growth_rows(cells, model_info["0.3b"]["fp32_bytes"])
         for row in growth:
             row["verdict"] = _verdict(row)
@@ -588,13 +627,12 @@ def main() -> None:
         title = f"Growth from tiny to 0.3b as a fraction of the 0.3b model's fp32 size ({fp32_mb:.0f} MiB)"
         print_table(title, growth, columns)
 
-    out = args.out or f"benchmarks/results/scale{'_smoke' if args.smoke else ''}.json"
     payload = dict(
         smoke=args.smoke,
         env=env | dict(load_end=load_average()),
         matmul_peaks_flops=peaks,
         workload=WORKLOAD,
-        configs={name: CONFIGS[name] for name in configs},
+        configs={name: CONFIGS[name] for name in CONFIGS if any(c["config"] == name for c in cells)},
         models=model_info,
         targets=TARGETS,
         cells=cells,
