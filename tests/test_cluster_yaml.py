@@ -137,11 +137,12 @@ def test_gpu_nodes_start_together(config):
 
 @pytest.mark.parametrize("strategy", ["ddp_lora", "fsdp_full"])
 def test_gpu_node_host_ram_holds_an_8b_load(config, capacity, strategy):
-    """The sizing rule: RAM less Ray's object store holds what loading Llama-3.1-8B needs on the node with TODAY's
-    loading (every rank, and every evaluation actor, loads the whole model in fp32 on the CPU)."""
+    """The sizing rule: RAM less Ray's object store holds what Llama-3.1-8B needs on the node at its busiest: the
+    ranks loading their rows (with the node's page cache of the bf16 file), an evaluation actor, or the publish task
+    (which merges LoRA adapters into an fp32 copy of the base)."""
     for name, node_type in _gpu_types(config).items():
         specs = _specs(node_type)
-        job = capacity.Job(strategy, gpus_per_node=specs["gpus"], loading="today")
+        job = capacity.Job(strategy, gpus_per_node=specs["gpus"])
         need = capacity.host_per_node(capacity.LLAMA_31_8B, job)["need"]
         usable = capacity.usable_host_ram(specs["ram_gib"] * capacity.GiB)
         assert usable >= need, f"{name}: {usable / 1e9:.0f} GB usable < {need / 1e9:.0f} GB to load 8B ({strategy})"
@@ -150,7 +151,7 @@ def test_gpu_node_host_ram_holds_an_8b_load(config, capacity, strategy):
 def test_a_small_gpu_box_fails_the_sizing_rule(capacity):
     """The rule rejects the 16 GiB g5.xlarge this file used before (so the test above can fail)."""
     specs = INSTANCES["g5.xlarge"]
-    need = capacity.host_per_node(capacity.LLAMA_31_8B, capacity.Job("ddp_lora", gpus_per_node=1, loading="today"))
+    need = capacity.host_per_node(capacity.LLAMA_31_8B, capacity.Job("ddp_lora", gpus_per_node=1))
     assert capacity.usable_host_ram(specs["ram_gib"] * capacity.GiB) < need["need"]
 
 
