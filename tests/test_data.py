@@ -257,6 +257,47 @@ def test_split_is_deterministic_and_bucketing_cuts_padding(ray_session):
     assert lengths != sorted(lengths)  # windows are shuffled: not one global sort
 
 
+def test_one_pass_split_and_order_equals_the_two_steps_and_frees_what_it_is_handed(ray_session):
+    """`split_and_order` (what a run does) gives the rows and orders of `split_train_val` then `order_rows` /
+    `bucket_by_length`; the seeded shuffle is the same for another block layout; a `Handoff` input is freed block by
+    block (no reference to any of its blocks is left), and dealing a handed-off dataset to ranks frees it too."""
+    from ray_dpo.stages.data import Handoff, order_rows, split_and_order
+    from ray_dpo.stages.train.shards import deal
+
+    read, _ = read_preferences(HH_TEST, encoding=Encoding(TOK, max_len=512, max_prompt_len=256), on_bad_row="skip")
+    ds = read.repartition(5).materialize()  # several blocks: several pieces per block, several merges
+    del read
+    key = lambda row: (tuple(row["prompt"]), tuple(row["chosen"]), tuple(row["rejected"]))
+    rows = lambda d: [key(r) for r in d.take_all()]
+
+    train, val = split_train_val(ds, 0.1, seed=0)
+    bucketed, bucketed_val = split_and_order(ds, val_fraction=0.1, seed=0, window=64)
+    assert rows(bucketed_val) == rows(val), "val keeps the input's order"
+    assert rows(bucketed) == rows(bucket_by_length(train, window=64, seed=0))
+    shuffled, _ = split_and_order(ds, val_fraction=0.1, seed=0)
+    assert rows(shuffled) == rows(order_rows(train, seed=0))
+    assert rows(shuffled) == rows(order_rows(train.repartition(3).materialize(), seed=0)), "layout-independent"
+    assert rows(shuffled) != rows(train) and sorted(rows(shuffled)) == sorted(rows(train))
+    assert rows(order_rows(train, seed=1)) != rows(shuffled)
+
+    alive = lambda ids: ids & set(ray_session._private.worker.global_worker.core_worker.get_all_reference_counts())
+    inputs = {ref.hex() for ref in ds.to_arrow_refs()}
+    handed = Handoff(ds)
+    del ds
+    again, again_val = split_and_order(handed, val_fraction=0.1, seed=0)
+    assert not alive(inputs), "a handed-off input outlived its reordering"
+    assert rows(again) == rows(shuffled) and rows(again_val) == rows(val)
+    with pytest.raises(RuntimeError, match="already handed"):
+        handed.count()
+
+    count, dealt = again.count(), {ref.hex() for ref in again.to_arrow_refs()}
+    handed = Handoff(again)
+    del again
+    shards = deal(handed, world=2, block=4)
+    assert not alive(dealt), "a handed-off dataset outlived its deal"
+    assert sum(s.num_rows for s in shards) == count
+
+
 def test_files_are_cut_into_pieces_of_whole_or_cut_row_groups_in_file_order():
     import pyarrow.fs as pafs
 
