@@ -11,6 +11,7 @@ Ray), with overrides for 2 optimizer steps on 2 workers, validation, evaluation 
 registration, in one of three configurations:
 
   lora       DDP + LoRA (model.lora_r=8; the reference is the base with adapters off)
+  lora_ckpt  the same with gradient checkpointing (model.gradient_checkpointing=true), as a 7-8B LoRA run is set up
   fsdp       FSDP2 full fine-tune (train.strategy=fsdp model.lora_r=0; a live bf16 reference)
   ddp_full   DDP full fine-tune (model.lora_r=0): the baseline the FSDP target compares with
 
@@ -74,6 +75,8 @@ SHAPES = {  # Qwen2 shapes; the vocabulary is the trained tokenizer's
 VOCAB = 2048
 CONFIGS = {
     "lora": ["model.lora_r=8"],
+    # what a 7-8B LoRA run uses (docs/SCALING.md): activations recomputed in backward
+    "lora_ckpt": ["model.lora_r=8", "model.gradient_checkpointing=true"],
     "fsdp": ["train.strategy=fsdp", "model.lora_r=0", "train.lr=1e-5"],
     "ddp_full": ["model.lora_r=0", "train.lr=1e-5"],
 }
@@ -434,9 +437,9 @@ def growth_rows(cells: list[dict], fp32_bytes: int, sizes: tuple[str, str] = ("t
             target = None
             if kind == "driver":
                 target = TARGETS["driver"]
-            elif kind == "train_worker" and config == "lora":
+            elif kind == "train_worker" and config in ("lora", "lora_ckpt"):
                 target = TARGETS["lora_train_worker"]
-            elif kind in ("eval_actor", "reference_pass") and config == "lora":
+            elif kind in ("eval_actor", "reference_pass") and config in ("lora", "lora_ckpt"):
                 target = TARGETS["eval_actor"]
             if target is not None:
                 row["target_x"] = target

@@ -67,9 +67,20 @@ def find_user_error(err: BaseException) -> UserError | None:
 
 
 def root_cause(err: BaseException) -> BaseException:
-    """The innermost exception that is not one of Ray's wrappers: what actually failed."""
-    causes = [e for e in _causes(err) if not type(e).__module__.startswith("ray.")]
-    return causes[-1] if causes else err
+    """The innermost exception that is not one of Ray's wrappers: what actually failed (the deepest one behind `err`,
+    through explicit causes, Ray's task errors and every failed Train worker)."""
+
+    def deepest(current: BaseException, seen: set[int]) -> tuple[int, BaseException | None]:
+        seen.add(id(current))
+        behind = [current.__cause__, getattr(current, "cause", None), current.__context__]
+        behind += list((getattr(current, "worker_failures", None) or {}).values())
+        found = [deepest(e, seen) for e in behind if e is not None and id(e) not in seen]
+        depth, best = max(found, key=lambda pair: pair[0], default=(0, None))
+        if best is None and not type(current).__module__.startswith("ray."):
+            return 1, current
+        return depth + 1, best
+
+    return deepest(err, set())[1] or err
 
 
 def one_line(err: BaseException) -> str:

@@ -16,6 +16,19 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pipeline_main(name: str):
+    """`main` of `pipelines/<name>.py`, run in-process (on the test session's Ray, with its captured console)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_pipeline", REPO / "pipelines" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
 HH_RLHF = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "data", "hh_rlhf"))  # in-repo sample
 HH_TRAIN = os.path.join(HH_RLHF, "hh_rlhf_harmless_train_1812.parquet")
 HH_TEST = os.path.join(HH_RLHF, "hh_rlhf_harmless_test_500.parquet")

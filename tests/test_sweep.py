@@ -1,12 +1,11 @@
 """Ray Tune sweep: 4 trials with ASHA on the tiny config, MLflow parent + nested runs, best config, plots, and an
 interrupted sweep resumed with Tuner.restore. Real local Ray (shared fixture), real SQLite MLflow store."""
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import wait_for_placement_groups_removed
+from conftest import pipeline_main, wait_for_placement_groups_removed
 
 from ray_dpo.config import ConfigError, load_config, override
 from ray_dpo.recipe.demo import write_sort_task
@@ -14,13 +13,6 @@ from ray_dpo.recipe.sweep import FAIL_ENV, run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP_YAML = ROOT / "configs" / "sweep.yaml"
-
-
-def _load_pipeline():
-    spec = importlib.util.spec_from_file_location("sweep_pipeline", ROOT / "pipelines" / "sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _child_runs(uri: str, parent_run_id: str) -> list:
@@ -53,7 +45,7 @@ def _small_sweep(tmp_path: Path, *overrides: str):
     ],
 )
 def test_bad_sweep_settings_fail_before_anything_runs(tmp_path, overrides, message, capsys):
-    main = _load_pipeline().main
+    main = pipeline_main("sweep")
 
     config = load_config(SWEEP_YAML, [f"output_dir={tmp_path}", *overrides])
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):

@@ -40,16 +40,16 @@ def check(config: Config, kind: RunKind = "align") -> Checked:
     combinations, evaluation, the sweep."""
     config = absolute_paths(config)
     _check_data(config)
-    encoding, model_kind = _check_model(config)
+    refused = refused_combination(config, model_kind(config)) if kind != "eval" else None
+    if refused:
+        raise ConfigError(f"config: {refused}")
+    encoding, kind_found = _check_model(config)
     if kind != "eval":
         _check_training(config)
-        refused = refused_combination(config, model_kind)
-        if refused:
-            raise ConfigError(f"config: {refused}")
     _check_eval(config)
     if kind == "sweep":
         check_sweep(config)
-    return Checked(config, encoding, model_kind)
+    return Checked(config, encoding, kind_found)
 
 
 # ------------------------------------------------------------------------------------------------ paths
@@ -126,10 +126,17 @@ def _init_kind(c: Config) -> str | None:
         ) from None
 
 
-def _check_model(c: Config) -> tuple[Encoding, ModelKind]:
-    """The model's kind, its tokenizer and the encoding; a Hugging Face model is checked from its config only."""
+def model_kind(c: Config) -> ModelKind:
+    """Which kind of model the run trains: ours, or a Hugging Face model (all weights, or LoRA adapters)."""
     init = _init_kind(c)
     hf = c.model.hf_path is not None or init in ("hf", "adapter") or _sharded_hf(c, init)
+    return ("hf_lora" if c.model.lora_r else "hf") if hf else "ours"
+
+
+def _check_model(c: Config) -> tuple[Encoding, ModelKind]:
+    """The model's kind, its tokenizer and the encoding; a Hugging Face model is checked from its config only."""
+    kind = model_kind(c)
+    hf, init = kind != "ours", _init_kind(c)
     if hf:
         tokenizer, positions = _check_hf_model(c)
     else:
@@ -148,7 +155,6 @@ def _check_model(c: Config) -> tuple[Encoding, ModelKind]:
         )
     except ValueError as err:
         raise ConfigError(f"config: data.max_prompt_len / data.max_len: {err}") from None
-    kind: ModelKind = ("hf_lora" if c.model.lora_r else "hf") if hf else "ours"
     return encoding, kind
 
 

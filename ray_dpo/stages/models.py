@@ -45,6 +45,19 @@ def reuse_freed_memory() -> bool:
     return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
+def return_freed_memory() -> bool:
+    """Hand the heap memory freed so far back to the OS (glibc's `malloc_trim`): True when some went back.
+
+    FSDP workers call it after each optimizer step. `reuse_freed_memory` keeps up to 1 GiB of freed blocks for the
+    next step, which FSDP's many per-block all-gather and gradient buffers (each below the mmap threshold) fill:
+    on benchmarks/scale.py's 0.27B model that retention alone lifted an FSDP rank's peak from 0.59x to 0.72x of a
+    DDP rank's. A strategy chosen to fit a model gives that memory back; the next step pays the page faults.
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+
+
 def file_names(source: str | Path | Checkpoint) -> set[str]:
     """The file names of a checkpoint directory, local or in storage (listed: nothing downloaded)."""
     if isinstance(source, (str, Path)) and not storage.is_uri(str(source)):

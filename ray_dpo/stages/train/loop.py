@@ -9,7 +9,8 @@ so step s is always rows [s*G, (s+1)*G) whatever W and grad_accum are. Each micr
 Workers never log to MLflow: they `ray.train.report` each logged step (train metrics, validation, checkpoints) and the
 driver logs what rank 0 reported (`ray_dpo.stages.train.driver`). All collectives run on the process group's device.
 
-Failure injection for tests: RAY_DPO_FAIL_AT="step:rank:/abs/marker" in the driver's env (see `maybe_fail`).
+Failure injection for tests: RAY_DPO_FAIL_AT="step:rank:/abs/marker" in the driver's env (see `maybe_fail`); it
+applies to the DPO stage only, so a recipe with an SFT stage first still fails where the test expects.
 """
 
 from __future__ import annotations
@@ -277,6 +278,8 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
             w.optimizer.step()
             w.scheduler.step()
             w.optimizer.zero_grad(set_to_none=True)
+            if t.strategy == "fsdp":
+                models.return_freed_memory()
             state.update(step=step + 1, epoch_step=state["epoch_step"] + 1)
             p = spec.metric_prefix
             fresh = {f"{p}/{k}": sums[i] / count for i, k in enumerate(w.task.metric_names)}
