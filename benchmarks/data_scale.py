@@ -3,7 +3,7 @@ generated HH-shaped files of 100k and 1M pairs; the driver's peak memory, the ob
 against the token bytes of the data, and the time per pair of each data stage.
 
     python benchmarks/data_scale.py [--sizes 100000 1000000] [--steps 3] [--object-store-gb 6] [--out PATH]
-    python benchmarks/data_scale.py --smoke --out /tmp/data_scale.json      # 2k and 6k pairs, 1 step (CI)
+    python benchmarks/data_scale.py --smoke --out /tmp/data_scale.json      # 4k pairs, 1 step (CI)
     python benchmarks/data_scale.py --sizes 100000 --code-root /tmp/before  # the same run on another checkout
 
 Files: `benchmarks/data.py`'s generator (rows of the repository's HH-RLHF sample resampled, each text rotated), in
@@ -27,8 +27,9 @@ Measured in the child:
   block right after the read (not timed).
 - driver memory: VmHWM of /proc/self/status at the end (the process's peak resident memory) and the peak VmRSS
   per stage from the same poll.
-- CPU-seconds per stage of the driver and every process it started (the local Ray: raylet, GCS, workers): the work
-  done, which a machine shared with busy jobs stretches less than wall time.
+- CPU-seconds per stage of the driver and every process it started (the local Ray: raylet, GCS, workers), from the
+  same poll, per process (a worker that exits keeps what it used): the work done, which a machine shared with busy
+  jobs stretches far less than wall time.
 
 Reported: per size, time and CPU-seconds per pair of read, split+order, load_data (both) and deal, and the fit's
 wall time (Train start-up and a fixed number of steps: not per pair); the store's peak per stage and its median
@@ -78,7 +79,7 @@ def _status_kb(key: str) -> int:
 
 
 class StorePoller(threading.Thread):
-    """Peak object-store use and driver VmRSS per stage name, polled every POLL_S seconds."""
+    """Peak object-store use, driver VmRSS and CPU-seconds per stage name, polled every POLL_S seconds."""
 
     def __init__(self, gcs_address: str):
         super().__init__(daemon=True)
@@ -90,6 +91,8 @@ class StorePoller(threading.Thread):
         self.levels: dict[str, list[int]] = {}  # every sample per stage: its median is the level the stage holds
         self.ends: dict[str, int] = {}
         self.spilled = 0
+        self.cpu: dict[str, float] = {}
+        self._cpu_seen: dict[int, float] = {}  # pid -> its CPU-seconds at the last sample
         self._lock = threading.Lock()  # the main thread samples at stage changes, this one in between
         self._halt = threading.Event()
 
@@ -107,7 +110,27 @@ class StorePoller(threading.Thread):
             peak["store"] = max(peak["store"], used)
             peak["rss"] = max(peak["rss"], _status_kb("VmRSS") * 1024)
             self.levels.setdefault(self.stage, []).append(used)
+            self.cpu[self.stage] = self.cpu.get(self.stage, 0.0) + self._cpu_since_last()
             return used
+
+    def _cpu_since_last(self) -> float:
+        """CPU-seconds this process and every process it started (the local Ray's raylet, GCS and workers) used
+        since the last sample: the work done, however long it waited for a CPU on a shared machine. Per process,
+        so a worker that exits keeps what it used up to its last sample (Ray reaps workers without accounting:
+        a parent's `children_user` misses them)."""
+        import psutil
+
+        me = psutil.Process()
+        spent = 0.0
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                times = proc.cpu_times()
+            except psutil.Error:  # exited meanwhile
+                continue
+            total = times.user + times.system
+            spent += total - self._cpu_seen.get(proc.pid, 0.0)
+            self._cpu_seen[proc.pid] = total
+        return spent
 
     def enter(self, stage: str) -> None:
         self.ends[self.stage] = self.sample()  # what the stage that ends left alive
@@ -121,22 +144,6 @@ class StorePoller(threading.Thread):
     def stop(self) -> None:
         self._halt.set()
         self.join()
-
-
-def cpu_seconds() -> float:
-    """CPU time used so far by this process and every process it started (the local Ray's raylet, GCS and workers):
-    the work done, however long it waited for a CPU on a shared machine."""
-    import psutil
-
-    me = psutil.Process()
-    total = 0.0
-    for proc in [me, *me.children(recursive=True)]:
-        try:
-            times = proc.cpu_times()
-        except psutil.Error:  # exited meanwhile
-            continue
-        total += times.user + times.system + times.children_user + times.children_system
-    return total
 
 
 @functools.cache
@@ -186,7 +193,6 @@ def drive(args: argparse.Namespace) -> None:
     poller.sample()
     poller.start()
     seconds: dict[str, float] = {}
-    cpu: dict[str, float] = {}
     facts: dict[str, int] = {}
 
     def timed(name: str, fn, after: str | None = None):
@@ -194,12 +200,11 @@ def drive(args: argparse.Namespace) -> None:
         def wrapper(*a, **kw):
             outer = poller.stage
             poller.enter(name)
-            start, cpu_start = time.perf_counter(), cpu_seconds()
+            start = time.perf_counter()
             try:
                 return fn(*a, **kw)
             finally:
                 seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
-                cpu[name] = cpu.get(name, 0.0) + cpu_seconds() - cpu_start
                 poller.enter(after or outer)
 
         return wrapper
@@ -209,13 +214,14 @@ def drive(args: argparse.Namespace) -> None:
     def read_and_count(*a, **kw):
         ds, stats = timed("read", read, after="split+order")(*a, **kw)
         if "token_bytes" not in facts:  # the training file, read first
-            start, cpu_start = time.perf_counter(), cpu_seconds()
+            poller.enter("count")
+            start = time.perf_counter()
             refs = ds.to_arrow_refs()
             facts["token_bytes"] = sum(ray.get([_token_bytes_task().remote(ref) for ref in refs]))
             facts["rows_in"], facts["rows_out"] = stats.rows_in, stats.rows_out
             del refs
             seconds["not_timed"] = time.perf_counter() - start  # inside load_data's time: taken out below
-            cpu["not_timed"] = cpu_seconds() - cpu_start
+            poller.enter("split+order")
         return ds, stats
 
     data_stage.read_preferences = read_and_count
@@ -253,9 +259,10 @@ def drive(args: argparse.Namespace) -> None:
     total = time.perf_counter() - start
     poller.enter("end")
     poller.stop()
-    for spent in (seconds, cpu):
-        spent["load_data"] -= spent.pop("not_timed")
-        spent["split+order"] = spent["load_data"] - spent["read"]
+    seconds["load_data"] -= seconds.pop("not_timed")
+    seconds["split+order"] = seconds["load_data"] - seconds["read"]
+    cpu = dict(poller.cpu)  # per stage, exclusive: load_data's own is what it does around the read and the order
+    cpu["load_data"] = sum(cpu.get(stage, 0.0) for stage in ("load_data", "read", "split+order"))
     out = {
         "rows": args.rows,
         "facts": facts,
@@ -411,7 +418,7 @@ def main() -> None:
     parser.add_argument("--work-dir", help="where files and runs go (default: a temporary directory, deleted)")
     parser.add_argument("--timeout-s", type=float, default=1800)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "data_scale.json"))
-    parser.add_argument("--smoke", action="store_true", help="2k and 6k pairs, 1 step: a few minutes, for CI")
+    parser.add_argument("--smoke", action="store_true", help="4k pairs, 1 step: a minute or two, for CI")
     parser.add_argument("--drive", help=argparse.SUPPRESS)  # child mode: the file to run the pipeline on
     parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
@@ -421,7 +428,7 @@ def main() -> None:
         drive(args)
         return
     if args.smoke:
-        args.sizes, args.steps, args.object_store_gb = [2_000, 6_000], 1, 1.0
+        args.sizes, args.steps, args.object_store_gb = [4_000], 1, 1.0  # one size: the comparison is plain arithmetic
     env = {
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),

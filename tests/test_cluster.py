@@ -226,7 +226,7 @@ def test_job_on_two_nodes_sharing_no_disk_with_the_driver(two_nodes, s3, mlflow_
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_sweep_on_two_nodes_keeps_the_storage_path(two_nodes, s3, mlflow_server, tmp_path):
-    """A 2-trial grid (evaluation off, FIFO, 2 steps) on data in the bucket, storage `s3://<bucket>/runs`: Tune's
+    """A 2-trial grid (evaluation off, FIFO, 1 step each) on data in the bucket, storage `s3://<bucket>/runs`: Tune's
     experiment under `runs/<tune.name>/tune`, each trial's checkpoints under `runs/<tune.name>-<trial id>/`."""
     import boto3
     from mlflow import MlflowClient
@@ -254,9 +254,9 @@ def test_sweep_on_two_nodes_keeps_the_storage_path(two_nodes, s3, mlflow_server,
         f"data.train_path={data['train']}",
         f"data.val_path={data['val']}",
         "eval.enabled=false",
-        "train.max_steps=2",
-        "train.eval_every=2",
-        "train.checkpoint_every=2",
+        "train.max_steps=1",
+        "train.eval_every=1",
+        "train.checkpoint_every=1",
     ]
     done, output = _submit(two_nodes["url"], f"sweep-{secrets.token_hex(4)}", overrides, s3, "pipelines/sweep.py")
     assert done["status"] == "SUCCEEDED", f"{done['status']} {done.get('message')}\n{output}"
@@ -268,7 +268,7 @@ def test_sweep_on_two_nodes_keeps_the_storage_path(two_nodes, s3, mlflow_server,
     trials = {k.split("/")[1] for k in keys if k.split("/")[1].startswith("cluster-sweep-")}
     assert len(trials) == 2, sorted(trials)
     for trial in trials:
-        assert any(k.startswith(f"runs/{trial}/checkpoint_step_00000002/") for k in keys), f"{trial}: no checkpoint"
+        assert any(k.startswith(f"runs/{trial}/checkpoint_step_00000001/") for k in keys), f"{trial}: no checkpoint"
 
     client = MlflowClient(tracking_uri=mlflow_uri)
     experiment = client.get_experiment_by_name("two-nodes-sweep").experiment_id
@@ -278,4 +278,4 @@ def test_sweep_on_two_nodes_keeps_the_storage_path(two_nodes, s3, mlflow_server,
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     assert {c.data.tags["ray_dpo.trial_id"] for c in children} == {t.removeprefix("cluster-sweep-") for t in trials}
     for child in children:
-        assert [m.step for m in client.get_metric_history(child.info.run_id, "val/loss")] == [2]
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val/loss")] == [1]

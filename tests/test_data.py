@@ -1,6 +1,7 @@
 """ray_dpo.stages.data: Parquet -> token rows, on the real HH-RLHF file and on a corpus of bad files written here."""
 
 import functools
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -280,13 +281,25 @@ def test_one_pass_split_and_order_equals_the_two_steps_and_frees_what_it_is_hand
     assert rows(shuffled) != rows(train) and sorted(rows(shuffled)) == sorted(rows(train))
     assert rows(order_rows(train, seed=1)) != rows(shuffled)
 
-    alive = lambda ids: ids & set(ray_session._private.worker.global_worker.core_worker.get_all_reference_counts())
+    def alive(ids: set[str]) -> set[str]:
+        # keyed by the hex id as bytes; an entry with no local or submitted reference is lineage only (kept to
+        # rebuild the outputs it fed): its value is already freed
+        counts = ray_session._private.worker.global_worker.core_worker.get_all_reference_counts()
+        return ids & {key.decode() for key, c in counts.items() if c["local"] or c["submitted"]}
+
+    def freed(ids: set[str]) -> bool:  # a task lets go of its arguments just after its outputs are ready
+        deadline = time.monotonic() + 10
+        while alive(ids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return not alive(ids)
+
+    assert alive({ref.hex() for ref in ds.to_arrow_refs()}), "the check sees a live dataset's blocks"
     inputs = {ref.hex() for ref in ds.to_arrow_refs()}
     handed = Handoff(ds)
     del ds
     again, again_val = split_and_order(handed, val_fraction=0.1, seed=0)
-    assert not alive(inputs), "a handed-off input outlived its reordering"
-    assert rows(again) == rows(shuffled) and rows(again_val) == rows(val)
+    assert rows(again) == rows(shuffled) and rows(again_val) == rows(val)  # every task has run: none holds an input
+    assert freed(inputs), "a handed-off input outlived its reordering"
     with pytest.raises(RuntimeError, match="already handed"):
         handed.count()
 
@@ -294,7 +307,8 @@ def test_one_pass_split_and_order_equals_the_two_steps_and_frees_what_it_is_hand
     handed = Handoff(again)
     del again
     shards = deal(handed, world=2, block=4)
-    assert not alive(dealt), "a handed-off dataset outlived its deal"
+    ray_session.wait([b for s in shards for b in s.blocks], num_returns=sum(len(s.blocks) for s in shards))
+    assert freed(dealt), "a handed-off dataset outlived its deal"
     assert sum(s.num_rows for s in shards) == count
 
 

@@ -63,7 +63,7 @@ def load_data(run: Run) -> Data:
     """Tokenized train / val datasets; training order shuffled (seeded) unless length bucketing orders it.
     Validation is `data.val_path`, else the `data.val_fraction` held out of the training file. Each step takes the
     previous one's rows (a `Handoff`) and frees them block by block: one copy of the rows in the object store."""
-    from ray_dpo.stages.data import Handoff, order_rows, read_preferences, split_and_order
+    from ray_dpo.stages.data import order_rows, read_preferences, split_and_order
 
     d, uri, run_id = run.config.data, run.tracking_uri, run.run_id
     kwargs = dict(encoding=run.encoding, columns=d.columns or None, on_bad_row=d.on_bad_row)

@@ -15,6 +15,8 @@ A plain Dataset given to the same functions is left as it was (it keeps its bloc
 
 from __future__ import annotations
 
+import gc
+
 import ray
 
 
@@ -44,6 +46,12 @@ class Handoff:
 def block_refs(rows: ray.data.Dataset | Handoff) -> list[ray.ObjectRef]:
     """The rows' Arrow blocks, in order. From a Handoff the list holds the ONLY references: the consumer frees a block
     by dropping its entry (`refs[i] = None`). From a Dataset the dataset keeps its own."""
-    if isinstance(rows, Handoff):
-        return rows.take().to_arrow_refs()  # the taken dataset dies with this frame
-    return rows.to_arrow_refs()
+    if not isinstance(rows, Handoff):
+        return rows.to_arrow_refs()
+    dataset = rows.take()
+    refs = dataset.to_arrow_refs()
+    del dataset
+    # a Ray Dataset sits in reference cycles (its plan, its executions): it and the references to its blocks go only
+    # when the cycle collector next runs, which could be long after its blocks were rewritten
+    gc.collect()
+    return refs

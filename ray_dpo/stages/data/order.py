@@ -138,21 +138,30 @@ def _dataset(refs: list[ray.ObjectRef]) -> ray.data.Dataset:
     return out
 
 
+def _train_keys(keys: tuple[np.ndarray, np.ndarray], threshold: np.uint64 | None) -> tuple[np.ndarray, np.ndarray]:
+    """(hashes, padded lengths) of a block's training rows: those above the split's threshold."""
+    h, padded = keys
+    if threshold is None:
+        return h, padded
+    train = h > threshold
+    return h[train], padded[train]
+
+
 def _route_blocks(refs, keys, key_refs, threshold, order, bounds) -> tuple[list, list[list]]:
     """Route every block: (val parts, per input block its train part or its pieces, None where empty). Empty parts
     are never referenced. Entries of `refs` are dropped as their routes are submitted."""
     outputs = 2 if order is None else 2 + len(bounds)
     val_refs, parts = [], []
-    for i, (block_h, block_padded) in enumerate(keys):
+    for i, block_keys in enumerate(keys):
         routed = _route.options(num_returns=outputs).remote(refs[i], key_refs[i], threshold, order, bounds)
         refs[i] = None  # a handed-off block is freed once its route has run
-        block_val = block_h <= threshold if threshold is not None else np.zeros(len(block_h), dtype=bool)
-        if block_val.any():
+        train_h, train_padded = _train_keys(block_keys, threshold)
+        if len(train_h) < len(block_keys[0]):
             val_refs.append(routed[0])
         if order is None:
-            parts.append([routed[1]] if (~block_val).any() else [])
+            parts.append([routed[1]] if len(train_h) else [])
             continue
-        sort_key = order.keys(block_h[~block_val], block_padded[~block_val])
+        sort_key = order.keys(train_h, train_padded)
         sizes = np.bincount(np.searchsorted(bounds, sort_key, side="right"), minlength=outputs - 1)
         parts.append([piece if size else None for piece, size in zip(routed[1:], sizes, strict=True)])
     return val_refs, parts
@@ -180,28 +189,27 @@ def _rearrange(
         raise UserError(f"length bucket window must be >= 0, got {window}")
     refs = block_refs(rows)  # from a Handoff: the only references, dropped below as each block is routed
     key_refs = [_keys.remote(ref, seed) for ref in refs]
-    keys = ray.get(key_refs)
-    h = np.concatenate([k[0] for k in keys]) if keys else np.zeros(0, dtype=np.uint64)
-    n = len(h)
-    threshold, in_train = None, np.ones(n, dtype=bool)
+    keys = ray.get(key_refs)  # per block (hashes, padded lengths): 12 bytes a row, the driver's only per-row data
+    threshold, n_train = None, sum(len(k[0]) for k in keys)
     if val_fraction is not None:
-        n_val = max(1, int(round(n * val_fraction)))
-        if n_val >= n:
-            raise UserError(f"val_fraction={val_fraction} leaves no training rows out of {n}")
+        h = np.concatenate([k[0] for k in keys]) if keys else np.zeros(0, dtype=np.uint64)
+        n_val = max(1, int(round(len(h) * val_fraction)))
+        if n_val >= len(h):
+            raise UserError(f"val_fraction={val_fraction} leaves no training rows out of {len(h)}")
         threshold = np.partition(h, n_val - 1)[n_val - 1]
-        in_train = h > threshold
-    n_train = int(in_train.sum())
+        n_train = int((h > threshold).sum())
+        del h
 
     order, bounds = None, np.zeros(0, dtype=np.uint64)
     if window is not None:
         order = _Order(n_windows=max(1, -(-n_train // window)) if window else 0)
-        padded = np.concatenate([k[1] for k in keys])
-        sort_keys = np.sort(order.keys(h[in_train], padded[in_train]))
-        del padded
         blocks_out = max(1, min(len(refs), n_train))  # as many output blocks as input blocks: the same sizes
-        bounds = sort_keys[[n_train * i // blocks_out for i in range(1, blocks_out)]]
-        del sort_keys
-    del h, in_train
+        # the output blocks' bounds: quantiles of every `stride`-th order key of each block (~100 keys per output
+        # block), enough for blocks of about equal size; the order itself does not depend on them
+        stride = max(1, n_train // (100 * blocks_out))
+        sample = np.sort(np.concatenate([order.keys(*_train_keys(k, threshold))[::stride] for k in keys]))
+        bounds = sample[[len(sample) * i // blocks_out for i in range(1, blocks_out)]]
+        del sample
 
     val_refs, parts = _route_blocks(refs, keys, key_refs, threshold, order, bounds)
     del keys, key_refs
