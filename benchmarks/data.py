@@ -111,7 +111,7 @@ def cpu_seconds() -> float:
 # ------------------------------------------------------------------------------------------------ the two paths
 
 
-def encoding(tokenizer):
+def _encoding(tokenizer):
     from ray_dpo.core.encoding import Encoding
 
     return Encoding(tokenizer, max_len=MAX_LEN, max_prompt_len=MAX_PROMPT_LEN)
@@ -121,15 +121,11 @@ def plain_loop(path: Path, tokenizer) -> tuple[pa.Table, np.ndarray]:
     """One process, no Ray: pyarrow batches through the same vectorised rules -> (token rows, rows per status)."""
     from ray_dpo.stages.data.read import _MAP_BATCH_SIZE, _STATUS, REASONS, _process
 
-    names = {f: f for f in FIELDS}
+    names, encoding = {f: f for f in FIELDS}, _encoding(tokenizer)
     counts = np.zeros(2 + len(REASONS), dtype=np.int64)
     parts = []
     for batch in pq.ParquetFile(path).iter_batches(batch_size=_MAP_BATCH_SIZE, columns=list(FIELDS)):
-        done = _process(
-            pa.Table.from_batches([batch]),
-            names=names,
-            encoding=encoding(tokenizer),
-        )
+        done = _process(pa.Table.from_batches([batch]), names=names, encoding=encoding)
         counts += np.bincount(done.status.astype(np.int64), minlength=len(counts))
         parts.append(done.table.filter(pa.array(done.status < 2)).drop_columns([_STATUS]))
     return pa.concat_tables(parts), counts
@@ -163,7 +159,7 @@ def python_rows_loop(path: Path, tokenizer) -> int:
 def ray_read(path: Path, tokenizer):
     from ray_dpo.stages.data import read_preferences
 
-    return read_preferences(path, encoding=encoding(tokenizer), on_bad_row="skip")
+    return read_preferences(path, encoding=_encoding(tokenizer), on_bad_row="skip")
 
 
 def check_same(path: Path, tokenizer) -> None:

@@ -158,3 +158,32 @@ def test_scale_benchmark_smoke(tmp_path):
     assert len(cell["peaks"]["train_worker"]) == 2
     for kind in ("driver", "train_worker", "eval_actor"):
         assert cell["peaks"][kind] and min(cell["peaks"][kind]) > 100 * 2**20, (kind, cell["peaks"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_data_scale_benchmark_smoke(tmp_path):
+    """read -> split -> order -> 2-worker training on a generated file: every stage timed, the store's use per stage
+    measured against the token bytes, the driver's peak found."""
+    result = run_smoke("data_scale.py", tmp_path / "data_scale.json", timeout_s=500)
+    assert result["smoke"] is True and result["env"]["cpu_model"] and len(result["env"]["loadavg_end"]) == 3
+    assert [r["rows"] for r in result["results"]] == [4_000]
+    for r in result["results"]:
+        assert r["status"] == "ok", r["status"]
+        assert r["steps"] == 1 and r["facts"]["rows_out"] <= r["rows"] and r["facts"]["token_bytes"] > r["rows"]
+        assert all(r["seconds"][stage] > 0 for stage in ("read", "split+order", "deal"))
+        assert all(spent >= 0 for spent in r["cpu_seconds"].values()), "a worker's CPU time lost when it exited"
+        assert r["cpu_seconds"]["read"] > 0 and r["cpu_seconds"]["fit"] > 0
+        assert {"read", "split+order", "deal", "fit"} <= set(r["store_peak"]), r["store_peak"]
+        assert r["store_peak"]["read"] >= r["facts"]["token_bytes"], "the read's rows are in the store"
+        assert r["driver_vmhwm"] > 100 * 2**20
+    analysis = result["analysis"]
+    one = dict.fromkeys(("read", "split+order", "load_data", "deal"), 1.0)
+    assert analysis["time_per_pair_ratio_largest_over_smallest"] == one
+    assert analysis["driver_growth_bytes_per_added_pair"] is None  # one size: nothing added
+    assert set(analysis["meets"]) == {
+        "store_peak",
+        "store_while_training",
+        "time_per_pair_flat",
+        "cpu_per_pair_flat",
+    }

@@ -2,9 +2,11 @@
 
 Two Ray nodes: a head with 0 CPUs (only the job's driver runs there) and a worker node with 2 CPUs started inside
 its own mount namespace with an empty tmpfs over the driver's private directory, so that nothing the driver writes
-to its `output_dir` is visible to any Train worker, actor or Ray Data task. Storage is an S3 bucket served by
-`moto` on 127.0.0.1, MLflow a real `mlflow server`. `ray job submit` of pipelines/align.py (the demo task, 2 DDP
-workers, SFT, evaluation and registration on) must succeed; a re-submit resumes the finished run.
+to its `output_dir` is visible to any Train worker, actor, Tune trial or Ray Data task. Storage is an S3 bucket
+served by `moto` on 127.0.0.1, MLflow a real `mlflow server`. `ray job submit` of pipelines/align.py (the demo task,
+2 DDP workers, SFT, evaluation and registration on) must succeed; a re-submit resumes the finished run. A small
+sweep (pipelines/sweep.py, 2 trials) keeps the user's S3 storage path: Tune's state and the trials' checkpoints land
+in the bucket, MLflow gets the parent run and its nested runs.
 
 Needs root (`unshare -m` + `mount -t tmpfs`): CI runs as root. Every process started here runs in a process group of its
 own and is stopped by killing that group (`ray stop` would stop every Ray on the machine).
@@ -160,11 +162,13 @@ def _alive_nodes(url: str) -> int:
     return sum(1 for node in summary if node.get("raylet", {}).get("state") == "ALIVE")
 
 
-def _submit(url: str, submission_id: str, overrides: list[str], s3_endpoint: str) -> tuple[dict, str]:
+def _submit(
+    url: str, submission_id: str, overrides: list[str], s3_endpoint: str, script: str = "pipelines/align.py"
+) -> tuple[dict, str]:
     runtime_env = {"env_vars": {**S3_ENV, "AWS_ENDPOINT_URL": s3_endpoint}}
     command = [str(BIN / "ray"), "job", "submit", "--address", url, "--submission-id", submission_id]
     command += ["--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env), "--"]
-    command += ["python", "pipelines/align.py", *overrides]
+    command += ["python", script, *overrides]
     done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=JOB_WITHIN_S)
     with urllib.request.urlopen(f"{url}/api/jobs/{submission_id}", timeout=30) as response:
         return json.loads(response.read()), done.stdout[-8000:] + done.stderr[-4000:]
@@ -217,3 +221,61 @@ def test_job_on_two_nodes_sharing_no_disk_with_the_driver(two_nodes, s3, mlflow_
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == steps, "no step twice"
     keys_after = [o["Key"] for o in bucket.list_objects_v2(Bucket=BUCKET, Prefix="runs/cluster/")["Contents"]]
     assert sorted({k.split("/")[2] for k in keys_after if "checkpoint_step_" in k}) == checkpoints, "nothing retrained"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sweep_on_two_nodes_keeps_the_storage_path(two_nodes, s3, mlflow_server, tmp_path):
+    """A 2-trial grid (evaluation off, FIFO, 1 step each) on data in the bucket, storage `s3://<bucket>/runs`: Tune's
+    experiment under `runs/<tune.name>/tune`, each trial's checkpoints under `runs/<tune.name>-<trial id>/`."""
+    import boto3
+    from mlflow import MlflowClient
+
+    from ray_dpo.recipe.demo import write_sort_task
+
+    mlflow_uri, _ = mlflow_server
+    bucket = boto3.client("s3", endpoint_url=s3, **_boto(S3_ENV))
+    data = {}
+    for split, path in write_sort_task(tmp_path / "sort", rows=96, seed=0).items():
+        bucket.upload_file(str(path), BUCKET, f"sweep-data/{Path(path).name}")
+        data[split] = f"s3://{BUCKET}/sweep-data/{Path(path).name}"
+    overrides = [
+        "--config",
+        "configs/sweep.yaml",
+        f"output_dir={two_nodes['private'] / 'sweep-out'}",  # the driver's own disk: no trial can see it
+        f"train.storage_path=s3://{BUCKET}/runs",
+        f"tracking.uri={mlflow_uri}",
+        "tracking.experiment=two-nodes-sweep",
+        "tune.name=cluster-sweep",
+        "tune.search_space={dpo.beta: {grid: [0.1, 0.5]}}",
+        "tune.num_samples=1",
+        "tune.scheduler=fifo",
+        "data.synthetic=null",  # no SFT: a fresh seeded reference, staged once by the sweep's driver
+        f"data.train_path={data['train']}",
+        f"data.val_path={data['val']}",
+        "eval.enabled=false",
+        "train.max_steps=1",
+        "train.eval_every=1",
+        "train.checkpoint_every=1",
+    ]
+    done, output = _submit(two_nodes["url"], f"sweep-{secrets.token_hex(4)}", overrides, s3, "pipelines/sweep.py")
+    assert done["status"] == "SUCCEEDED", f"{done['status']} {done.get('message')}\n{output}"
+    assert "trials:           2 completed" in output, output
+
+    keys = [o["Key"] for page in bucket.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="runs/")
+            for o in page.get("Contents", [])]  # fmt: skip
+    assert any(k.startswith("runs/cluster-sweep/tune/experiment_state") for k in keys), "Tune's state in the bucket"
+    trials = {k.split("/")[1] for k in keys if k.split("/")[1].startswith("cluster-sweep-")}
+    assert len(trials) == 2, sorted(trials)
+    for trial in trials:
+        assert any(k.startswith(f"runs/{trial}/checkpoint_step_00000001/") for k in keys), f"{trial}: no checkpoint"
+
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    experiment = client.get_experiment_by_name("two-nodes-sweep").experiment_id
+    (parent,) = client.search_runs([experiment], filter_string="tags.`ray_dpo.kind` = 'sweep'")
+    assert parent.info.status == "FINISHED" and parent.data.tags["ray_dpo.sweep"] == "cluster-sweep"
+    children = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    assert {c.data.tags["ray_dpo.trial_id"] for c in children} == {t.removeprefix("cluster-sweep-") for t in trials}
+    for child in children:
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val/loss")] == [1]

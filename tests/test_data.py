@@ -1,6 +1,7 @@
 """ray_dpo.stages.data: Parquet -> token rows, on the real HH-RLHF file and on a corpus of bad files written here."""
 
 import functools
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -255,6 +256,60 @@ def test_split_is_deterministic_and_bucketing_cuts_padding(ray_session):
     assert padded_fraction(bucketed) < 0.7 * padded_fraction(ds)  # 0.30 -> 0.18 measured
     lengths = [max(len(r["chosen"]), len(r["rejected"])) + len(r["prompt"]) for r in bucketed.take_all()]
     assert lengths != sorted(lengths)  # windows are shuffled: not one global sort
+
+
+def test_one_pass_split_and_order_equals_the_two_steps_and_frees_what_it_is_handed(ray_session):
+    """`split_and_order` (what a run does) gives the rows and orders of `split_train_val` then `order_rows` /
+    `bucket_by_length`; the seeded shuffle is the same for another block layout; a `Handoff` input is freed block by
+    block (no reference to any of its blocks is left), and dealing a handed-off dataset to ranks frees it too."""
+    from ray_dpo.stages.data import Handoff, order_rows, split_and_order
+    from ray_dpo.stages.train.shards import deal
+
+    read, _ = read_preferences(HH_TEST, encoding=Encoding(TOK, max_len=512, max_prompt_len=256), on_bad_row="skip")
+    ds = read.repartition(5).materialize()  # several blocks: several pieces per block, several merges
+    del read
+    key = lambda row: (tuple(row["prompt"]), tuple(row["chosen"]), tuple(row["rejected"]))
+    rows = lambda d: [key(r) for r in d.take_all()]
+
+    train, val = split_train_val(ds, 0.1, seed=0)
+    bucketed, bucketed_val = split_and_order(ds, val_fraction=0.1, seed=0, window=64)
+    assert rows(bucketed_val) == rows(val), "val keeps the input's order"
+    assert rows(bucketed) == rows(bucket_by_length(train, window=64, seed=0))
+    shuffled, _ = split_and_order(ds, val_fraction=0.1, seed=0)
+    assert rows(shuffled) == rows(order_rows(train, seed=0))
+    assert rows(shuffled) == rows(order_rows(train.repartition(3).materialize(), seed=0)), "layout-independent"
+    assert rows(shuffled) != rows(train) and sorted(rows(shuffled)) == sorted(rows(train))
+    assert rows(order_rows(train, seed=1)) != rows(shuffled)
+
+    def alive(ids: set[str]) -> set[str]:
+        # keyed by the hex id as bytes; an entry with no local or submitted reference is lineage only (kept to
+        # rebuild the outputs it fed): its value is already freed
+        counts = ray_session._private.worker.global_worker.core_worker.get_all_reference_counts()
+        return ids & {key.decode() for key, c in counts.items() if c["local"] or c["submitted"]}
+
+    def freed(ids: set[str]) -> bool:  # a task lets go of its arguments just after its outputs are ready
+        deadline = time.monotonic() + 10
+        while alive(ids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return not alive(ids)
+
+    assert alive({ref.hex() for ref in ds.to_arrow_refs()}), "the check sees a live dataset's blocks"
+    inputs = {ref.hex() for ref in ds.to_arrow_refs()}
+    handed = Handoff(ds)
+    del ds
+    again, again_val = split_and_order(handed, val_fraction=0.1, seed=0)
+    assert rows(again) == rows(shuffled) and rows(again_val) == rows(val)  # every task has run: none holds an input
+    assert freed(inputs), "a handed-off input outlived its reordering"
+    with pytest.raises(RuntimeError, match="already handed"):
+        handed.count()
+
+    count, dealt = again.count(), {ref.hex() for ref in again.to_arrow_refs()}
+    handed = Handoff(again)
+    del again
+    shards = deal(handed, world=2, block=4)
+    ray_session.wait([b for s in shards for b in s.blocks], num_returns=sum(len(s.blocks) for s in shards))
+    assert freed(dealt), "a handed-off dataset outlived its deal"
+    assert sum(s.num_rows for s in shards) == count
 
 
 def test_files_are_cut_into_pieces_of_whole_or_cut_row_groups_in_file_order():

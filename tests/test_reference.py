@@ -67,6 +67,8 @@ def test_a_loss_without_a_reference_runs_no_reference_pass():
     config = load_config(None, ["dpo.reference=precomputed", "dpo.loss_type=[simpo, sft]"])
     data = Data(train=object(), val=object())
     assert with_reference_logps(SimpleNamespace(config=config), data, None) is data
+
+
 def test_the_reference_pass_packs_and_scores_as_unpacked():
     """`PairScorer` (one actor's work, no Ray) with `data.packing`: packed rows, with and without prefix sharing, give
     the unpacked log-probs of every pair (float64: to rounding)."""

@@ -26,12 +26,13 @@ from ray_dpo.recipe.checks import absolute
 from ray_dpo.recipe.console import Console, Progress
 from ray_dpo.recipe.run import Run
 from ray_dpo.stages import storage, tracking
+from ray_dpo.stages.data.handoff import Handoff
 from ray_dpo.stages.weights import WeightSource, stage_weights
 
 
 @dataclass(frozen=True)
 class Data:
-    train: ray.data.Dataset  # in training order
+    train: ray.data.Dataset | Handoff  # in training order; a Handoff when training may free it as it deals it
     val: ray.data.Dataset  # rows the policy never trains on: validation, evaluation prompts and pairs
 
 
@@ -61,12 +62,15 @@ class AlignResult:
 @in_stage("data")
 def load_data(run: Run) -> Data:
     """Tokenized train / val datasets; training order shuffled (seeded) unless length bucketing orders it.
-    Validation is `data.val_path`, else the `data.val_fraction` held out of the training file."""
-    from ray_dpo.stages.data import bucket_by_length, read_preferences, split_train_val
+    Validation is `data.val_path`, else the `data.val_fraction` held out of the training file. Each step takes the
+    previous one's rows (a `Handoff`) and frees them block by block: one copy of the rows in the object store."""
+    from ray_dpo.stages.data import order_rows, read_preferences, split_and_order
 
     d, uri, run_id = run.config.data, run.tracking_uri, run.run_id
     kwargs = dict(encoding=run.encoding, columns=d.columns or None, on_bad_row=d.on_bad_row)
-    train_ds, stats = read_preferences(run.data.train, **kwargs)
+    read, stats = read_preferences(run.data.train, **kwargs)
+    rows = Handoff(read)
+    del read  # the handoff holds the read's blocks alone: ordering frees each as it is routed
     all_stats = {"train": stats.as_dict()}
     source = tracking.redact(run.data.train)
     tracking.log_dataset(uri, run_id, name="train", source=source, digest=stats.digest, context="training")
@@ -75,12 +79,11 @@ def load_data(run: Run) -> Data:
         all_stats["val"] = val_stats.as_dict()
         source = tracking.redact(run.data.val)
         tracking.log_dataset(uri, run_id, name="val", source=source, digest=val_stats.digest, context="validation")
+        train_ds = order_rows(rows, seed=d.seed, window=d.length_bucket_window)
     else:
-        train_ds, val_ds = split_train_val(train_ds, d.val_fraction, d.seed)
-    if d.length_bucket_window > 0:
-        train_ds = bucket_by_length(train_ds, d.length_bucket_window, seed=d.seed)
-    else:
-        train_ds = train_ds.random_shuffle(seed=d.seed).materialize()
+        train_ds, val_ds = split_and_order(
+            rows, val_fraction=d.val_fraction, seed=d.seed, window=d.length_bucket_window
+        )
     all_stats["train"]["rows_used"], all_stats["val_rows"] = train_ds.count(), val_ds.count()
     tracking.log_dict(uri, run_id, all_stats, "data/stats.json")
     dropped = sum(stats.dropped.values())
@@ -121,10 +124,12 @@ def starting_weights(run: Run) -> Checkpoint:
             response_column=s.response_column,
             on_bad_row=config.data.on_bad_row,
         )
+        sft_rows = Handoff(sft_ds)
+        del sft_ds  # dealt to the ranks and freed as it goes
         progress = console.progress("sft")
         result = train_sft(
             config,
-            sft_ds,
+            sft_rows,
             name=f"{run.name}-sft",
             init_checkpoint=start,
             pad_id=run.tokenizer.pad_id,
@@ -271,6 +276,8 @@ def align(run: Run) -> AlignResult:
     data = load_data(run)
     reference = starting_weights(run)
     data = with_reference_logps(run, data, reference)
+    # nothing after training reads the training rows: training frees them as it deals them to the ranks
+    data = Data(Handoff(data.train), data.val)
     trained = train_and_evaluate(
         run.config,
         data,

@@ -10,9 +10,10 @@ run    a Tune FUNCTION trainable (Ray 2.60, Train V2): each trial opens its nest
        with `TuneReportCallback` (every validation of rank 0 reaches Tune and ASHA while training runs), evaluates.
 save   `results.csv` (one row per trial, a column per searched key), plots, `best_config.yaml`, all in MLflow.
 
-Where things live: Tune's experiment state and every trial's Train run in `train.storage_path` (under
-`<tune.name>/`: a cluster needs no shared disk); on the driver, `<output_dir>/sweeps/<tune.name>/` holds what the
-driver writes (`trials/<trial id>.jsonl`: every Tune event, written by the driver; the table, plots, best config).
+Where things live: Tune's experiment state and every trial's Train run in `train.storage_path` (Tune's under
+`<tune.name>/tune`, a trial's as `<tune.name>-<trial id>`: a cluster needs no shared disk); on the driver,
+`<output_dir>/sweeps/<tune.name>/` holds what the driver writes (`trials/<trial id>.jsonl`: every Tune event, written
+by the driver; the table, plots, best config).
 """
 
 from __future__ import annotations

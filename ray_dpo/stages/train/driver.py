@@ -18,7 +18,7 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import ray
 import ray.train
@@ -33,6 +33,9 @@ from ray_dpo.stages.train import checkpoints
 from ray_dpo.stages.train.loop import FAIL_ENV, train_loop
 from ray_dpo.stages.train.shards import deal
 from ray_dpo.stages.train.spec import WorkerSpec
+
+if TYPE_CHECKING:
+    from ray_dpo.stages.data.handoff import Handoff
 
 Progress = Callable[[dict[str, Any]], None]  # called with each report of rank 0 (`step`, `total_steps`, metrics)
 
@@ -56,7 +59,7 @@ class TrainResult:
 
 def train_dpo(
     config: Config,
-    train_ds: ray.data.Dataset,
+    train_ds: ray.data.Dataset | Handoff,
     val_ds: ray.data.Dataset | None,
     *,
     name: str,
@@ -70,7 +73,8 @@ def train_dpo(
     """DPO on `train.num_workers` DDP workers starting from `init_checkpoint`, against the reference of
     `dpo.reference`: loaded from `reference_checkpoint` on every rank (live), columns of the data (precomputed),
     or none (also for losses that use no reference). Ray run `name` in `train.storage_path`: re-running the same
-    name resumes from its latest checkpoint."""
+    name resumes from its latest checkpoint. `train_ds` as a `Handoff`: its blocks are freed as they are dealt to the
+    ranks (one copy of the rows while training runs, not the dataset's and the ranks')."""
     mode = config.dpo.reference if config.dpo.uses_reference else "none"
     if mode == "live" and not reference_checkpoint:
         raise UserError("train: dpo.reference=live needs a reference checkpoint")
@@ -98,7 +102,7 @@ def train_dpo(
 
 def train_sft(
     config: Config,
-    sft_ds: ray.data.Dataset,
+    sft_ds: ray.data.Dataset | Handoff,
     *,
     name: str,
     init_checkpoint: str | Checkpoint,
@@ -131,7 +135,7 @@ def _fit(
     config: Config,
     *,
     name: str,
-    datasets: dict[str, ray.data.Dataset | None],
+    datasets: dict[str, ray.data.Dataset | Handoff | None],
     batch_size: int,
     epochs: int,
     max_steps: int | None,

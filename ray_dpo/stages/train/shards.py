@@ -12,11 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import ray
 import torch
+
+if TYPE_CHECKING:
+    from ray_dpo.stages.data.handoff import Handoff
 
 TASK_CPUS = 0.25  # light work: a whole CPU per task (Ray's default) can starve beside a trainer's workers
 
@@ -46,20 +50,24 @@ def _deal_block(table: pa.Table, start: int, block: int, world: int, limit: int)
     return parts if world > 1 else parts[0]
 
 
-def deal(dataset: ray.data.Dataset, *, world: int, block: int, limit: int | None = None) -> list[Shard]:
-    """Rows 0..limit-1 of `dataset` (in its order) dealt to `world` ranks in runs of `block` rows."""
-    refs = dataset.to_arrow_refs()
+def deal(dataset: ray.data.Dataset | Handoff, *, world: int, block: int, limit: int | None = None) -> list[Shard]:
+    """Rows 0..limit-1 of `dataset` (in its order) dealt to `world` ranks in runs of `block` rows. A `Handoff` is
+    consumed: each of its blocks is freed once dealt, so the rows are never in the object store twice."""
+    from ray_dpo.stages.data.handoff import block_refs  # Ray Data's import only where rows are dealt
+
+    refs = block_refs(dataset)
     counts = ray.get([_num_rows.remote(ref) for ref in refs])
     limit = sum(counts) if limit is None else limit
     blocks: list[list[ray.ObjectRef]] = [[] for _ in range(world)]
     rows: list[list[int]] = [[] for _ in range(world)]
     start = 0
-    for ref, count in zip(refs, counts, strict=True):
+    for i, count in enumerate(counts):
         if start >= limit:
             break
         index = np.arange(start, min(start + count, limit))
         per_rank = np.bincount((index // block) % world, minlength=world)
-        parts = _deal_block.options(num_returns=world).remote(ref, start, block, world, limit)
+        parts = _deal_block.options(num_returns=world).remote(refs[i], start, block, world, limit)
+        refs[i] = None  # a handed-off block is freed once dealt
         for rank, part in enumerate(parts if world > 1 else [parts]):
             if per_rank[rank]:
                 blocks[rank].append(part)
