@@ -492,7 +492,7 @@ def packing_workload(c: dict, args) -> dict:
         models["tiny HF Qwen2"] = tiny_hf(vocab, c["hh_len"])
     settings = []  # (model, prefix sharing, pack_len)
     for name in models:
-        for prefix_sharing in (True, False) if name == "ours" else (True,):
+        for prefix_sharing in (True, False) if name == "ours" and args.concatenated else (True,):
             settings += [(name, prefix_sharing, None), (name, prefix_sharing, args.pack_len)]
     entries = []
     for name, prefix_sharing, pack_len in settings:
@@ -588,6 +588,9 @@ def main() -> None:
     ap.add_argument("--pack-len", type=int, default=4096, help="data.pack_len of the packed settings")
     ap.add_argument("--bucket-window", type=int, default=256, help="data.length_bucket_window (configs/hh_rlhf.yaml)")
     ap.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True, help="the tiny HF model too")
+    ap.add_argument(
+        "--concatenated", action=argparse.BooleanOptionalAction, default=True, help="packing: ours unshared too"
+    )
     ap.add_argument("--packing-only", action="store_true", help="only the packing rows (not vs x-transformers)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, 1 round, 1 thread, no compile: a < 30 s check")
     ap.add_argument("--out", default="benchmarks/results/dpo_step.json")
@@ -598,7 +601,7 @@ def main() -> None:
         args.hh_batches, args.peak_size = min(args.hh_batches, 1), 256
         args.compile = args.xt_compile = False
         args.threads = 1  # no threads waiting on each other on a busy machine: a smoke run checks paths, not speed
-        args.packing_rounds, args.packing_batches, args.pack_len = min(args.packing_rounds, 1), 2, 4 * c["hh_len"]
+        args.packing_rounds, args.packing_batches, args.pack_len = min(args.packing_rounds, 1), 1, 4 * c["hh_len"]
     env = setup(args.threads) | {"cpu_info": CPU, "reuses_freed_memory": reuse_freed_memory()}
     print(f"{CPU['model']} (family/model {CPU['family_model']}, {', '.join(CPU['features'])}), ", end="")
     print(f"{env['threads']} threads, torch {env['torch']}, load {load_average()}")
