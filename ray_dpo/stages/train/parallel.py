@@ -63,8 +63,8 @@ def distribute(model: nn.Module, strategy: str, device: torch.device, *, bf16: b
     if strategy == "fsdp":
         return shard(model, device, bf16=bf16)
     # DDP (gloo on CPU, nccl on GPU); moves to device. Every rank already holds the same weights (one checkpoint, a
-    # seeded init, adapters initialised by name), so DDP's start-up broadcast of every parameter is skipped: it
-    # staged the frozen base too, in buckets beside it (a LoRA worker's peak), and sends a whole model's bytes at 8B
+    # seeded init, adapters initialised by name), so DDP's start-up broadcast of every parameter, frozen ones
+    # included (a whole model's bytes at 8B), is skipped; the 2-rank == 1-worker tests would see ranks that differ
     return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"init_sync": False})
 
 
