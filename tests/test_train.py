@@ -20,7 +20,7 @@ from ray_dpo.core.model import TransformerLM
 from ray_dpo.core.tokenizer import ByteTokenizer
 from ray_dpo.stages import models
 from ray_dpo.stages.storage import local_directory
-from ray_dpo.stages.train import FAIL_ENV, TrainingDivergedError, lr_factor, train_dpo
+from ray_dpo.stages.train import FAIL_ENV, TrainingDivergedError, TrainResult, lr_factor, train_dpo
 
 PAD = ByteTokenizer.pad_id
 
@@ -240,6 +240,9 @@ def hf_base(tmp_path_factory) -> str:
     return str(build(tmp_path_factory.mktemp("hf") / "qwen2", arch="qwen2", vocab_size=400))
 
 
+_ONE_WORKER: dict[tuple[bool, bool], TrainResult] = {}  # (lora, prefix_sharing) -> the 1-worker run (same data)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize(
@@ -259,7 +262,9 @@ def test_hf_model_with_a_live_reference_on_two_ranks_equals_one_worker(
     common = dict(init_checkpoint=hf_base, reference_checkpoint=hf_base, pad_id=PAD)
     one = _config(tmp_path, *settings, "train.num_workers=1", "train.grad_accum=2", "train.run_name=one")
     two = _config(tmp_path, *settings, "train.num_workers=2", f"train.strategy={strategy}", "train.run_name=two")
-    single, sharded = fit(one, train_ds, val_ds, **common), fit(two, train_ds, val_ds, **common)
+    if (lora, prefix_sharing) not in _ONE_WORKER:  # cases that differ only in the 2-rank strategy share this run
+        _ONE_WORKER[lora, prefix_sharing] = fit(one, train_ds, val_ds, **common)
+    single, sharded = _ONE_WORKER[lora, prefix_sharing], fit(two, train_ds, val_ds, **common)
     assert single.steps == sharded.steps == 2
     w1, w2, w0 = _weights(single.checkpoint), _weights(sharded.checkpoint), _weights(hf_base)
     moved = [k for k in w1 if k in w0 and (w1[k] - w0[k]).abs().max() > 1e-4] if not lora else list(w1)
