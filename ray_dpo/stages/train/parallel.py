@@ -62,10 +62,7 @@ def shard(model: nn.Module, device: torch.device, *, bf16: bool, on_meta: bool =
 def distribute(model: nn.Module, strategy: str, device: torch.device, *, bf16: bool) -> nn.Module:
     if strategy == "fsdp":
         return shard(model, device, bf16=bf16)
-    # DDP (gloo on CPU, nccl on GPU); moves to device. Every rank already holds the same weights (one checkpoint, a
-    # seeded init, adapters initialised by name), so DDP's start-up broadcast of every parameter, frozen ones
-    # included (a whole model's bytes at 8B), is skipped; the 2-rank == 1-worker tests would see ranks that differ
-    return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"init_sync": False})
+    return ray.train.torch.prepare_model(model)  # DDP (gloo on CPU, nccl on GPU); moves to device
 
 
 def unwrap(model: nn.Module) -> nn.Module:
