@@ -164,7 +164,7 @@ def with_reference_logps(run: Run, data: Data, reference: Checkpoint) -> Data:
     settings), else computed and added to it."""
     if run.config.dpo.reference != "precomputed" or not run.config.dpo.uses_reference:
         return data
-    from ray_dpo.stages.reference import ReferenceCache, reference_logps
+    from ray_dpo.stages.reference import ReferenceCache, reference_logps, weights_digest
 
     d, t = run.config.dpo, run.config.train
     scoring = reference_scoring(run.config)
@@ -178,6 +178,8 @@ def with_reference_logps(run: Run, data: Data, reference: Checkpoint) -> Data:
     )
     cache = None
     if d.reference_cache:
+        # the digest reads every weight file: a task does it (the driver reads no weights) and keeps it beside them
+        ray.get(ray.remote(weights_digest).options(num_cpus=0.5).remote(reference))
         cache = ReferenceCache.for_reference(
             t.storage_path, reference, encoding=run.encoding.to_json(), scoring=scoring
         )
