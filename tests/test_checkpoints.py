@@ -47,6 +47,21 @@ def test_partial_checkpoints_are_ignored_with_one_log_line(tmp_path, caplog):
     assert checkpoints.newest_complete(fs, str(tmp_path)).step == 10
 
 
+@pytest.mark.parametrize("arriving", [b"", b'{"model0.safetensors": 1'])
+def test_a_manifest_still_uploading_makes_its_checkpoint_incomplete(tmp_path, arriving):
+    """Uploads are asynchronous: the pruning scan after a report can list a manifest whose bytes have not all
+    arrived. That checkpoint is incomplete, not an error, and the older complete one is not deleted."""
+    fs = pafs.LocalFileSystem()
+    _checkpoint(tmp_path, 2)
+    _checkpoint(tmp_path, 4)
+    (tmp_path / checkpoints.directory_name(4) / "manifest.rank0-of-1.json").write_bytes(arriving)
+    found = checkpoints.scan(fs, str(tmp_path))
+    assert [f.complete for f in found] == [True, False]
+    assert found[1].missing == ["manifest of rank 0 (unreadable)"]
+    checkpoints.prune_unregistered(fs, str(tmp_path), keep={checkpoints.directory_name(4)})
+    assert [f.step for f in checkpoints.scan(fs, str(tmp_path))] == [2, 4]
+
+
 def test_resume_prefers_a_newer_complete_checkpoint_than_rays_and_prunes_leftovers(tmp_path):
     from ray.train import Checkpoint
 

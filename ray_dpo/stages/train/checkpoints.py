@@ -68,8 +68,13 @@ def _inspect(filesystem: pafs.FileSystem, path: str) -> list[str]:
     world = max(manifests.values())
     missing = [f"manifest of rank {r}" for r in range(world) if r not in manifests]
     for rank in manifests:
-        with filesystem.open_input_stream(f"{path}/manifest.rank{rank}-of-{world}.json") as stream:
-            listed = json.loads(stream.read())
+        # uploads are asynchronous: a manifest may be listed while its bytes are still arriving
+        try:
+            with filesystem.open_input_stream(f"{path}/manifest.rank{rank}-of-{world}.json") as stream:
+                listed = json.loads(stream.read())
+        except (OSError, ValueError):
+            missing.append(f"manifest of rank {rank} (unreadable)")
+            continue
         missing += [name for name, size in listed.items() if sizes.get(name) != size]
     return missing
 
