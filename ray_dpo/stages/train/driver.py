@@ -34,6 +34,12 @@ from ray_dpo.stages.train.loop import FAIL_ENV, train_loop
 from ray_dpo.stages.train.shards import deal
 from ray_dpo.stages.train.spec import WorkerSpec
 
+# Ray Train's controller takes one report per worker each time it polls them (every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S,
+# 2 s by default) and a worker's next report waits for that poll: steps faster than the interval would wait for it
+# (the tiny configs' ~50 ms steps ran at one per 2 s). The controller reads the variable from this process's
+# environment when `fit` starts it; a value the user set is kept.
+POLL_ENV, POLL_INTERVAL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"
+
 if TYPE_CHECKING:
     from ray_dpo.stages.data.handoff import Handoff
 
@@ -184,6 +190,7 @@ def _fit(
         fail_at=os.environ.get(FAIL_ENV) if task == "dpo" else None,  # the recovery tests target DPO steps
     )
     relay = _Relay(mlflow_run, progress)
+    os.environ.setdefault(POLL_ENV, POLL_INTERVAL_S)
     trainer = ray.train.torch.TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec, "shards": shards},
