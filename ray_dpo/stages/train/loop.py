@@ -79,18 +79,20 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def maybe_fail(spec: str | None, step: int, rank: int, run_path: tuple[Any, str]) -> None:
-    """Failure injection: this worker process dies once, at the start of `step`, right after the previous step's
-    checkpoint is complete in storage: inside the window where Ray may not have registered it yet."""
+def maybe_fail(spec: str | None, step: int, rank: int, run_path: tuple[Any, str], checkpoint_every: int) -> None:
+    """Failure injection: this worker process dies once, at the start of `step`, once the last checkpoint due
+    before it is complete in storage: right after it when `step` is a checkpoint step, inside the window where Ray
+    may not have registered it yet."""
     if not spec:
         return
     fail_step, fail_rank, marker = spec.split(":", 2)
     if step == int(fail_step) and rank == int(fail_rank) and not os.path.exists(marker):
         filesystem, path = run_path
+        due = step - step % checkpoint_every
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+        while due and time.monotonic() < deadline:
             newest = checkpoints.newest_complete(filesystem, path)
-            if newest is not None and newest.step >= step:
+            if newest is not None and newest.step >= due:
                 break
             time.sleep(0.05)
         Path(marker).write_text(f"rank {rank} exited at step {step}\n")
@@ -286,7 +288,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
         rows_read = 0  # rows this rank reads in this epoch
         while state["epoch_step"] < spec.steps_per_epoch and state["step"] < spec.total_steps:
             step, started = state["step"], time.perf_counter()
-            maybe_fail(spec.fail_at, step, w.rank, w.run_path)
+            maybe_fail(spec.fail_at, step, w.rank, w.run_path, t.checkpoint_every)
             torch.manual_seed(t.seed + 1_000_003 * step + w.rank)  # dropout RNG: a function of (seed, step, rank)
             try:
                 step_batches = [next(batches) for _ in range(t.grad_accum)]
