@@ -27,10 +27,14 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_align_end_to_end_tiny(ray_session, tmp_path):
-    """Exit 0 (with prefix sharing and bf16 on); ONE MLflow run with params, sft/train/val metrics over steps, the
-    final checkpoint as artifacts and a registered model that loads back with the same logits as the checkpoint.
-    Only `data.train_path` + `data.val_fraction` are set: evaluation samples exactly the held-out rows."""
+def test_align_end_to_end_through_a_crash_and_a_rerun(ray_session, tmp_path):
+    """`pipelines/align.py` on configs/tiny.yaml with prefix sharing and bf16 on, only `data.train_path` +
+    `data.val_fraction` set, relative output paths (they must reach the Ray workers, which chdir, as absolute).
+
+    The first run dies (rank 1 exits at the start of step 6, no restarts left): one readable line, its MLflow run
+    FAILED. Re-running the same train.run_name resumes training AND the run: ONE MLflow run, FINISHED, with params,
+    every step's sft/train/val metrics once, the final checkpoint as artifacts, evaluation of exactly the held-out
+    rows, and a registered model that loads back with the same logits as the checkpoint."""
     from mlflow import MlflowClient
 
     from ray_dpo.core.checkpoint import load_model
@@ -51,59 +55,8 @@ def test_align_end_to_end_tiny(ray_session, tmp_path):
     cmd += ["dpo.prefix_sharing=true", "train.precision=bf16"]  # the speed switches, through DDP workers
     cmd += ["data.synthetic=null", f"data.train_path={files['train']}", "data.val_fraction=0.25"]
     cmd += [f"sft.path={files['sft']}", "eval.enabled=true", "eval.num_prompts=1000", "eval.max_new_tokens=8"]
-    # run from tmp_path with RELATIVE output paths: they must reach the Ray workers (which chdir) as absolute
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-
-    uri = f"sqlite:///{out / 'mlflow.db'}"  # the default store: <output_dir>/mlflow.db
-    assert f"tracking URI:     {uri}" in proc.stdout
-    checkpoint = re.search(r"final checkpoint: (\S+) \(6 steps\)", proc.stdout).group(1)
-    model_uri = re.search(r"registered model: (\S+)", proc.stdout).group(1)
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("ray-dpo-tiny")
-    runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) == 1, "one MLflow run per job, never one per worker"
-    run = runs[0]
-    assert run.info.status == "FINISHED"
-    assert run.data.params["train.lr"] == "0.003" and run.data.params["model.dim"] == "32"
-    assert run.data.params["dpo.prefix_sharing"] == "True" and run.data.params["train.precision"] == "bf16"
-    history = lambda key: [m.step for m in client.get_metric_history(run.info.run_id, key)]
-    assert history("train/loss") == [1, 2, 3, 4, 5, 6]
-    assert history("val/rewards/accuracies") == [3, 6]
-    assert history("perf/tokens_per_s") == [1, 2, 3, 4, 5, 6]
-    assert history("sft/loss") == list(range(1, 11))  # SFT warm start: 160 pairs / 16, same MLflow run
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints/final")}
-    assert {"checkpoints/final/model.safetensors", "checkpoints/final/state.json"} <= artifacts
-    assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
-
-    # held out: the evaluated prompts are exactly the validation split's, none of the rows trained on
-    tok = ByteTokenizer()
-    pairs, _ = read_preferences(files["train"], encoding=Encoding(tok, max_len=64, max_prompt_len=32))
-    train_rows, val_rows = split_train_val(pairs, 0.25, seed=0)
-    prompt_texts = lambda ds: {tok.decode(row["prompt"]) for row in ds.take_all()}
-    samples = load_table(uri, run.info.run_id, SAMPLES_TABLE)
-    assert sorted(samples["prompt"]) == sorted(prompt_texts(val_rows)) and len(samples) == 40
-    assert not set(samples["prompt"]) & prompt_texts(train_rows)
-
-    policy, encoding = load_registered_model(model_uri, uri)
-    expected = load_model(checkpoint).eval()
-    tokens = torch.tensor([encoding.prompt("sort: dcba", room=64)])
-    with torch.no_grad():
-        torch.testing.assert_close(policy.eval()(tokens), expected(tokens), atol=0, rtol=0)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_rerun_after_a_crash_resumes_the_same_mlflow_run(tmp_path):
-    """A job that dies (rank 1 exits at step 5, no restarts left) marks its MLflow run FAILED; re-running the same
-    train.run_name resumes training AND the run: one run, FINISHED, every step's metrics in its history."""
-    from mlflow import MlflowClient
-
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    env |= {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-    script = str(ROOT / "pipelines" / "align.py")
-    cmd = [sys.executable, script, "--config", TINY, "output_dir=out", "train.storage_path=out/ray"]
-    cmd += ["train.max_failures=0", "tracking.registered_model=null"]
+    cmd += ["train.max_failures=0"]
+    # steps 4 and 5 are logged before the crash and trained again after it: each must still be logged once
     crash = env | {"RAY_DPO_FAIL_AT": f"5:1:{tmp_path / 'failed-once'}"}
     first = subprocess.run(cmd, cwd=tmp_path, env=crash, capture_output=True, text=True, timeout=300)
     assert first.returncode == 1 and (tmp_path / "failed-once").exists(), first.stderr[-4000:]
@@ -112,19 +65,46 @@ def test_rerun_after_a_crash_resumes_the_same_mlflow_run(tmp_path):
     failed = re.fullmatch(r"error: train and evaluate failed: (.+) \(full log: (\S+)\)", last)
     assert failed and "Traceback" not in first.stderr, first.stderr[-4000:]
     assert "Traceback" in Path(failed.group(2)).read_text()
-    run_id = (tmp_path / "out" / "runs" / "tiny" / "mlflow_run_id").read_text().strip()
-    client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    run_id = (out / "runs" / "tiny" / "mlflow_run_id").read_text().strip()
+    uri = f"sqlite:///{out / 'mlflow.db'}"  # the default store: <output_dir>/mlflow.db
+    client = MlflowClient(uri)
     assert client.get_run(run_id).info.status == "FAILED"
 
-    second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0, second.stderr[-4000:]
-    assert f"MLflow run:       {run_id}" in second.stdout
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"MLflow run:       {run_id}" in proc.stdout and f"tracking URI:     {uri}" in proc.stdout
+    checkpoint = re.search(r"final checkpoint: (\S+) \(6 steps\)", proc.stdout).group(1)
+    model_uri = re.search(r"registered model: (\S+)", proc.stdout).group(1)
     experiment = client.get_experiment_by_name("ray-dpo-tiny")
-    assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [run_id]
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id], "one MLflow run per job: never one per worker or attempt"
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and not any(k.startswith("ray_dpo.resumed.") for k in run.data.tags)
-    steps = lambda key: {m.step for m in client.get_metric_history(run_id, key)}
-    assert steps("sft/loss") == set(range(1, 11)) and steps("train/loss") == set(range(1, 7))
+    assert run.data.params["train.lr"] == "0.003" and run.data.params["model.dim"] == "32"
+    assert run.data.params["dpo.prefix_sharing"] == "True" and run.data.params["train.precision"] == "bf16"
+    history = lambda key: [m.step for m in client.get_metric_history(run_id, key)]
+    assert history("train/loss") == [1, 2, 3, 4, 5, 6], "no step logged twice after the rerun"
+    assert history("val/rewards/accuracies") == [3, 6]
+    assert history("perf/tokens_per_s") == [1, 2, 3, 4, 5, 6]
+    assert history("sft/loss") == list(range(1, 11))  # SFT warm start: 160 pairs / 16, same MLflow run
+    artifacts = {a.path for a in client.list_artifacts(run_id, "checkpoints/final")}
+    assert {"checkpoints/final/model.safetensors", "checkpoints/final/state.json"} <= artifacts
+    assert "config.yaml" in {a.path for a in client.list_artifacts(run_id)}
+
+    # held out: the evaluated prompts are exactly the validation split's, none of the rows trained on
+    tok = ByteTokenizer()
+    pairs, _ = read_preferences(files["train"], encoding=Encoding(tok, max_len=64, max_prompt_len=32))
+    train_rows, val_rows = split_train_val(pairs, 0.25, seed=0)
+    prompt_texts = lambda ds: {tok.decode(row["prompt"]) for row in ds.take_all()}
+    samples = load_table(uri, run_id, SAMPLES_TABLE)
+    assert sorted(samples["prompt"]) == sorted(prompt_texts(val_rows)) and len(samples) == 40
+    assert not set(samples["prompt"]) & prompt_texts(train_rows)
+
+    policy, encoding = load_registered_model(model_uri, uri)
+    expected = load_model(checkpoint).eval()
+    tokens = torch.tensor([encoding.prompt("sort: dcba", room=64)])
+    with torch.no_grad():
+        torch.testing.assert_close(policy.eval()(tokens), expected(tokens), atol=0, rtol=0)
 
 
 @pytest.mark.slow
