@@ -1,5 +1,5 @@
-"""End to end as a user runs it on a cluster: `ray job submit` of pipelines/align.py to a `ray start --head` on
-127.0.0.1 with token auth on, then the MLflow store holds exactly one run for the job.
+"""End to end as a user runs it on a cluster: `ray job submit` of pipelines/align.py, on their own Hugging Face model,
+to a `ray start --head` on 127.0.0.1 with token auth on, then the MLflow store holds exactly one run for the job.
 
 The head is separate from the pytest session's own Ray (`ray_session`): its own temp dir, ports and token, started
 with `--block` in a process group of its own so teardown stops exactly these processes (`ray stop` would stop
@@ -108,37 +108,32 @@ def _tail(path: Path, chars: int = 3000) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_job_submit_align_logs_one_mlflow_run(ray_head, tmp_path):
-    from mlflow import MlflowClient
+@pytest.mark.timeout(900)
+def test_job_submit_aligns_your_own_model(ray_head, tmp_path):
+    """`ray job submit -- python pipelines/align.py --config configs/hf_tiny.yaml`: a tiny HF Qwen2, LoRA, chat
+    template, 2 DDP workers, the repository's HH-RLHF rows (relative paths, in the uploaded working dir). One MLflow
+    run for the job (never one per worker), each step logged once by rank 0; the evaluated prompts carry the chat
+    template; the exported directory (in storage) loads with AutoModelForCausalLM, with weights that differ from the
+    initial ones; the registered model's `predict` gives what the exported model's own greedy `generate` gives on
+    the prompt rendered with its template."""
+    import re
 
-    output_dir = tmp_path / "out"  # absolute and outside the repo: the working dir upload is a copy elsewhere
+    import mlflow
+    import torch
+    from mlflow import MlflowClient
+    from tiny_hf import build
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ray_dpo.stages.evaluate import SAMPLES_TABLE
+    from ray_dpo.stages.tracking import load_table
+
+    base = build(tmp_path / "qwen2", arch="qwen2", vocab_size=400)
+    out = tmp_path / "out"  # absolute and outside the repo: the working dir upload is a copy elsewhere
     submission_id = f"align-{secrets.token_hex(4)}"
-    command = [
-        RAY,
-        "job",
-        "submit",
-        "--address",
-        ray_head["url"],
-        "--submission-id",
-        submission_id,
-        "--working-dir",
-        str(REPO),
-        "--",
-        "python",
-        "pipelines/align.py",
-        "--config",
-        "configs/tiny.yaml",
-        f"output_dir={output_dir}",
-        f"train.storage_path={tmp_path / 'ray-train'}",
-        "train.max_steps=2",
-        "train.num_workers=2",  # two DDP ranks, still one MLflow run
-        "train.eval_every=1",
-        "train.checkpoint_every=2",
-        "eval.enabled=false",
-        "tracking.experiment=job-submit-test",
-        "tracking.registered_model=job-submit-policy",
-    ]
+    command = [RAY, "job", "submit", "--address", ray_head["url"], "--submission-id", submission_id]
+    command += ["--working-dir", str(REPO), "--", "python", "pipelines/align.py", "--config", "configs/hf_tiny.yaml"]
+    command += [f"output_dir={out}", f"train.storage_path={out}/ray", f"model.hf_path={base}"]
+    command += ["train.max_steps=4", "train.eval_every=4", "train.checkpoint_every=2", "eval.num_prompts=4"]
     env = _client_env(ray_head["token"], ray_head["url"])
     start = time.monotonic()
     submitted = subprocess.run(command, env=env, capture_output=True, text=True, timeout=JOB_WITHIN_S)
@@ -154,24 +149,44 @@ def test_job_submit_align_logs_one_mlflow_run(ray_head, tmp_path):
     )
     assert submitted.returncode == 0
     print(f"ray job submit -> SUCCEEDED in {elapsed:.1f} s")
+    assert "Loading weights" not in submitted.stdout, submitted.stdout  # a quiet console: HF's loaders muted
 
-    # The embedded default store: sqlite under output_dir, written by the job's driver and its rank-0 worker.
-    db = output_dir / "mlflow.db"
-    assert db.is_file()
-    client = MlflowClient(tracking_uri=f"sqlite:///{db}", registry_uri=f"sqlite:///{db}")  # not the global one
-    experiment = client.get_experiment_by_name("job-submit-test")
-    runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) == 1, [r.info.run_name for r in runs]  # one run per job: not one per Ray Train worker
-    run = runs[0]
-    assert run.info.status == "FINISHED"
-    assert run.data.params["train.max_steps"] == "2" and run.data.params["output_dir"] == str(output_dir)
-    metrics = set(run.data.metrics)
-    assert {"train/loss", "train/rewards/accuracies", "val/loss", "perf/tokens_per_s"} <= metrics, sorted(metrics)
+    # the embedded default store: sqlite under output_dir, written by the job's driver only
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # not the global one
+    (run,) = client.search_runs([client.get_experiment_by_name("ray-dpo-hf-tiny").experiment_id])
+    assert run.info.status == "FINISHED" and "eval/kl_seq" in run.data.metrics
+    assert run.data.params["train.max_steps"] == "4" and run.data.params["output_dir"] == str(out)
+    assert {"train/loss", "train/rewards/accuracies", "val/loss", "perf/tokens_per_s"} <= set(run.data.metrics)
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
-    assert {1, 2} <= set(steps) and max(steps) == 2, steps  # per step, from rank 0 only (no duplicate steps)
-    assert len(steps) == len(set(steps)), steps
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "checkpoints", "data"} <= artifacts, artifacts
-    versions = client.search_model_versions("name='job-submit-policy'")
+    assert steps == [1, 2, 3, 4], steps  # per step, from rank 0 only (no duplicate steps)
+    assert {"config.yaml", "checkpoints", "data", "export"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "export")} == {"export/adapter", "export/model"}
+    versions = client.search_model_versions("name='ray-dpo-hf-tiny-policy'")
     assert [v.run_id for v in versions] == [run.info.run_id]
-    print(json.dumps({"run_id": run.info.run_id, "metrics": sorted(run.data.metrics)}))
+    samples = load_table(uri, run.info.run_id, SAMPLES_TABLE)
+    assert all(p.startswith("<|im_start|>user\n") for p in samples["prompt"]), samples["prompt"].tolist()
+
+    exported = re.search(r"exported model:   (\S+)", submitted.stdout).group(1)
+    assert exported == str(out / "ray" / "hf-tiny" / "staged" / "export" / "model")
+    trained = AutoModelForCausalLM.from_pretrained(exported).eval()
+    initial = AutoModelForCausalLM.from_pretrained(base)
+    moved = max((a - b).abs().max().item() for a, b in zip(trained.parameters(), initial.parameters(), strict=True))
+    assert moved > 1e-6, "the merged LoRA adapters changed the weights"
+
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hello there"}], add_generation_prompt=True)
+    prompt = torch.tensor([list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)])
+    with torch.no_grad():
+        greedy = trained.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    new = greedy[0, prompt.shape[1] :].tolist()
+    new = new[: new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
+    model_uri = re.search(r"registered model: (\S+)", submitted.stdout).group(1)
+    mlflow.set_tracking_uri(uri)  # MLflow's model loaders resolve models:/ URIs through the global registry
+    mlflow.set_registry_uri(uri)
+    try:
+        texts = mlflow.pyfunc.load_model(model_uri).predict(["Hello there"], params={"max_new_tokens": 6})
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+    assert texts == [tokenizer.decode(new, skip_special_tokens=True)]
